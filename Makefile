@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vitray demo
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check vit pipeline jobs tests
+	$(BIN)/ruff format --check vit pipeline jobs tests
+
+format: $(STAMP)
+	$(BIN)/ruff format vit pipeline jobs tests
+	$(BIN)/ruff check --fix vit pipeline jobs tests
+
+clean:
+	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache

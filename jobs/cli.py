@@ -1,0 +1,78 @@
+"""The `vitray` command line: one subcommand per job, each defined in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def convert_command(args: argparse.Namespace) -> None:
+    from jobs import convert
+
+    if bool(args.source) == bool(args.target):
+        raise SystemExit("vitray convert: give exactly one of --from or --to")
+    if args.source:
+        model = convert.import_weights(args.source, Path(args.input), Path(args.output))
+        print(
+            f"wrote {args.output}: {args.source} -> vitray, {model.num_params() / 1e6:.2f} M "
+            f"params, image size {model.config.image_size}"
+        )
+    else:
+        out = convert.export_weights(args.target, Path(args.input), Path(args.output))
+        print(f"wrote {out}: vitray -> {args.target}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs import demo, info
+    from jobs.bench import model as bench_model
+    from jobs.convert import SOURCES, TARGETS
+
+    parser = argparse.ArgumentParser(
+        prog="vitray",
+        description="Vision Transformers trained on Ray, tracked in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="config, parameters and GFLOPs of a preset or checkpoint")
+    info.add_arguments(p)
+    p.set_defaults(func=info.run)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert weights between timm/HF/torchvision/JAX and vitray checkpoints",
+        description="--from FORMAT IN OUT_DIR imports foreign weights into a vitray checkpoint "
+        "directory; --to FORMAT CHECKPOINT OUT exports one (a directory for timm and hf, an "
+        ".npz for jax).",
+    )
+    p.add_argument("--from", dest="source", choices=SOURCES, help="import this format")
+    p.add_argument("--to", dest="target", choices=TARGETS, help="export to this format")
+    p.add_argument("input", help="weights file or directory to read")
+    p.add_argument("output", help="where to write")
+    p.set_defaults(func=convert_command)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on the built-in digits data")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+
+    bench = sub.add_parser("bench", help="benchmarks; results printed and written as JSON")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    p = bench_sub.add_parser("model", help="training step of our ViT vs timm's, same process")
+    bench_model.add_arguments(p)
+    p.set_defaults(func=bench_model.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vitray {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()

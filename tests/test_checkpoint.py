@@ -1,0 +1,73 @@
+import json
+import logging
+
+import pytest
+import torch
+
+from vit import (
+    ViT,
+    ViTConfig,
+    load_checkpoint,
+    read_checkpoint_meta,
+    resize_pos_embed,
+    save_checkpoint,
+)
+from vit.checkpoint import CheckpointMismatchError
+
+
+def micro(**kw) -> ViT:
+    return ViT(ViTConfig.from_preset("micro/4", depth=2, num_classes=10, **kw))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = micro().eval()
+    torch.nn.init.normal_(model.head.weight)
+    save_checkpoint(model, tmp_path / "ckpt", class_names=[str(i) for i in range(10)])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    meta = read_checkpoint_meta(tmp_path / "ckpt")
+    assert meta["class_names"][3] == "3" and meta["model"]["image_size"] == [16, 16]
+    loaded = load_checkpoint(tmp_path / "ckpt").eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+def test_load_at_32px_resizes_posemb_and_runs(tmp_path, caplog):
+    model = micro()
+    save_checkpoint(model, tmp_path / "ckpt")
+    with caplog.at_level(logging.INFO, logger="vit.checkpoint"):
+        big = load_checkpoint(tmp_path / "ckpt", image_size=32)
+    assert "4x4 -> 8x8" in caplog.text
+    assert big.config.grid_size == (8, 8)
+    expected = resize_pos_embed(model.pos_embed.detach(), (8, 8))
+    torch.testing.assert_close(big.pos_embed.detach(), expected)
+    assert big(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_new_num_classes_replaces_head_keeps_body(tmp_path):
+    model = micro()
+    torch.nn.init.normal_(model.head.weight)
+    save_checkpoint(model, tmp_path / "ckpt")
+    new = load_checkpoint(tmp_path / "ckpt", num_classes=3)
+    assert new.head.weight.shape == (3, 96) and torch.count_nonzero(new.head.weight) == 0
+    torch.testing.assert_close(new.blocks[1].mlp.fc2.weight, model.blocks[1].mlp.fc2.weight)
+
+
+def test_mismatched_architecture_names_keys_and_shapes(tmp_path):
+    save_checkpoint(micro(), tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["depth"], meta["model"]["dim"], meta["model"]["num_heads"] = 3, 64, 4
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(tmp_path / "ckpt")
+    text = str(err.value)
+    assert "missing keys" in text and "blocks.2." in text
+    assert "shape mismatch: patch_embed.weight: checkpoint (96, 48) vs model (64, 48)" in text
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a vitray checkpoint"):
+        load_checkpoint(tmp_path)

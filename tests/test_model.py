@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from vit import ViT, ViTConfig, patchify, preset_names
+
+
+def tiny(**kw) -> ViTConfig:
+    base = dict(image_size=32, patch_size=8, dim=32, depth=2, num_heads=4, num_classes=5)
+    return ViTConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "pool,posemb,class_token",
+    [
+        ("cls", "learn", True),
+        ("gap", "learn", True),
+        ("gap", "learn", False),
+        ("cls", "sincos2d", True),
+        ("gap", "sincos2d", False),
+    ],
+)
+@pytest.mark.parametrize("image_size", [32, (16, 40)])
+def test_shapes_for_every_pooling_and_posemb(pool, posemb, class_token, image_size):
+    cfg = tiny(pool=pool, posemb=posemb, class_token=class_token, image_size=image_size)
+    model = ViT(cfg)
+    h, w = cfg.image_size
+    x = torch.randn(2, 3, h, w)
+    assert model(x).shape == (2, 5)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, cfg.num_prefix_tokens + cfg.num_patches, 32)
+    assert model.forward_head(tokens, pre_logits=True).shape == (2, 32)
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_runs_forward_and_backward_at_tiny_size(name):
+    # Full widths, two blocks, the smallest image the patch size allows: fast on a CPU.
+    cfg = ViTConfig.from_preset(name, depth=2, num_classes=3)
+    cfg = cfg.replace(image_size=2 * cfg.patch_size)
+    model = ViT(cfg)
+    out = model(torch.randn(2, 3, *cfg.image_size))
+    assert out.shape == (2, 3)
+    out.sum().backward()
+    assert model.patch_embed.weight.grad is not None
+
+
+def test_uint8_patches_are_normalised_inside_like_float_images():
+    cfg = tiny(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    model = ViT(cfg).eval()
+    torch.nn.init.normal_(model.head.weight)
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    mean, std = torch.tensor(cfg.mean), torch.tensor(cfg.std)
+    images = ((pixels.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+    from_images = model(images)
+    from_patches = model(patchify(pixels, cfg.patch_size))
+    torch.testing.assert_close(from_patches, from_images, atol=1e-5, rtol=1e-5)
+
+
+def test_float_patches_equal_images():
+    model = ViT(tiny()).eval()
+    images = torch.randn(2, 3, 32, 32)
+    patches = patchify(images.permute(0, 2, 3, 1), 8)
+    torch.testing.assert_close(model(patches), model(images))
+
+
+def test_wrong_input_shapes_are_clear_errors():
+    model = ViT(tiny())
+    with pytest.raises(ValueError, match="patches"):
+        model(torch.zeros(2, 16, 7))
+    with pytest.raises(ValueError, match="grid"):
+        model(torch.zeros(2, 9, 8 * 8 * 3, dtype=torch.uint8))
+
+
+def test_other_image_size_resizes_position_embeddings_on_the_fly():
+    model = ViT(tiny()).eval()
+    assert model(torch.randn(1, 3, 48, 64)).shape == (1, 5)
+
+
+def test_head_is_zero_initialised_and_reset_head_keeps_it_zero():
+    model = ViT(tiny())
+    assert torch.count_nonzero(model.head.weight) == 0
+    model.reset_head(7)
+    assert model.config.num_classes == 7 and torch.count_nonzero(model.head.weight) == 0
+
+
+def test_attention_weights_for_the_figures():
+    model = ViT(tiny()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.forward_intermediates(x)
+    assert len(out["attention"]) == 2
+    attn = out["attention"][0]
+    assert attn.shape == (2, 4, 17, 17)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 17))
+    # the explicit-softmax path and SDPA compute the same tokens
+    torch.testing.assert_close(out["features"][0], model.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+def test_representation_layer_and_drop_path_train():
+    model = ViT(tiny(representation_size=16, drop_path=0.2, dropout=0.1)).train()
+    out = model(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert model.pre_logits[0].weight.shape == (16, 32)

@@ -1,0 +1,22 @@
+"""vit: the Vision Transformer in pure PyTorch (no Ray, no MLflow)."""
+
+from vit.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from vit.config import ViTConfig, preset_names
+from vit.flops import forward_flops
+from vit.model import ViT
+from vit.patches import patchify, unpatchify
+from vit.resize import resample_patch_embed, resize_pos_embed
+
+__all__ = [
+    "ViT",
+    "ViTConfig",
+    "forward_flops",
+    "load_checkpoint",
+    "patchify",
+    "preset_names",
+    "read_checkpoint_meta",
+    "resample_patch_embed",
+    "resize_pos_embed",
+    "save_checkpoint",
+    "unpatchify",
+]

@@ -1,0 +1,364 @@
+"""Weights to and from timm, Hugging Face, torchvision and the paper's JAX `.npz` files.
+
+Each foreign format is a pure dict-to-dict conversion into our layout (which uses timm's
+names); `infer_config` reads the architecture off the tensor shapes and
+`load_state_dict_checked` names whatever does not fit. Our `patch_embed` is a linear map
+over HWC-flattened patches, the peers' is a P x P convolution: the same numbers, reordered.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vit.checkpoint import load_state_dict_checked
+from vit.config import HEADS_BY_WIDTH, ViTConfig
+from vit.model import ViT
+
+StateDict = dict[str, torch.Tensor]
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Our name <-> the peer's name; `{i}` is a block index, `{w}` is weight or bias.
+# Hugging Face: the layout of the files on the Hub and of `save_pretrained` (all versions).
+HF_NAMES = [
+    ("cls_token", "vit.embeddings.cls_token"),
+    ("pos_embed", "vit.embeddings.position_embeddings"),
+    ("patch_embed.{w}", "vit.embeddings.patch_embeddings.projection.{w}"),
+    ("blocks.{i}.norm1.{w}", "vit.encoder.layer.{i}.layernorm_before.{w}"),
+    ("blocks.{i}.attn.proj.{w}", "vit.encoder.layer.{i}.attention.output.dense.{w}"),
+    ("blocks.{i}.norm2.{w}", "vit.encoder.layer.{i}.layernorm_after.{w}"),
+    ("blocks.{i}.mlp.fc1.{w}", "vit.encoder.layer.{i}.intermediate.dense.{w}"),
+    ("blocks.{i}.mlp.fc2.{w}", "vit.encoder.layer.{i}.output.dense.{w}"),
+    ("norm.{w}", "vit.layernorm.{w}"),
+    ("head.{w}", "classifier.{w}"),
+]
+# transformers >= 5 renames the modules in memory (`model.state_dict()`), not in files.
+HF_MEMORY_TO_FILE_NAMES = [
+    ("vit.layers.{i}.attention.q_proj.{w}", "vit.encoder.layer.{i}.attention.attention.query.{w}"),
+    ("vit.layers.{i}.attention.k_proj.{w}", "vit.encoder.layer.{i}.attention.attention.key.{w}"),
+    ("vit.layers.{i}.attention.v_proj.{w}", "vit.encoder.layer.{i}.attention.attention.value.{w}"),
+    ("vit.layers.{i}.attention.o_proj.{w}", "vit.encoder.layer.{i}.attention.output.dense.{w}"),
+    ("vit.layers.{i}.layernorm_before.{w}", "vit.encoder.layer.{i}.layernorm_before.{w}"),
+    ("vit.layers.{i}.layernorm_after.{w}", "vit.encoder.layer.{i}.layernorm_after.{w}"),
+    ("vit.layers.{i}.mlp.fc1.{w}", "vit.encoder.layer.{i}.intermediate.dense.{w}"),
+    ("vit.layers.{i}.mlp.fc2.{w}", "vit.encoder.layer.{i}.output.dense.{w}"),
+]
+TORCHVISION_NAMES = [
+    ("cls_token", "class_token"),
+    ("pos_embed", "encoder.pos_embedding"),
+    ("patch_embed.{w}", "conv_proj.{w}"),
+    ("blocks.{i}.norm1.{w}", "encoder.layers.encoder_layer_{i}.ln_1.{w}"),
+    ("blocks.{i}.attn.qkv.{w}", "encoder.layers.encoder_layer_{i}.self_attention.in_proj_{w}"),
+    ("blocks.{i}.attn.proj.{w}", "encoder.layers.encoder_layer_{i}.self_attention.out_proj.{w}"),
+    ("blocks.{i}.norm2.{w}", "encoder.layers.encoder_layer_{i}.ln_2.{w}"),
+    ("blocks.{i}.mlp.fc1.{w}", "encoder.layers.encoder_layer_{i}.mlp.0.{w}"),
+    ("blocks.{i}.mlp.fc2.{w}", "encoder.layers.encoder_layer_{i}.mlp.3.{w}"),
+    ("norm.{w}", "encoder.ln.{w}"),
+    ("pre_logits.0.{w}", "heads.pre_logits.{w}"),
+    ("head.{w}", "heads.head.{w}"),
+]
+TIMM_NAMES = [("patch_embed.{w}", "patch_embed.proj.{w}")]  # all other names are shared
+
+
+def _pattern(template: str) -> re.Pattern:
+    regex = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{w\}", r"(?P<w>\w+)")
+    return re.compile(regex + "$")
+
+
+def rename(state: StateDict, table: list[tuple[str, str]], reverse: bool = False) -> StateDict:
+    """Rename keys by a template table; keys no template matches pass through unchanged."""
+    pairs = [(b, a) if reverse else (a, b) for a, b in table]
+    compiled = [(_pattern(src), dst) for src, dst in pairs]
+    out = {}
+    for key, value in state.items():
+        for pattern, dst in compiled:
+            if m := pattern.match(key):
+                key = dst.format(**m.groupdict())
+                break
+        out[key] = value
+    return out
+
+
+def conv_to_linear(weight: torch.Tensor) -> torch.Tensor:
+    """Conv patch embedding (D, C, P, P) -> our E (D, P*P*C), HWC order."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def linear_to_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Our E (D, P*P*C) -> conv patch embedding (D, C, P, P)."""
+    patch = math.isqrt(weight.shape[1] // in_chans)
+    return weight.reshape(weight.shape[0], patch, patch, in_chans).permute(0, 3, 1, 2)
+
+
+def infer_config(state: StateDict, **overrides: Any) -> ViTConfig:
+    """The ViTConfig that a state dict in our layout was made with, read off its shapes.
+
+    Heads come from the standard width table unless `num_heads` is given; a learned
+    position-embedding grid is assumed square unless `image_size` is given.
+    """
+    dim, patch_dim = state["patch_embed.weight"].shape
+    in_chans = overrides.get("in_chans", 3)
+    patch = math.isqrt(patch_dim // in_chans)
+    class_token = "cls_token" in state
+    fc_norm = "fc_norm.weight" in state
+    found: dict[str, Any] = dict(
+        patch_size=patch,
+        in_chans=in_chans,
+        dim=dim,
+        depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        class_token=class_token,
+        fc_norm=fc_norm,
+        pool="gap" if fc_norm or not class_token else "cls",
+        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+        posemb="learn" if "pos_embed" in state else "sincos2d",
+    )
+    if "pre_logits.0.weight" in state:
+        found["representation_size"] = state["pre_logits.0.weight"].shape[0]
+    if "pos_embed" in state and "image_size" not in overrides:
+        side = math.isqrt(state["pos_embed"].shape[1] - int(class_token))
+        found["image_size"] = side * patch
+    if "num_heads" not in overrides:
+        if dim not in HEADS_BY_WIDTH:
+            raise ValueError(f"width {dim} is not a standard ViT width; pass num_heads=")
+        found["num_heads"] = HEADS_BY_WIDTH[dim]
+    return ViTConfig(**{**found, **overrides})
+
+
+def build_from_state(state: StateDict, **overrides: Any) -> ViT:
+    """A ViT whose config is inferred from `state` (our layout), with the weights loaded."""
+    model = ViT(infer_config(state, **overrides))
+    load_state_dict_checked(model, state)
+    return model.eval()
+
+
+# timm ------------------------------------------------------------------------------------
+
+
+def timm_to_vit(state: StateDict) -> StateDict:
+    out = rename(state, TIMM_NAMES, reverse=True)
+    out["patch_embed.weight"] = conv_to_linear(out["patch_embed.weight"])
+    return out
+
+
+def vit_to_timm(state: StateDict, in_chans: int = 3) -> StateDict:
+    if "pre_logits.0.weight" in state:
+        raise ValueError("timm's VisionTransformer has no pre-logits (representation) layer")
+    out = rename(state, TIMM_NAMES)
+    out["patch_embed.proj.weight"] = linear_to_conv(out["patch_embed.proj.weight"], in_chans)
+    return out
+
+
+def from_timm(state: StateDict, **overrides: Any) -> ViT:
+    """timm `VisionTransformer` weights (e.g. `vit_small_patch16_384`) -> our ViT."""
+    conv = state["patch_embed.proj.weight"]
+    found = dict(in_chans=conv.shape[1], patch_size=conv.shape[2])
+    return build_from_state(timm_to_vit(state), **{**found, **overrides})
+
+
+def to_timm(model: ViT) -> StateDict:
+    return vit_to_timm(model.state_dict(), model.config.in_chans)
+
+
+# Hugging Face (transformers ViTForImageClassification) ------------------------------------
+
+
+def hf_to_vit(state: StateDict) -> StateDict:
+    """HF weights, as stored in files or as a transformers 5 model's `state_dict()`."""
+    if not any(k.startswith("vit.") for k in state):  # a bare ViTModel
+        state = {f"vit.{k}": v for k, v in state.items()}
+    state = rename(state, HF_MEMORY_TO_FILE_NAMES)
+    out = rename(state, HF_NAMES, reverse=True)
+    out["patch_embed.weight"] = conv_to_linear(out["patch_embed.weight"])
+    qkv = re.compile(r"vit\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)$")
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key in [k for k in out if qkv.match(k)]:
+        i, which, w = qkv.match(key).groups()
+        parts.setdefault((i, w), {})[which] = out.pop(key)
+    for (i, w), p in parts.items():
+        out[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([p["query"], p["key"], p["value"]])
+    return out
+
+
+def vit_to_hf(state: StateDict, in_chans: int = 3) -> StateDict:
+    """Our layout -> HF's file layout, which every transformers version loads."""
+    out = rename(state, HF_NAMES)
+    key = "vit.embeddings.patch_embeddings.projection.weight"
+    out[key] = linear_to_conv(out[key], in_chans)
+    qkv = re.compile(r"blocks\.(\d+)\.attn\.qkv\.(\w+)$")
+    for key in [k for k in out if qkv.match(k)]:
+        i, w = qkv.match(key).groups()
+        for which, t in zip(("query", "key", "value"), out.pop(key).chunk(3), strict=True):
+            out[f"vit.encoder.layer.{i}.attention.attention.{which}.{w}"] = t
+    return out
+
+
+def from_hf(state: StateDict, **overrides: Any) -> ViT:
+    """transformers `ViTForImageClassification` (or `ViTModel`) weights -> our ViT.
+
+    HF's defaults differ from the paper's: LayerNorm eps 1e-12 (pass `norm_eps` if the
+    model's config says otherwise).
+    """
+    ours = hf_to_vit(state)
+    conv_key = "vit.embeddings.patch_embeddings.projection.weight"
+    conv = state.get(conv_key, state.get(conv_key.removeprefix("vit.")))
+    found = dict(in_chans=conv.shape[1], patch_size=conv.shape[2], norm_eps=1e-12)
+    return build_from_state(ours, **{**found, **overrides})
+
+
+def to_hf(model: ViT) -> StateDict:
+    return vit_to_hf(model.state_dict(), model.config.in_chans)
+
+
+# torchvision (vit_b_16 and friends) --------------------------------------------------------
+
+
+def torchvision_to_vit(state: StateDict) -> StateDict:
+    out = rename(state, TORCHVISION_NAMES, reverse=True)
+    out["patch_embed.weight"] = conv_to_linear(out["patch_embed.weight"])
+    return out
+
+
+def from_torchvision(state: StateDict, **overrides: Any) -> ViT:
+    """torchvision `VisionTransformer` weights -> our ViT (ImageNet mean/std, as torchvision)."""
+    conv = state["conv_proj.weight"]
+    found = dict(
+        in_chans=conv.shape[1], patch_size=conv.shape[2], mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
+    return build_from_state(torchvision_to_vit(state), **{**found, **overrides})
+
+
+# JAX .npz (google-research/vision_transformer and big_vision) -------------------------------
+
+
+def _jax_block_names(arrays: dict[str, np.ndarray]) -> tuple[str, str, str, str]:
+    """(attention, first norm, second norm, MLP) module names: vit_jax and big_vision differ."""
+    if any("MultiHeadDotProductAttention_0" in k for k in arrays):
+        return "MultiHeadDotProductAttention_0", "LayerNorm_0", "LayerNorm_1", "MlpBlock_0"
+    return "MultiHeadDotProductAttention_1", "LayerNorm_0", "LayerNorm_2", "MlpBlock_3"
+
+
+def _unstack_scanned(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """big_vision's scanned encoder stores one `encoderblock` with a leading depth axis."""
+    prefix = "Transformer/encoderblock/"
+    out = {k: v for k, v in arrays.items() if not k.startswith(prefix)}
+    for k, v in arrays.items():
+        if k.startswith(prefix):
+            for i, layer in enumerate(v):
+                out[f"Transformer/encoderblock_{i}/{k[len(prefix) :]}"] = layer
+    return out
+
+
+def jax_to_vit(arrays: dict[str, np.ndarray]) -> StateDict:
+    a = _unstack_scanned(arrays)
+    t = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in a.items()}
+    attn, ln1, ln2, mlp = _jax_block_names(a)
+    kernel = t["embedding/kernel"]  # (P, P, C, D): HWIO, already our HWC patch order
+    out = {
+        "patch_embed.weight": kernel.reshape(-1, kernel.shape[-1]).T,
+        "patch_embed.bias": t["embedding/bias"],
+        "norm.weight": t["Transformer/encoder_norm/scale"],
+        "norm.bias": t["Transformer/encoder_norm/bias"],
+    }
+    if "cls" in t:
+        out["cls_token"] = t["cls"]
+    for key in ("Transformer/posembed_input/pos_embedding", "pos_embedding"):
+        if key in t:
+            out["pos_embed"] = t[key]
+    if "head/kernel" in t:
+        out["head.weight"], out["head.bias"] = t["head/kernel"].T, t["head/bias"]
+    if "pre_logits/kernel" in t:
+        out["pre_logits.0.weight"] = t["pre_logits/kernel"].T
+        out["pre_logits.0.bias"] = t["pre_logits/bias"]
+    depth = len({k.split("/")[1] for k in t if k.startswith("Transformer/encoderblock_")})
+    for i in range(depth):
+        p, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        for ours, theirs in (("norm1", ln1), ("norm2", ln2)):
+            out[b + ours + ".weight"] = t[f"{p}{theirs}/scale"]
+            out[b + ours + ".bias"] = t[f"{p}{theirs}/bias"]
+        q, k, v = (t[f"{p}{attn}/{n}/kernel"] for n in ("query", "key", "value"))  # (D, H, Dh)
+        out[b + "attn.qkv.weight"] = torch.cat([x.flatten(1).T for x in (q, k, v)])
+        if f"{p}{attn}/query/bias" in t:
+            bias = [t[f"{p}{attn}/{n}/bias"].flatten() for n in ("query", "key", "value")]
+            out[b + "attn.qkv.bias"] = torch.cat(bias)
+        out_kernel = t[f"{p}{attn}/out/kernel"]  # (H, Dh, D)
+        out[b + "attn.proj.weight"] = out_kernel.flatten(0, 1).T
+        out[b + "attn.proj.bias"] = t[f"{p}{attn}/out/bias"]
+        for j, fc in enumerate(("fc1", "fc2")):
+            out[f"{b}mlp.{fc}.weight"] = t[f"{p}{mlp}/Dense_{j}/kernel"].T
+            out[f"{b}mlp.{fc}.bias"] = t[f"{p}{mlp}/Dense_{j}/bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def vit_to_jax(state: StateDict, config: ViTConfig) -> dict[str, np.ndarray]:
+    """Our layout -> vit_jax `.npz` names and shapes (the layout timm's npz loader reads)."""
+    s = {k: v.detach().float().cpu() for k, v in state.items()}
+    p, c, d = config.patch_size, config.in_chans, config.dim
+    heads, dh = config.num_heads, config.dim // config.num_heads
+    out = {
+        "embedding/kernel": s["patch_embed.weight"].T.reshape(p, p, c, d),
+        "embedding/bias": s["patch_embed.bias"],
+        "Transformer/encoder_norm/scale": s["norm.weight"],
+        "Transformer/encoder_norm/bias": s["norm.bias"],
+    }
+    if "cls_token" in s:
+        out["cls"] = s["cls_token"]
+    if "pos_embed" in s:
+        out["Transformer/posembed_input/pos_embedding"] = s["pos_embed"]
+    if "head.weight" in s:
+        out["head/kernel"], out["head/bias"] = s["head.weight"].T, s["head.bias"]
+    if "pre_logits.0.weight" in s:
+        out["pre_logits/kernel"] = s["pre_logits.0.weight"].T
+        out["pre_logits/bias"] = s["pre_logits.0.bias"]
+    attn, ln1, ln2, mlp = (
+        "MultiHeadDotProductAttention_1",
+        "LayerNorm_0",
+        "LayerNorm_2",
+        "MlpBlock_3",
+    )
+    for i in range(config.depth):
+        p_, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        for ours, theirs in (("norm1", ln1), ("norm2", ln2)):
+            out[f"{p_}{theirs}/scale"] = s[b + ours + ".weight"]
+            out[f"{p_}{theirs}/bias"] = s[b + ours + ".bias"]
+        for n, w in zip(("query", "key", "value"), s[b + "attn.qkv.weight"].chunk(3), strict=True):
+            out[f"{p_}{attn}/{n}/kernel"] = w.T.reshape(d, heads, dh)
+        if b + "attn.qkv.bias" in s:
+            for n, bias in zip(
+                ("query", "key", "value"), s[b + "attn.qkv.bias"].chunk(3), strict=True
+            ):
+                out[f"{p_}{attn}/{n}/bias"] = bias.reshape(heads, dh)
+        out[f"{p_}{attn}/out/kernel"] = s[b + "attn.proj.weight"].T.reshape(heads, dh, d)
+        out[f"{p_}{attn}/out/bias"] = s[b + "attn.proj.bias"]
+        for j, fc in enumerate(("fc1", "fc2")):
+            out[f"{p_}{mlp}/Dense_{j}/kernel"] = s[f"{b}mlp.{fc}.weight"].T
+            out[f"{p_}{mlp}/Dense_{j}/bias"] = s[f"{b}mlp.{fc}.bias"]
+    return {k: v.contiguous().numpy() for k, v in out.items()}
+
+
+def from_jax_npz(path: str | Path, **overrides: Any) -> ViT:
+    """A vit_jax / big_vision `.npz` -> our ViT; heads are read off the query kernel."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = dict(npz)
+    arrays = _unstack_scanned(arrays)
+    attn = _jax_block_names(arrays)[0]
+    kernel = arrays["embedding/kernel"]
+    found = dict(
+        patch_size=kernel.shape[0],
+        in_chans=kernel.shape[2],
+        num_heads=arrays[f"Transformer/encoderblock_0/{attn}/query/kernel"].shape[1],
+    )
+    return build_from_state(jax_to_vit(arrays), **{**found, **overrides})
+
+
+def to_jax_npz(model: ViT, path: str | Path) -> Path:
+    path = Path(path)
+    np.savez(path, **vit_to_jax(model.state_dict(), model.config))
+    return path

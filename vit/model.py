@@ -1,0 +1,235 @@
+"""The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al. 2021).
+
+Read top to bottom: attention, MLP and block, then the model. Parameter names follow timm
+(`patch_embed`, `cls_token`, `pos_embed`, `blocks.i.attn.qkv`, ...) so that users find what
+they expect; `patch_embed` is the paper's single linear map E over flattened patches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vit.config import ViTConfig
+from vit.patches import patchify
+from vit.resize import resize_pos_embed
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.dim, config.dim)
+        self.attn_dropout = config.attn_dropout
+        self.proj_drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        weights = None
+        if need_weights:  # the figures need the attention matrix; SDPA never materialises it
+            weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+            y = F.dropout(weights, self.attn_dropout, self.training) @ v
+        else:
+            p = self.attn_dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        y = y.transpose(1, 2).reshape(b, n, d)
+        return self.proj_drop(self.proj(y)), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.dim, config.mlp_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.mlp_dim, config.dim)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch (Huang et al. 2016)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (paper eq. 2-3)."""
+
+    def __init__(self, config: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self, x: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(self.norm1(x), need_weights)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, weights
+
+
+def sincos_2d_posemb(
+    grid: tuple[int, int], dim: int, temperature: float = 10_000.0
+) -> torch.Tensor:
+    """(gh*gw, D) fixed 2-D sine-cosine embeddings (big_vision `posemb_sincos_2d`)."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embeddings need dim divisible by 4, got {dim}")
+    y, x = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float32),
+        torch.arange(grid[1], dtype=torch.float32),
+        indexing="ij",
+    )
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4 - 1))
+    y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embed = nn.Linear(c.patch_dim, c.dim)  # E: one linear map per patch
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
+        num_tokens = c.num_prefix_tokens + c.num_patches
+        if c.posemb == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, c.dim))
+        else:
+            self.register_buffer("pos_embed", self._sincos(c.grid_size), persistent=False)
+        self.pos_drop = nn.Dropout(c.dropout)
+        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        self.blocks = nn.ModuleList(Block(c, rate) for rate in rates)
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if not c.fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.fc_norm else nn.Identity()
+        if c.representation_size:
+            self.pre_logits = nn.Sequential(nn.Linear(c.dim, c.representation_size), nn.Tanh())
+        else:
+            self.pre_logits = nn.Identity()
+        head_dim = c.representation_size or c.dim
+        self.head = nn.Linear(head_dim, c.num_classes) if c.num_classes else nn.Identity()
+        # uint8 patches are normalised here, on the device; `x * scale + shift` per value.
+        patch_std = torch.tensor(c.std).repeat(c.patch_size * c.patch_size)
+        patch_mean = torch.tensor(c.mean).repeat(c.patch_size * c.patch_size)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * patch_std), persistent=False)
+        self.register_buffer("pixel_shift", -patch_mean / patch_std, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        if isinstance(self.head, nn.Linear):  # paper, appendix B.1.1: zero-initialised head
+            nn.init.zeros_(self.head.weight)
+
+    def _sincos(self, grid: tuple[int, int]) -> torch.Tensor:
+        pe = sincos_2d_posemb(grid, self.config.dim)
+        prefix = torch.zeros(self.config.num_prefix_tokens, self.config.dim)
+        return torch.cat([prefix, pe])[None]
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings for a patch grid, resized on the fly when it is not ours."""
+        if grid == self.config.grid_size:
+            return self.pos_embed
+        if self.config.posemb == "sincos2d":
+            return self._sincos(grid).to(self.pos_embed)
+        return resize_pos_embed(
+            self.pos_embed, grid, self.config.grid_size, self.config.num_prefix_tokens
+        )
+
+    def to_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, C, H, W) or patches (B, N, P*P*C) -> float patches and their grid."""
+        p = self.config.patch_size
+        if x.ndim == 4:  # float images, already normalised
+            grid = (x.shape[2] // p, x.shape[3] // p)
+            return patchify(x.permute(0, 2, 3, 1), p), grid
+        if x.ndim != 3 or x.shape[2] != self.config.patch_dim:
+            raise ValueError(
+                f"expected images (B, C, H, W) or patches (B, N, {self.config.patch_dim}), "
+                f"got {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.config.num_patches:
+            raise ValueError(
+                f"got {x.shape[1]} patches; this model's grid {self.config.grid_size} has "
+                f"{self.config.num_patches} (pass images to run at another size)"
+            )
+        if x.dtype == torch.uint8:
+            x = torch.addcmul(self.pixel_shift, x.float(), self.pixel_scale)
+        return x, self.config.grid_size
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        patches, grid = self.to_patches(x)
+        x = self.patch_embed(patches)  # (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return self.pos_drop(x + self.pos_embed_for(grid))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoded tokens (B, prefix + N, D), after the final norm."""
+        x = self.embed(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Every block's output tokens and attention weights (B, heads, N, N), by name."""
+        x = self.embed(x)
+        tokens, attention = [], []
+        for block in self.blocks:
+            x, weights = block(x, need_weights=True)
+            tokens.append(x)
+            attention.append(weights)
+        return {"tokens": tokens, "attention": attention, "features": [self.norm(x)]}
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        prefix = self.config.num_prefix_tokens
+        x = x[:, 0] if self.config.pool == "cls" else x[:, prefix:].mean(dim=1)
+        x = self.pre_logits(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_head(self, num_classes: int) -> None:
+        """A new zero-initialised head, as the paper does for every fine-tuning task."""
+        self.config = self.config.replace(num_classes=num_classes)
+        head_dim = self.config.representation_size or self.config.dim
+        device = self.pos_embed.device
+        self.head = (
+            nn.Linear(head_dim, num_classes, device=device) if num_classes else nn.Identity()
+        )
+        if num_classes:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
