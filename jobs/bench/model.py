@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from jobs.bench.common import median, peak_tflops, time_call, write_result
 from vit import ViT, ViTConfig, forward_flops
+from vit.interop import to_timm
 
 
 def timm_equal(config: ViTConfig) -> torch.nn.Module:
@@ -53,7 +54,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = ViTConfig.from_preset(args.preset, image_size=args.image_size)
     torch.manual_seed(0)
-    models = {"ours": ViT(config), "timm": timm_equal(config)}
+    ours = ViT(config)
+    theirs = timm_equal(config)
+    theirs.load_state_dict(to_timm(ours))  # the same numbers in both: only the code differs
+    models = {"ours": ours, "timm": theirs}
     steps = {}
     for name, model in models.items():
         model = model.to(device).train()
@@ -65,9 +69,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for step in steps.values():
             time_call(step, sync)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
     for i in range(args.steps):
-        for name, step in steps.items():
-            times[name].append(time_call(step, sync))
+        for name in order if i % 2 == 0 else order[::-1]:  # ABBA: no first-mover bias
+            times[name].append(time_call(steps[name], sync))
         print(
             f"step {i + 1}/{args.steps}: "
             + ", ".join(f"{n} {args.batch / t[-1]:.1f} img/s" for n, t in times.items()),
@@ -97,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="ti/16", help="model preset (default: ti/16)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--json", metavar="PATH", help="also write the result here")
