@@ -24,8 +24,23 @@ def convert_command(args: argparse.Namespace) -> None:
         print(f"wrote {out}: vitray -> {args.target}")
 
 
+def prepare_command(args: argparse.Namespace) -> None:
+    from pipeline.prepare import prepare
+
+    prepare(
+        args.source,
+        args.out,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        strict=args.strict,
+        overwrite=args.overwrite,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jobs import demo, info
+    from jobs.bench import data as bench_data
     from jobs.bench import model as bench_model
     from jobs.convert import SOURCES, TARGETS
 
@@ -52,6 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="where to write")
     p.set_defaults(func=convert_command)
 
+    p = sub.add_parser(
+        "prepare",
+        help="write images as Parquet shards of their original bytes + manifest.json",
+        description="SRC is an image folder (one subfolder per class), Hugging Face image "
+        "Parquet, WebDataset .tar shards, builtin:digits or builtin:photos?n=N. Every image "
+        "is decoded once to check it; bad files are skipped and listed in the manifest.",
+    )
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("out", metavar="OUT", help="local output directory")
+    p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction held out as 'val' where the source has no splits",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the row order")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad image")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    p.set_defaults(func=prepare_command)
+
     p = sub.add_parser("demo", help="the end-to-end demo on the built-in digits data")
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
@@ -61,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("model", help="training step of our ViT vs timm's, same process")
     bench_model.add_arguments(p)
     p.set_defaults(func=bench_model.run)
+    p = bench_sub.add_parser("data", help="Ray Data pipeline vs DataLoader vs one process")
+    bench_data.add_arguments(p)
+    p.set_defaults(func=bench_data.run)
     return parser
 
 
@@ -69,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit 2
         print(f"vitray {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
 

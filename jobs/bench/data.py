@@ -1,0 +1,215 @@
+"""`vitray bench data`: images/s through decode + crop + flip + patchify, four ways, one run.
+
+1. the Ray Data pipeline (`build_dataset`), iterated as a train worker does;
+2. a torch DataLoader with one worker per core over the same shards and transform code;
+3. our transform kernel in one plain process;
+4. torchvision's standard training transform in one plain process (decode_jpeg +
+   RandomResizedCrop + flip): the per-core anchor users know.
+Also the peak memory of all Ray processes while streaming more data than the object store
+holds, in the first and second half of the stream (flat = no accumulation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import torch
+
+from jobs.bench.common import write_result
+from pipeline.config import DataConfig
+from pipeline.dataset import build_dataset, describe_dataset
+from pipeline.prepare import prepare
+from pipeline.sources import data_home
+from pipeline.transforms import preprocess_batch
+
+
+def shard_batches(files: list[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size, columns=["image", "label"]):
+            yield {
+                "image": batch.column("image").to_numpy(zero_copy_only=False),
+                "label": batch.column("label").to_numpy(),
+            }
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The DataLoader baseline: worker k takes shards k, k+W, ... and runs our kernel."""
+
+    def __init__(self, files: list[str], cfg: DataConfig, batch_size: int) -> None:
+        self.files, self.cfg, self.batch_size = files, cfg, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        info = torch.utils.data.get_worker_info()
+        files = self.files[info.id :: info.num_workers] if info else self.files
+        for batch in shard_batches(files, self.batch_size):
+            yield preprocess_batch(batch, self.cfg, 16, train=True)
+
+
+def rate(images: int, seconds: float) -> float:
+    return round(images / seconds, 1)
+
+
+def bench_kernel(files: list[str], cfg: DataConfig, batch: int) -> float:
+    start, n = time.perf_counter(), 0
+    for b in shard_batches(files, batch):
+        n += len(preprocess_batch(b, cfg, 16, train=True)["label"])
+    return rate(n, time.perf_counter() - start)
+
+
+def bench_torchvision(files: list[str], size: int, batch: int) -> float:
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    start, n = time.perf_counter(), 0
+    for b in shard_batches(files, batch):
+        for data in b["image"]:
+            transform(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+            n += 1
+    return rate(n, time.perf_counter() - start)
+
+
+def bench_dataloader(files: list[str], cfg: DataConfig, batch: int, workers: int) -> float:
+    loader = torch.utils.data.DataLoader(
+        ShardStream(files, cfg, batch), batch_size=None, num_workers=workers, prefetch_factor=4
+    )
+    start, n = time.perf_counter(), 0
+    for b in loader:
+        n += len(b["label"])
+    return rate(n, time.perf_counter() - start)
+
+
+class RayMemory:
+    """Samples the summed RSS of this process and its Ray children, split by stream half."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.samples.append((time.monotonic(), total))
+            time.sleep(0.2)
+
+    def __enter__(self) -> RayMemory:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def peaks_mib(self) -> tuple[float, float]:
+        half = len(self.samples) // 2
+        first = max(s for _, s in self.samples[:half])
+        second = max(s for _, s in self.samples[half:])
+        return round(first / 2**20), round(second / 2**20)
+
+
+def bench_ray(cfg: DataConfig, batch: int, epochs: int) -> tuple[list[float], tuple[float, float]]:
+    ds = build_dataset(cfg, "train", 16)
+    rates = []
+    with RayMemory() as memory:
+        for _ in range(epochs):
+            start, n = time.perf_counter(), 0
+            for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4):
+                n += len(b["label"])
+            rates.append(rate(n, time.perf_counter() - start))
+    return rates, memory.peaks_mib()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    cores = args.cores or os.cpu_count() or 1
+    cfg = DataConfig(
+        dataset=f"builtin:photos?n={args.images}",
+        image_size=args.size,
+        cpus_per_task=args.cpus_per_task,
+        decode_batch_size=args.batch,
+    )
+    out = data_home() / "bench" / f"photos-{args.images}"
+    if not (out / "manifest.json").is_file():  # 32 MB shards: several per core, as at scale
+        prepare(cfg.dataset, out, shard_size="32MB")
+    cfg = cfg.model_copy(update={"dataset": str(out)})
+    info = describe_dataset(cfg)
+    files = info.source.split_files("train")
+    data_mib = sum(os.path.getsize(f) for f in files) / 2**20
+    patches_mib = info.split_rows["train"] * args.size * args.size * 3 / 2**20
+    print(
+        f"{info.split_rows['train']} train images in {len(files)} shards ({data_mib:.0f} MiB "
+        f"encoded, {patches_mib:.0f} MiB as patches)",
+        flush=True,
+    )
+    torch.set_num_threads(1)  # kernel and torchvision are per-core numbers
+    kernel = bench_kernel(files, cfg, args.batch)
+    print(f"kernel: {kernel} img/s", flush=True)
+    tv = bench_torchvision(files, args.size, args.batch)
+    print(f"torchvision: {tv} img/s", flush=True)
+    dl = bench_dataloader(files, cfg, args.batch, cores)
+    print(f"dataloader ({cores} workers): {dl} img/s", flush=True)
+    store = args.object_store_mib * 2**20
+    ray.init(
+        num_cpus=cores, object_store_memory=store, include_dashboard=False, log_to_driver=False
+    )
+    try:
+        ray_rates, (rss_first, rss_second) = bench_ray(cfg, args.batch, args.epochs)
+    finally:
+        ray.shutdown()
+    print(f"ray data per epoch: {ray_rates} img/s", flush=True)
+    ray_img_s = max(ray_rates[1:] or ray_rates)  # after warm-up
+    return write_result(
+        {
+            "benchmark": "data",
+            "images": info.split_rows["train"],
+            "size": args.size,
+            "cores": cores,
+            "ray_img_s": ray_img_s,
+            "ray_first_epoch_img_s": ray_rates[0],
+            "dataloader_img_s": dl,
+            "kernel_img_s": kernel,
+            "torchvision_img_s": tv,
+            "ratio_vs_dataloader": round(ray_img_s / dl, 3),
+            "efficiency": round(ray_img_s / (cores * kernel), 3),
+            "kernel_vs_torchvision": round(kernel / tv, 3),
+            "object_store_mib": args.object_store_mib,
+            "streamed_patches_mib": round(patches_mib * args.epochs),
+            "peak_rss_mib_first_half": rss_first,
+            "peak_rss_mib_second_half": rss_second,
+        },
+        args.json,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", type=int, default=4000, help="builtin:photos images")
+    parser.add_argument("--size", type=int, default=224, help="output image size")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3, help="Ray epochs; the first warms up")
+    parser.add_argument("--cores", type=int, help="workers / Ray CPUs (default: all cores)")
+    parser.add_argument(
+        "--cpus-per-task", type=float, default=1.0, help="CPU fraction of each Ray decode task"
+    )
+    parser.add_argument(
+        "--object-store-mib",
+        type=int,
+        default=256,
+        help="Ray object store size; smaller than the streamed data",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the result here")

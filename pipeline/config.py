@@ -1,0 +1,67 @@
+"""DataConfig: what to read and how to turn it into patches (validated before Ray starts)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.decode import MAX_PIXELS
+
+
+class RandAugmentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_ops: int = Field(2, ge=1)
+    magnitude: int = Field(9, ge=0, le=30)
+
+
+class DataConfig(BaseModel):
+    """The `data` section of every job config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        description="builtin:digits, builtin:photos?n=N, a `vitray prepare` output directory "
+        "(local, s3:// or gs://), a Hugging Face image Parquet directory, a directory of "
+        "WebDataset .tar shards, or an image folder (one subfolder per class)"
+    )
+    image_size: int | tuple[int, int] = 224
+    channels: Literal[1, 3] = 3
+    # training augmentation (Inception-style crop + flip; RandAugment optional)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    randaugment: RandAugmentConfig | None = None
+    # evaluation: resize so the crop is this fraction of the shorter side, then center-crop
+    eval_crop_fraction: float = Field(0.875, gt=0, le=1)
+    # streaming
+    shuffle_seed: int = 0
+    shuffle_buffer: int = Field(1000, ge=0, description="local shuffle buffer, in rows")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPU fraction of each decode task")
+    decode_batch_size: int = Field(64, ge=1)
+    # bad input
+    strict: bool = False
+    max_pixels: int = Field(MAX_PIXELS, gt=0)
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        sizes = (v, v) if isinstance(v, int) else v
+        if min(sizes) < 1:
+            raise ValueError("image_size must be positive")
+        return v
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected 0 < low <= high, got {v}")
+        return v
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        return (
+            (self.image_size, self.image_size)
+            if isinstance(self.image_size, int)
+            else tuple(self.image_size)
+        )

@@ -1,0 +1,89 @@
+"""Image bytes -> RGB uint8 arrays, decoding JPEGs at reduced size when the output allows.
+
+PIL (libjpeg-turbo) with `draft`: the JPEG decoder scales by 1/2, 1/4 or 1/8 in the DCT,
+so a 500 px photo headed for a 224 px crop is decoded at 250 px for about a quarter of the
+work. Any bad input raises `BadImage` with a reason; the callers count and skip it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # larger declared sizes are treated as decompression bombs
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; the message says why."""
+
+
+def image_bytes(value: Any) -> bytes:
+    """Raw bytes from our `image` column or from HF's `{bytes, path}` struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        raise BadImage("no image bytes")
+    return bytes(value)
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open (header only) and reject empty, non-image and oversized inputs."""
+    if not data:
+        raise BadImage("zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from e
+    except UnidentifiedImageError as e:
+        raise BadImage(f"not a readable image: {e}") from e
+    w, h = img.size
+    if w * h > max_pixels or w < 1 or h < 1:
+        raise BadImage(f"decompression bomb: declared size {w}x{h} exceeds {max_pixels} pixels")
+    return img
+
+
+def to_rgb(img: Image.Image, channels: int = 3) -> Image.Image:
+    """Any mode (L, LA, P, RGBA, CMYK, I;16, ...) -> RGB, or L for one-channel models."""
+    target = "RGB" if channels == 3 else "L"
+    if img.mode == target:
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG: keep the top 8 bits
+        high = np.asarray(img).astype(np.uint32) >> 8
+        img = Image.fromarray(np.minimum(high, 255).astype(np.uint8), "L")
+    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")  # composite on white: transparent pixels are not black
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert(target)
+
+
+def load(img: Image.Image, min_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode the pixels; with `min_size`, let JPEG decode at the smallest scale >= it."""
+    if min_size is not None and img.format == "JPEG":
+        img.draft("RGB" if img.mode != "CMYK" else None, min_size)
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken stream
+        raise BadImage(f"cannot decode: {e}") from e
+    return img
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    """(H, W, K) uint8 read-only view of a decoded L or RGB image, without copying.
+
+    Pillow's Arrow export is zero-copy; RGB comes padded to K=4 bytes per pixel (RGBX), which
+    callers keep until their output is small. `np.asarray(img)` goes through `tobytes()` and
+    cost 10x more (0.16 vs 0.014 ms for a 366 px photo).
+    """
+    w, h = img.size
+    arr = pa.array(img)
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.values.to_numpy(zero_copy_only=True).reshape(h, w, arr.type.list_size)
+    return arr.to_numpy(zero_copy_only=True).reshape(h, w, 1)

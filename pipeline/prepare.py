@@ -1,0 +1,246 @@
+"""`vitray prepare SRC OUT`: images into Parquet shards of their original bytes + manifest.json.
+
+Every image is decoded once to check it (bad files are skipped and listed in the manifest,
+or stop the run in strict mode); bytes are never re-encoded. Output is written to a
+temporary directory and renamed into place, so OUT is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.builtin import Item
+from pipeline.decode import BadImage, load, open_image
+from pipeline.sources import MANIFEST, SourceError, source_items
+
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
+ROW_GROUP_BYTES = 8 * 2**20  # the unit of parallel reading and decoding (~250 photos)
+UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "b": 1}
+
+
+def parse_size(text: str | int) -> int:
+    """'256MB' -> 268435456."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().lower()
+    for unit, factor in UNITS.items():
+        if s.endswith(unit) and s[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(s[: -len(unit)]) * factor)
+    if s.isdigit():
+        return int(s)
+    raise ValueError(f"cannot read size {text!r}; use e.g. 256MB or 1GB")
+
+
+class Progress:
+    """One self-updating line on stderr: done/total, rate, skipped."""
+
+    def __init__(self, desc: str, total: int | None, enabled: bool = True) -> None:
+        self.desc, self.total, self.enabled = desc, total, enabled
+        self.done = self.skipped = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int = 1, skipped: int = 0) -> None:
+        self.done += done
+        self.skipped += skipped
+        now = time.monotonic()
+        if self.enabled and now - self.last > 0.5:
+            self.last = now
+            self._print("\r")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._print("\r")
+            sys.stderr.write("\n")
+
+    def _print(self, prefix: str) -> None:
+        rate = self.done / max(time.monotonic() - self.start, 1e-9)
+        total = f"/{self.total}" if self.total else ""
+        sys.stderr.write(
+            f"{prefix}{self.desc}: {self.done}{total} images, {rate:.0f} img/s, "
+            f"{self.skipped} skipped"
+        )
+        sys.stderr.flush()
+
+
+class ShardWriter:
+    """Writes one split as `{split}-NNNNN.parquet` files of about `shard_size` bytes."""
+
+    def __init__(self, out: Path, split: str, shard_size: int) -> None:
+        self.out, self.split, self.shard_size = out, split, shard_size
+        self.shards: list[dict] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.rows: list[tuple[str, bytes, int]] = []
+        self.buffered = self.file_bytes = self.file_rows = 0
+
+    def add(self, item_id: str, data: bytes, label: int) -> None:
+        self.rows.append((item_id, data, label))
+        self.buffered += len(data)
+        if self.buffered >= min(ROW_GROUP_BYTES, self.shard_size):
+            self._flush_rows()
+        if self.file_bytes >= self.shard_size:
+            self._close_file()
+
+    def _flush_rows(self) -> None:
+        if not self.rows:
+            return
+        if self.writer is None:
+            name = f"{self.split}-{len(self.shards):05d}.parquet"
+            self.writer = pq.ParquetWriter(self.out / name, SCHEMA, compression="none")
+            self.shards.append({"file": name})
+        ids, images, labels = zip(*self.rows, strict=True)
+        self.writer.write_table(pa.table([list(ids), list(images), list(labels)], schema=SCHEMA))
+        self.file_bytes += self.buffered
+        self.file_rows += len(self.rows)
+        self.rows, self.buffered = [], 0
+
+    def _close_file(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        shard = self.shards[-1]
+        path = self.out / shard["file"]
+        row_groups = pq.ParquetFile(path).metadata.num_row_groups
+        shard.update(
+            rows=self.file_rows,
+            row_groups=row_groups,
+            bytes=path.stat().st_size,
+            sha256=_sha256(path),
+        )
+        self.file_bytes = self.file_rows = 0
+
+    def close(self) -> dict:
+        self._flush_rows()
+        self._close_file()
+        return {"rows": sum(s["rows"] for s in self.shards), "shards": self.shards}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def assign_split(item: Item, val_fraction: float, seed: int) -> str:
+    """The item's own split, else a stable hash of its id: the same on every re-run."""
+    if item.split:
+        return item.split
+    bucket = zlib.crc32(f"{seed}:{item.id}".encode()) % 1_000_000
+    return "val" if bucket < val_fraction * 1_000_000 else "train"
+
+
+def check_image(item: Item) -> tuple[Item, bytes, str | None]:
+    """Read and fully decode one image (at 1/8 scale for JPEG: the whole stream is parsed)."""
+    try:
+        data = item.read()
+        load(open_image(data), min_size=(1, 1))
+        return item, data, None
+    except BadImage as e:
+        return item, b"", str(e)
+    except OSError as e:
+        return item, b"", f"cannot read: {e}"
+
+
+def _checked(items: Iterable[Item], workers: int) -> Iterable[tuple[Item, bytes, str | None]]:
+    """Decode checks in a thread pool (PIL releases the GIL), in order, bounded memory."""
+    it = iter(items)
+    with ThreadPoolExecutor(workers) as pool:
+        while chunk := list(islice(it, 256)):
+            yield from pool.map(check_image, chunk)
+
+
+def prepare(
+    spec: str,
+    out: str | Path,
+    shard_size: str | int = "256MB",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write `spec` as shards under `out`; returns the manifest."""
+    if "://" in str(out):
+        raise SourceError("prepare writes to a local directory; copy it to object storage after")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out)
+    options = {"val_fraction": val_fraction, "seed": seed, "shard_size": parse_size(shard_size)}
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        existing = out / MANIFEST
+        if existing.is_file():
+            manifest = json.loads(existing.read_text())
+            if manifest.get("source") == spec and manifest.get("options") == options:
+                print(f"{out} already holds {spec} (same options); nothing to do", file=sys.stderr)
+                return manifest
+            raise SourceError(
+                f"{out} already holds a different dataset ({manifest.get('source')}); "
+                "refusing to mix them: choose another directory or pass --overwrite"
+            )
+        raise SourceError(f"{out} is not empty and not a vitray dataset; pass --overwrite")
+    items, class_names, kind = source_items(spec)
+    if isinstance(items, list):  # shuffle so shards mix classes (folders come sorted)
+        items = list(items)
+        random.Random(seed).shuffle(items)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writers: dict[str, ShardWriter] = {}
+        skipped, max_label = [], -1
+        bar = Progress(f"prepare {spec}", len(items) if isinstance(items, list) else None, progress)
+        for item, data, error in _checked(items, workers=max(2, os.cpu_count() or 2)):
+            if error is None and class_names is not None and not 0 <= item.label < len(class_names):
+                error = f"label {item.label} outside [0, {len(class_names)})"
+            if error is not None:
+                if strict:
+                    raise BadImage(f"{item.id}: {error}")
+                skipped.append({"id": item.id, "reason": error})
+                bar.update(skipped=1)
+                continue
+            split = assign_split(item, val_fraction, seed)
+            if split not in writers:
+                writers[split] = ShardWriter(tmp, split, options["shard_size"])
+            writers[split].add(item.id, data, item.label)
+            max_label = max(max_label, item.label)
+            bar.update()
+        bar.close()
+        if class_names is None:
+            class_names = [str(i) for i in range(max_label + 1)]
+        manifest = {
+            "format": "vitray-shards",
+            "version": 1,
+            "source": spec,
+            "source_kind": kind,
+            "options": options,
+            "class_names": class_names,
+            "num_classes": len(class_names),
+            "splits": {name: w.close() for name, w in sorted(writers.items())},
+            "skipped": skipped,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts = ", ".join(f"{k} {v['rows']}" for k, v in manifest["splits"].items())
+    print(f"wrote {out}: {counts}; {len(skipped)} skipped", file=sys.stderr)
+    return manifest

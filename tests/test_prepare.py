@@ -1,0 +1,90 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import encode, photo
+from PIL import Image
+
+from pipeline.decode import BadImage
+from pipeline.prepare import parse_size, prepare
+from pipeline.sources import SourceError
+
+
+def make_folder(root, awkward_images, per_class=6):
+    for c, cls in enumerate(["cat", "dog"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.fromarray(photo((120 + 10 * i, 100), seed=c))
+            (root / cls / f"{i}.jpg").write_bytes(encode(img, "JPEG"))
+    (root / "cat" / "broken.jpg").write_bytes(awkward_images["truncated_jpeg"][0])
+    (root / "dog" / "notes.jpg").write_bytes(awkward_images["text_named_jpg"][0])
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+
+
+def test_prepare_folder_writes_shards_manifest_and_lists_bad_files(tmp_path, awkward_images):
+    make_folder(tmp_path / "src", awkward_images)
+    manifest = prepare(str(tmp_path / "src"), tmp_path / "out", val_fraction=0.25, progress=False)
+    assert manifest["class_names"] == ["cat", "dog"]
+    rows = sum(s["rows"] for s in manifest["splits"].values())
+    assert rows == 12 and manifest["splits"]["val"]["rows"] > 0
+    assert sorted(s["id"] for s in manifest["skipped"]) == [
+        "cat/broken.jpg",
+        "dog/empty.jpg",
+        "dog/notes.jpg",
+    ]
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk == manifest
+    shard = manifest["splits"]["train"]["shards"][0]
+    table = pq.read_table(tmp_path / "out" / shard["file"])
+    assert table.column_names == ["id", "image", "label"] and len(table) == shard["rows"]
+    original = (tmp_path / "src" / table["id"][0].as_py()).read_bytes()
+    assert table["image"][0].as_py() == original  # bytes kept, never re-encoded
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_strict_prepare_fails_naming_the_file(tmp_path, awkward_images):
+    make_folder(tmp_path / "src", awkward_images)
+    with pytest.raises(BadImage, match="broken.jpg|notes.jpg|empty.jpg"):
+        prepare(str(tmp_path / "src"), tmp_path / "out", strict=True, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerun_is_idempotent_and_refuses_to_mix(tmp_path, awkward_images):
+    make_folder(tmp_path / "a", awkward_images)
+    make_folder(tmp_path / "b", awkward_images, per_class=3)
+    first = prepare(str(tmp_path / "a"), tmp_path / "out", progress=False)
+    assert prepare(str(tmp_path / "a"), tmp_path / "out", progress=False) == first
+    with pytest.raises(SourceError, match="refusing to mix"):
+        prepare(str(tmp_path / "b"), tmp_path / "out", progress=False)
+    replaced = prepare(str(tmp_path / "b"), tmp_path / "out", overwrite=True, progress=False)
+    assert sum(s["rows"] for s in replaced["splits"].values()) == 6
+
+
+def test_builtin_digits_has_fixed_stratified_splits(tmp_path):
+    manifest = prepare("builtin:digits", tmp_path / "digits", progress=False)
+    counts = {k: v["rows"] for k, v in manifest["splits"].items()}
+    assert counts == {"train": 1257, "val": 180, "test": 360}
+    test = pq.read_table(tmp_path / "digits" / manifest["splits"]["test"]["shards"][0]["file"])
+    per_class = [test["label"].to_pylist().count(c) for c in range(10)]
+    assert min(per_class) >= 35 and max(per_class) <= 37  # stratified: ~36 per digit
+    assert manifest["skipped"] == []
+
+
+def test_builtin_photos_are_realistic_jpegs(tmp_path):
+    manifest = prepare("builtin:photos?n=24&seed=1", tmp_path / "p", progress=False)
+    assert manifest["num_classes"] == 8
+    shard = manifest["splits"]["train"]["shards"][0]["file"]
+    data = pq.read_table(tmp_path / "p" / shard)["image"][0].as_py()
+    assert data[:2] == b"\xff\xd8"
+    size = Image.open(__import__("io").BytesIO(data)).size
+    assert 256 <= size[0] <= 500
+
+
+def test_parse_size_and_bad_specs():
+    assert parse_size("256MB") == 256 * 2**20 and parse_size("1.5GB") == int(1.5 * 2**30)
+    with pytest.raises(ValueError):
+        parse_size("big")
+    with pytest.raises(SourceError, match="unknown built-in"):
+        prepare("builtin:imagenet", "/tmp/never", progress=False)
+    with pytest.raises(SourceError, match="does not exist"):
+        prepare("/no/such/dir", "/tmp/never", progress=False)
