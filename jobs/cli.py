@@ -39,7 +39,7 @@ def prepare_command(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import demo, info
+    from jobs import info, pretrain
     from jobs.bench import data as bench_data
     from jobs.bench import model as bench_model
     from jobs.convert import SOURCES, TARGETS
@@ -88,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
     p.set_defaults(func=prepare_command)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on the built-in digits data")
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
+    p = sub.add_parser(
+        "pretrain",
+        help="distributed ViT training on Ray Train, tracked in MLflow",
+        description="Validate the config, build the Ray datasets, train with TorchTrainer. "
+        "Re-running with the same run.name resumes from its latest checkpoint.",
+    )
+    pretrain.add_arguments(p)
+    p.set_defaults(func=pretrain.run)
 
     bench = sub.add_parser("bench", help="benchmarks; results printed and written as JSON")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, exit 2
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: exit 2
         print(f"vitray {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
 

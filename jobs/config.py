@@ -1,0 +1,162 @@
+"""Job configs: YAML data with one typed schema, validated before Ray starts.
+
+Every section forbids unknown keys; `--set section.key=value` overrides any key (values are
+parsed as YAML); `smoke: true` shrinks the run to a minute on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.config import DataConfig
+from vit import ViTConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    preset: str = "micro/4"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="ViTConfig fields")
+
+
+class TrainSection(Section):
+    batch_size: int = Field(128, ge=1, description="global batch, across workers")
+    epochs: int = Field(10, ge=1)
+    max_steps: int = Field(0, ge=0, description="cap on optimizer steps; 0 = epochs decide")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="global norm; 0 = off")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    compile: bool = False
+    report_every: int = Field(20, ge=1, description="steps between reports to Ray and MLflow")
+    seed: int = 0
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+
+
+class RunSection(Section):
+    name: str = "vitray"
+    storage_path: str = "runs"
+    max_failures: int = Field(2, ge=0)
+    num_to_keep: int = Field(2, ge=1)
+
+
+class MlflowSection(Section):
+    enabled: bool = True
+    experiment: str = "vitray"
+    tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else ./mlflow.db
+
+
+class JobConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataConfig
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    smoke: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        vit = self.vit_config(num_classes=1)  # raises on bad model keys
+        h, w = self.data.size_hw
+        if h % vit.patch_size or w % vit.patch_size:
+            raise ValueError(
+                f"data.image_size {h}x{w} is not a multiple of the patch size {vit.patch_size} "
+                f"of model.preset {self.model.preset!r}"
+            )
+        per_step = self.scaling.num_workers * self.train.grad_accum
+        if self.train.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is not divisible by "
+                f"scaling.num_workers x train.grad_accum = {per_step}"
+            )
+        return self
+
+    def vit_config(self, num_classes: int) -> ViTConfig:
+        return ViTConfig.from_preset(
+            self.model.preset,
+            image_size=self.data.size_hw,
+            in_chans=self.data.channels,
+            num_classes=num_classes,
+            **self.model.overrides,
+        )
+
+    @property
+    def micro_batch(self) -> int:
+        """Per worker, per forward pass: computed here, on the driver."""
+        return self.train.batch_size // (self.scaling.num_workers * self.train.grad_accum)
+
+    def shrunk(self) -> JobConfig:
+        """`smoke: true`: a couple of minutes on a CPU, whatever the config asks for."""
+        if not self.smoke:
+            return self
+        return self.model_copy(
+            update={
+                "train": self.train.model_copy(
+                    update={"max_steps": min(self.train.max_steps or 20, 20), "report_every": 5}
+                ),
+                "scaling": self.scaling.model_copy(update={"use_gpu": False}),
+            }
+        )
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the offending key."""
+
+
+def set_key(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read YAML, apply `section.key=value` overrides, validate; ConfigError names the key."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        set_key(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return JobConfig.model_validate(tree).shrunk()
+    except ValidationError as e:
+        lines = [
+            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
+        ]
+        raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(lines)) from e
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}, for MLflow params."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,90 @@
+"""MLflow on the driver: where to log, a reachability check, and one run per `run.name`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from jobs.config import JobConfig, MlflowSection
+
+RUN_DIR_TAG = "vitray.run_dir"
+
+
+def tracking_uri(section: MlflowSection) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI, else the embedded store ./mlflow.db."""
+    uri = section.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail at start, not after an hour of training, when the server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status != 200:
+                raise ConnectionError(f"status {r.status}")
+    except Exception as e:
+        raise ConnectionError(f"MLflow tracking server {uri} is not reachable: {e}") from e
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def checkpointed_run_id(run_dir: str) -> str | None:
+    """The MLflow run id stored in the latest local checkpoint of this run, if any."""
+    import torch
+
+    checkpoints = (
+        sorted(Path(run_dir).glob("checkpoint_*/train_state.pt")) if "://" not in run_dir else []
+    )
+    if not checkpoints:
+        return None
+    state = torch.load(checkpoints[-1], weights_only=True)
+    return state.get("mlflow_run_id") or None
+
+
+def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
+    """The MLflow run of this `run.name`: the unfinished one it left, or a new one."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
+    )
+    run_id = checkpointed_run_id(run_dir)
+    if run_id is None:  # stopped before its first checkpoint: its run is still unfinished
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}' and attributes.status != 'FINISHED'",
+            max_results=1,
+        )
+        run_id = found[0].info.run_id if found else None
+    if run_id:
+        client.set_terminated(run_id, "RUNNING")
+        print(f"resuming MLflow run {run_id}", flush=True)
+        return run_id
+    tags = {
+        RUN_DIR_TAG: run_dir,
+        "vitray.kind": kind,
+        "git_commit": git_commit(),
+        "mlflow.runName": cfg.run.name,
+    }
+    run = client.create_run(experiment_id, tags=tags, run_name=cfg.run.name)
+    from jobs.config import flatten
+
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run.info.run_id

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from jobs.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
+DEMO = Path(__file__).parent.parent / "jobs" / "configs" / "demo-pretrain.yaml"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate_and_say_what_they_are(path):
+    cfg = load_config(path)
+    assert cfg.micro_batch >= 1
+    assert path.read_text().startswith("#"), "each config opens with its purpose and cost"
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config(DEMO, ["train.max_steps=7", "data.image_size=32", "run.name=x"])
+    assert cfg.train.max_steps == 7 and cfg.data.size_hw == (32, 32) and cfg.run.name == "x"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=0.1", "train.lrr: Extra inputs are not permitted"),
+        ("train.lr=fast", "train.lr"),
+        ("data.image_size=18", "not a multiple of (the )?patch.size 4"),
+        ("train.batch_size=127", "not divisible by scaling.num_workers"),
+        ("model.preset=xl/16", "unknown preset"),
+    ],
+)
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
+
+
+def test_cli_exits_2_before_ray_starts(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", str(DEMO), "--set", "train.epochs=0"])
+    assert exit_info.value.code == 2
+    assert "train.epochs" in capsys.readouterr().err
+
+
+def test_smoke_shrinks_the_run():
+    cfg = load_config(DEMO, ["smoke=true"])
+    assert 0 < cfg.train.max_steps <= 20

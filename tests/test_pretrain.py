@@ -1,0 +1,132 @@
+"""`vitray pretrain` end to end: real local Ray (2 CPU workers, gloo DDP), a real MLflow
+server on 127.0.0.1 with SQLite, real digits shards. Slow: marked, still run in CI."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.config import load_config
+from jobs.pretrain import fit
+from vit import load_checkpoint
+
+DEMO = Path(__file__).parent.parent / "jobs" / "configs" / "demo-pretrain.yaml"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield uri
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def config(tmp_path, uri, **sets):
+    overrides = {
+        "train.batch_size": 64,
+        "train.lr": 0.001,
+        "train.warmup_steps": 5,
+        "train.report_every": 5,
+        "run.storage_path": str(tmp_path / "runs"),
+        "mlflow.tracking_uri": uri,
+        "data.dataset": str(tmp_path.parent / "digits"),
+        **sets,
+    }
+    return load_config(DEMO, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    from pipeline.prepare import prepare
+
+    base = tmp_path_factory.mktemp("pre")
+    prepare("builtin:digits", base / "digits", progress=False)
+    return base
+
+
+def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflow_server):
+    from mlflow import MlflowClient
+
+    tmp = digits_dir / "run"
+    tmp.mkdir()
+    outcome = fit(config(tmp, mlflow_server, **{"train.max_steps": 150, "run.name": "two"}))
+    metrics = outcome.result.metrics
+    assert metrics["step"] == 150 and metrics["val_top1"] > 0.3  # chance is 0.1
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.batch_size"] == "64"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) >= 10 and losses[-1] < losses[0]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint/final")}
+    assert "checkpoint/final/model.safetensors" in artifacts
+    model = load_checkpoint(outcome.result.checkpoint.path, image_size=32)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_rerun_resumes_from_checkpoint_and_same_mlflow_run(ray_local, digits_dir, mlflow_server):
+    tmp = digits_dir / "resume"
+    tmp.mkdir()
+    first = fit(config(tmp, mlflow_server, **{"train.max_steps": 20, "run.name": "again"}))
+    assert first.result.metrics["step"] == 20
+    second = fit(config(tmp, mlflow_server, **{"train.max_steps": 30, "run.name": "again"}))
+    assert second.result.metrics["step"] == 30
+    assert second.mlflow_run_id == first.mlflow_run_id
+    from mlflow import MlflowClient
+
+    steps = [
+        m.step for m in MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "loss")
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step trained twice
+
+
+def test_unreachable_tracking_server_fails_at_start(tmp_path):
+    cfg = config(tmp_path, f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ConnectionError, match="not reachable"):
+        fit(cfg)
