@@ -38,6 +38,8 @@ class TrainSection(Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float = Field(1.0, ge=0, description="global norm; 0 = off")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="Beta alpha of mixup; 0 = off (DeiT: 0.8)")
+    cutmix: float = Field(0.0, ge=0, description="Beta alpha of CutMix; 0 = off (DeiT: 1.0)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     compile: bool = False
     report_every: int = Field(20, ge=1, description="steps between reports to Ray and MLflow")

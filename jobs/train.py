@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from jobs.config import JobConfig, TrainSection
+from jobs.mix import mix_batch
 from vit import ViT, save_checkpoint
 from vit.checkpoint import WEIGHTS_FILE, load_state_dict_checked
 
@@ -176,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     micro, accum = cfg.micro_batch, cfg.train.grad_accum
     use_bf16 = device.type == "cuda"
+    grid = unwrap(model).config.grid_size
 
     loss_sum = images = skipped = 0.0
     wait = 0.0
@@ -207,15 +209,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     model, torch.nn.parallel.DistributedDataParallel
                 )
                 context = model.no_sync() if not sync else torch.enable_grad()
+                weight = 1.0
+                if not ok.any():  # every rank must still run backward, or DDP hangs
+                    ok, weight = torch.ones_like(ok), 0.0
+                patches, labels = b["patches"][ok], b["label"][ok].clamp(min=0)
                 with context, torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                    logits = model(b["patches"])
-                    per_row = F.cross_entropy(
-                        logits,
-                        b["label"].clamp(min=0),
-                        reduction="none",
-                        label_smoothing=cfg.train.label_smoothing,
+                    patches, targets = mix_batch(
+                        unwrap(model).normalize(patches),
+                        labels,
+                        meta["num_classes"],
+                        grid,
+                        cfg.train.mixup,
+                        cfg.train.cutmix,
+                        cfg.train.label_smoothing,
                     )
-                    loss = (per_row * ok).sum() / max(int(ok.sum()), 1) / accum
+                    loss = weight * F.cross_entropy(model(patches), targets) / accum
                 loss.backward()
                 loss_sum += float(loss) * accum
                 images += len(ok)

@@ -183,8 +183,12 @@ class ViT(nn.Module):
                 f"{self.config.num_patches} (pass images to run at another size)"
             )
         if x.dtype == torch.uint8:
-            x = torch.addcmul(self.pixel_shift, x.float(), self.pixel_scale)
+            x = self.normalize(x)
         return x, self.config.grid_size
+
+    def normalize(self, patches: torch.Tensor) -> torch.Tensor:
+        """uint8 patches -> float patches normalised with the config's mean and std."""
+        return torch.addcmul(self.pixel_shift, patches.float(), self.pixel_scale)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         patches, grid = self.to_patches(x)
