@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs import info, pretrain
     from jobs.bench import data as bench_data
     from jobs.bench import model as bench_model
+    from jobs.bench import train as bench_train
     from jobs.convert import SOURCES, TARGETS
 
     parser = argparse.ArgumentParser(
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("data", help="Ray Data pipeline vs DataLoader vs one process")
     bench_data.add_arguments(p)
     p.set_defaults(func=bench_data.run)
+    p = bench_sub.add_parser("train", help="Ray-Data-fed vs in-memory training, Ray Train cost")
+    bench_train.add_arguments(p)
+    p.set_defaults(func=bench_train.run)
     return parser
 
 

@@ -20,6 +20,8 @@ from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
 from pipeline.dataset import build_dataset, describe_dataset
 
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo-pretrain.yaml"
+
 
 @dataclass
 class Outcome:
@@ -41,8 +43,17 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def fit(cfg: JobConfig, kind: str = "pretrain", init_weights: str | None = None) -> Outcome:
-    """Run (or resume) one training job; returns Ray's Result and the MLflow run id."""
+def fit(
+    cfg: JobConfig,
+    kind: str = "pretrain",
+    init_weights: str | None = None,
+    materialize: bool = False,
+) -> Outcome:
+    """Run (or resume) one training job; returns Ray's Result and the MLflow run id.
+
+    `materialize` decodes the datasets once into the object store (benchmarks: training
+    fed from memory, the same loop otherwise).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -61,6 +72,8 @@ def fit(cfg: JobConfig, kind: str = "pretrain", init_weights: str | None = None)
     }
     for ds in datasets.values():  # one line per report is the progress; no bars per epoch
         ds.context.enable_progress_bars = False
+    if materialize:
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     rows = info.split_rows.get("train")
     if not rows:
         raise ValueError(f"{cfg.data.dataset}: the train split size is unknown")

@@ -130,3 +130,36 @@ def test_unreachable_tracking_server_fails_at_start(tmp_path):
     cfg = config(tmp_path, f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionError, match="not reachable"):
         fit(cfg)
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, digits_dir, mlflow_server):
+    import threading
+
+    import psutil
+    from mlflow import MlflowClient
+
+    tmp = digits_dir / "kill"
+    tmp.mkdir()
+    cfg = config(tmp, mlflow_server, **{"train.max_steps": 60, "run.name": "kill"})
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(done=fit(cfg)))
+    thread.start()
+    run_dir = tmp / "runs" / "kill"
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoint_*/train_state.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].kill()  # SIGKILL, mid-run, after the first checkpoint
+    thread.join(timeout=600)
+    result = outcome["done"].result
+    assert result.metrics["step"] == 60  # the planned step count, not more, not less
+    runs = MlflowClient(mlflow_server).search_runs(
+        [MlflowClient(mlflow_server).get_experiment_by_name("vitray-demo").experiment_id],
+        filter_string="tags.`vitray.run_dir` = '" + str(run_dir) + "'",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -1,0 +1,103 @@
+"""`vitray bench train`: is training data-bound, and what does Ray Train cost per step?
+
+Three runs of the same model and batch, in one process:
+1. `vitray pretrain`'s loop fed by the Ray Data pipeline (decode + crop + patchify live);
+2. the same loop fed from the same data decoded once into memory (`materialize`);
+3. a plain single-process PyTorch loop over in-memory patches.
+data_bound_ratio = 1 / 2 (1.0: the pipeline keeps up); overhead = per-step time of 2 minus 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from jobs.bench.common import write_result
+from jobs.config import load_config
+from jobs.pretrain import DEFAULT_CONFIG, fit
+from vit import ViT
+
+
+def median_rate(outcome: Any) -> float:
+    """Median images/s over the run's reports (the first window holds the warm-up)."""
+    from mlflow import MlflowClient
+
+    history = MlflowClient(outcome.tracking_uri).get_metric_history(
+        outcome.mlflow_run_id, "images_per_s"
+    )
+    return statistics.median(m.value for m in history[1:] or history)
+
+
+def plain_loop(cfg: Any, num_classes: int, steps: int) -> float:
+    model = ViT(cfg.vit_config(num_classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    n, patch_dim = cfg.vit_config(num_classes).num_patches, cfg.vit_config(num_classes).patch_dim
+    x = torch.randint(0, 256, (cfg.train.batch_size, n, patch_dim), dtype=torch.uint8)
+    y = torch.randint(0, num_classes, (cfg.train.batch_size,))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return cfg.train.batch_size / statistics.median(times[2:] or times)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = [
+            f"data.dataset=builtin:photos?n={args.images}",
+            f"data.image_size={args.size}",
+            "data.hflip=true",
+            "data.crop_scale=[0.08, 1.0]",
+            "data.eval_crop_fraction=0.875",
+            f"model.preset={args.preset}",
+            f"train.batch_size={args.batch}",
+            f"train.max_steps={args.steps}",
+            "train.epochs=1000",
+            "train.report_every=5",
+            f"scaling.num_workers={args.workers}",
+            f"run.storage_path={tmp}/runs",
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+            "mlflow.experiment=bench",
+        ]
+        live = fit(load_config(DEFAULT_CONFIG, [*sets, "run.name=live"]))
+        memory = fit(load_config(DEFAULT_CONFIG, [*sets, "run.name=memory"]), materialize=True)
+        live_img_s, memory_img_s = median_rate(live), median_rate(memory)
+    cfg = load_config(DEFAULT_CONFIG, sets)
+    torch.set_num_threads(args.workers)
+    plain_img_s = plain_loop(cfg, 8, max(5, args.steps // 4))
+    step_ray = args.batch / memory_img_s
+    step_plain = args.batch / plain_img_s
+    return write_result(
+        {
+            "benchmark": "train",
+            "preset": args.preset,
+            "image_size": args.size,
+            "batch": args.batch,
+            "workers": args.workers,
+            "ray_data_img_s": round(live_img_s, 1),
+            "in_memory_img_s": round(memory_img_s, 1),
+            "plain_loop_img_s": round(plain_img_s, 1),
+            "data_bound_ratio": round(live_img_s / memory_img_s, 3),
+            "ray_train_overhead_s_per_step": round(step_ray - step_plain, 4),
+        },
+        args.json,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="ti/16")
+    parser.add_argument("--size", type=int, default=64, help="image size")
+    parser.add_argument("--images", type=int, default=2000, help="builtin:photos images")
+    parser.add_argument("--batch", type=int, default=64, help="global batch")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    parser.add_argument("--json", metavar="PATH", help="also write the result here")
