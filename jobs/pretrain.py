@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from jobs.config import JobConfig, load_config
+from jobs.mlflow_model import log_vit_model
 from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
 from pipeline.dataset import build_dataset, describe_dataset
@@ -120,21 +121,21 @@ def fit(
             ),
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        if run_id:
-            from mlflow import MlflowClient
+    if run_id is None:
+        return Outcome(cfg, trainer.fit(), None, uri)
+    import mlflow
 
-            MlflowClient(uri).set_terminated(run_id, "FAILED")
-        raise
-    if run_id:
+    mlflow.set_tracking_uri(uri)
+    # The driver's run context: system metrics of this node while training, the run marked
+    # FAILED if training raises, FINISHED after the outcome is logged.
+    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+        result = trainer.fit()
         log_outcome(cfg, result, run_id, uri)
     return Outcome(cfg, result, run_id, uri)
 
 
 def log_outcome(cfg: JobConfig, result: Any, run_id: str, uri: str) -> None:
-    """Driver-side MLflow: resolved config, final and best checkpoints, then FINISHED."""
+    """Driver-side MLflow: the resolved config, the final and the best checkpoints."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -147,8 +148,8 @@ def log_outcome(cfg: JobConfig, result: Any, run_id: str, uri: str) -> None:
         checkpoint, metrics = best[-1]
         with checkpoint.as_directory() as d:
             client.log_artifacts(run_id, d, "checkpoint/best")
+            log_vit_model(d)  # the best checkpoint, ready for the model registry
         client.set_tag(run_id, "best_val_top1", f"{metrics.get('val_top1', 0):.4f}")
-    client.set_terminated(run_id, "FINISHED")
 
 
 def summary(outcome: Outcome) -> None:

@@ -40,6 +40,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cluster_tags() -> dict[str, str]:
+    """Where the run ran: Ray job id, node count, GPUs (read on the driver)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = sorted({k for n in nodes for k in n["Resources"] if k.startswith("accelerator_type:")})
+    return {
+        "ray.job_id": ray.get_runtime_context().get_job_id(),
+        "ray.nodes": str(len(nodes)),
+        "ray.gpus": str(int(sum(n["Resources"].get("GPU", 0) for n in nodes))),
+        "gpu_type": ",".join(g.split(":", 1)[1] for g in gpus) or "none",
+    }
+
+
 def checkpointed_run_id(run_dir: str) -> str | None:
     """The MLflow run id stored in the latest local checkpoint of this run, if any."""
     import torch
@@ -79,6 +93,7 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
         RUN_DIR_TAG: run_dir,
         "vitray.kind": kind,
         "git_commit": git_commit(),
+        **cluster_tags(),
         "mlflow.runName": cfg.run.name,
     }
     run = client.create_run(experiment_id, tags=tags, run_name=cfg.run.name)

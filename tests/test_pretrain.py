@@ -102,10 +102,18 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
     run = client.get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.batch_size"] == "64"
+    assert run.data.tags["ray.nodes"] == "1" and run.data.tags["gpu_type"] == "none"
+    assert any(key.startswith("system/") for key in run.data.metrics)  # CPU, memory, ...
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) >= 10 and losses[-1] < losses[0]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint/final")}
     assert "checkpoint/final/model.safetensors" in artifacts
+    import mlflow.pyfunc
+    import numpy as np
+
+    logged = client.search_logged_models([run.info.experiment_id])
+    served = mlflow.pyfunc.load_model(logged[0].model_uri)  # registrable, safetensors inside
+    assert served.predict(np.zeros((2, 3, 16, 16), dtype=np.float32)).shape == (2, 10)
     model = load_checkpoint(outcome.result.checkpoint.path, image_size=32)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
