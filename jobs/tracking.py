@@ -7,7 +7,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from jobs.config import JobConfig, MlflowSection
+from jobs.config import JobConfig, MlflowSection, flatten
 
 RUN_DIR_TAG = "vitray.run_dir"
 
@@ -97,8 +97,6 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
         "mlflow.runName": cfg.run.name,
     }
     run = client.create_run(experiment_id, tags=tags, run_name=cfg.run.name)
-    from jobs.config import flatten
-
     params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
