@@ -24,6 +24,12 @@ def convert_command(args: argparse.Namespace) -> None:
         print(f"wrote {out}: vitray -> {args.target}")
 
 
+def tune_command(args: argparse.Namespace) -> None:
+    from jobs import tune
+
+    tune.run(args)
+
+
 def prepare_command(args: argparse.Namespace) -> None:
     from pipeline.prepare import prepare
 
@@ -98,6 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_arguments(p)
     p.set_defaults(func=pretrain.run)
 
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint at a new resolution (posemb interpolated, new head)",
+        description="Start from init.checkpoint (a vitray checkpoint directory, runs:/..., "
+        "models:/NAME/VERSION or models:/NAME@ALIAS, timm:PATH, hf:PATH, torchvision:PATH, "
+        "jax:PATH.npz), resize the position embeddings to data.image_size, log the resized "
+        "checkpoint to MLflow, then train as pretrain does.",
+    )
+    pretrain.add_arguments(p)
+    p.set_defaults(func=pretrain.run)
+
+    p = sub.add_parser(
+        "tune",
+        help="a Ray Tune search of fine-tunes (ASHA), best model registered in MLflow",
+        description="Sample the config keys in tune.space (loguniform, uniform, randint, "
+        "choice, grid), run each trial as a full training run, stop weak ones early (ASHA), "
+        "log a parent MLflow run with one nested run per trial, register the best checkpoint "
+        "as tune.register_as@tune.alias. Re-running the same command resumes the search.",
+    )
+    pretrain.add_arguments(p)
+    p.set_defaults(func=tune_command)
+
     bench = sub.add_parser("bench", help="benchmarks; results printed and written as JSON")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     p = bench_sub.add_parser("model", help="training step of our ViT vs timm's, same process")
@@ -120,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: exit 2
         print(f"vitray {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    except RuntimeError as e:  # the job ran and failed (a stalled search, no trial finished)
+        print(f"vitray {args.command}: failed: {e}", file=sys.stderr)
+        raise SystemExit(1) from e
 
 
 if __name__ == "__main__":

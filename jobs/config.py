@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.config import DataConfig
 from vit import ViTConfig
@@ -21,8 +28,22 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    preset: str = "micro/4"
+    preset: str | None = Field(None, description="e.g. s/16; fine-tunes take init.checkpoint's")
     overrides: dict[str, Any] = Field(default_factory=dict, description="ViTConfig fields")
+
+
+class InitSection(Section):
+    """Where a fine-tune starts: its architecture and weights come from this checkpoint."""
+
+    checkpoint: str | None = Field(
+        None,
+        description="a vitray checkpoint directory, runs:/<id>/<path>, models:/<name>/<version> "
+        "or models:/<name>@<alias>, or timm:PATH, hf:PATH, torchvision:PATH, jax:PATH.npz",
+    )
+    interpolation: Literal["timm", "hf", "big_vision", "torchvision"] = Field(
+        "timm", description="how the position embeddings are resized to the new grid"
+    )
+    keep_head: bool = Field(False, description="keep the classifier (same classes only)")
 
 
 class TrainSection(Section):
@@ -34,6 +55,7 @@ class TrainSection(Section):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
+    layer_decay: float = Field(1.0, gt=0, le=1, description="lr x decay^(depth - layer); 1 = off")
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_clip: float = Field(1.0, ge=0, description="global norm; 0 = off")
@@ -65,24 +87,61 @@ class MlflowSection(Section):
     tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else ./mlflow.db
 
 
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
+
+
+class TuneSection(Section):
+    """`vitray tune`: a search over config keys; each trial is a full training run."""
+
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="dotted config key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | "
+        "{randint: [lo, hi]} | {choice: [...]} | {grid: [...]}",
+    )
+    metric: str = "val_top1"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(4, ge=1, description="samples (x each grid point)")
+    max_concurrent: int = Field(2, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial gets")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: keep the top 1/rf per rung")
+    time_budget_s: float = Field(3600, gt=0, description="the whole search; then it stops")
+    stall_timeout_s: float = Field(600, gt=0, description="a running trial silent this long")
+    register_as: str | None = Field(None, description="MLflow registered model name")
+    alias: str = "champion"
+
+    @field_validator("space")
+    @classmethod
+    def _known_distributions(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for key, dist in space.items():
+            if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+                raise ValueError(f"{key}: expected one of {DISTRIBUTIONS} as the only key")
+            kind, args = next(iter(dist.items()))
+            if not isinstance(args, list) or not args:
+                raise ValueError(f"{key}: {kind} takes a list")
+            if kind in ("loguniform", "uniform", "randint") and len(args) != 2:
+                raise ValueError(f"{key}: {kind} takes [low, high]")
+        return space
+
+
 class JobConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
+    init: InitSection = Field(default_factory=InitSection)
     data: DataConfig
     train: TrainSection = Field(default_factory=TrainSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=RunSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
     smoke: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
-        vit = self.vit_config(num_classes=1)  # raises on bad model keys
-        h, w = self.data.size_hw
-        if h % vit.patch_size or w % vit.patch_size:
-            raise ValueError(
-                f"data.image_size {h}x{w} is not a multiple of the patch size {vit.patch_size} "
-                f"of model.preset {self.model.preset!r}"
-            )
+        if not (self.model.preset or self.init.checkpoint):
+            raise ValueError("set model.preset (pretraining) or init.checkpoint (fine-tuning)")
+        if self.model.preset:
+            self.check_patch(self.vit_config(num_classes=1).patch_size)  # raises on bad keys
         per_step = self.scaling.num_workers * self.train.grad_accum
         if self.train.batch_size % per_step:
             raise ValueError(
@@ -91,7 +150,15 @@ class JobConfig(Section):
             )
         return self
 
+    def check_patch(self, patch_size: int) -> None:
+        h, w = self.data.size_hw
+        if h % patch_size or w % patch_size:
+            raise ValueError(
+                f"data.image_size {h}x{w} is not a multiple of the model's patch size {patch_size}"
+            )
+
     def vit_config(self, num_classes: int) -> ViTConfig:
+        """The pretraining architecture: model.preset at data.image_size, plus overrides."""
         return ViTConfig.from_preset(
             self.model.preset,
             image_size=self.data.size_hw,
@@ -144,13 +211,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         if not sep:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         set_key(tree, key.strip(), yaml.safe_load(raw))
+    return validate_config(tree, str(path))
+
+
+def with_values(cfg: JobConfig, values: dict[str, Any]) -> JobConfig:
+    """`cfg` with dotted keys replaced (a Tune trial's sample), validated again."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        set_key(tree, key, value)
+    return validate_config(tree, f"trial {values}")
+
+
+def validate_config(tree: dict, origin: str) -> JobConfig:
     try:
         return JobConfig.model_validate(tree).shrunk()
     except ValidationError as e:
         lines = [
             f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()
         ]
-        raise ConfigError(f"invalid config {path}:\n  " + "\n  ".join(lines)) from e
+        raise ConfigError(f"invalid config {origin}:\n  " + "\n  ".join(lines)) from e
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

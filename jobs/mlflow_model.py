@@ -6,6 +6,8 @@ wrapper class is serialised by MLflow, never the weights.
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +31,30 @@ class ViTClassifier(mlflow.pyfunc.PythonModel):
             return self.model(torch.from_numpy(np.asarray(model_input))).numpy()
 
 
-def log_vit_model(checkpoint_dir: str | Path, name: str = "model") -> str:
-    """Log into the active run; returns the model URI (`models:/m-...`) to register."""
+def log_vit_model(
+    checkpoint_dir: str | Path, name: str = "model", preprocessing: dict | None = None
+) -> str:
+    """Log into the active run; returns the model URI (`models:/m-...`) to register.
+
+    `preprocessing` (how images become the model's input) is stored with the model as
+    preprocessing.json, next to the checkpoint's config.json."""
     config = read_checkpoint_meta(checkpoint_dir)["model"]
     h, w = config["image_size"]
     example = np.zeros((1, config["in_chans"], h, w), dtype=np.float32)
     model = load_checkpoint(checkpoint_dir).eval()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=ViTClassifier(),
-        artifacts={"checkpoint": str(checkpoint_dir)},
-        signature=infer_signature(example, output),
-        input_example=example,
-    )
+    artifacts = {"checkpoint": str(checkpoint_dir)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if preprocessing:
+            path = Path(tmp) / "preprocessing.json"
+            path.write_text(json.dumps(preprocessing, indent=2))
+            artifacts["preprocessing"] = str(path)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=ViTClassifier(),
+            artifacts=artifacts,
+            signature=infer_signature(example, output),
+            input_example=example,
+        )
     return info.model_uri

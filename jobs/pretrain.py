@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from typing import Any
 import yaml
 
 from jobs.config import JobConfig, load_config
+from jobs.finetune_init import Start, log_start, resized_start
 from jobs.mlflow_model import log_vit_model
 from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
 from pipeline.dataset import build_dataset, describe_dataset
+from vit import ViTConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo-pretrain.yaml"
 
@@ -30,6 +33,15 @@ class Outcome:
     result: Any  # ray.train.Result
     mlflow_run_id: str | None
     tracking_uri: str
+
+
+@dataclass
+class Plan:
+    """What the driver works out once: the architecture, the step counts, the worker meta."""
+
+    vit: ViTConfig
+    meta: dict[str, Any]
+    start: Start | None  # a fine-tune's resized starting checkpoint
 
 
 def storage_dir(cfg: JobConfig) -> str:
@@ -44,69 +56,67 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def fit(
-    cfg: JobConfig,
-    kind: str = "pretrain",
-    init_weights: str | None = None,
-    materialize: bool = False,
-) -> Outcome:
-    """Run (or resume) one training job; returns Ray's Result and the MLflow run id.
-
-    `materialize` decodes the datasets once into the object store (benchmarks: training
-    fed from memory, the same loop otherwise).
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    uri = tracking_uri(cfg.mlflow)
-    if cfg.mlflow.enabled:
-        check_reachable(uri)
+def make_plan(cfg: JobConfig, uri: str, workdir: str, start: Start | None = None) -> Plan:
+    """`start`: a fine-tune start already resized (Tune trials share the driver's)."""
     info = describe_dataset(cfg.data)
     num_classes = len(info.class_names or []) or None
     if not num_classes:
         raise ValueError(f"{cfg.data.dataset}: class names unknown; prepare it with vitray prepare")
-    vit = cfg.vit_config(num_classes)
-    ensure_ray()
+    if cfg.init.checkpoint and start is None:
+        start = resized_start(cfg, num_classes, info.class_names, uri, workdir)
+    vit = start.config if start is not None else cfg.vit_config(num_classes)
+    rows = info.split_rows.get("train")
+    if not rows:
+        raise ValueError(f"{cfg.data.dataset}: the train split size is unknown")
+    steps_per_epoch = max(
+        1, rows // cfg.scaling.num_workers // cfg.micro_batch // cfg.train.grad_accum
+    )
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    meta = {
+        "vit": vit.to_dict(),
+        "num_classes": num_classes,
+        "class_names": info.class_names,
+        "train_rows": rows,
+        "splits": sorted(info.split_rows),
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "tracking_uri": uri,
+        "mlflow_run_id": None,
+        "init_weights": None,
+    }
+    return Plan(vit, meta, start)
+
+
+def build_datasets(cfg: JobConfig, plan: Plan, materialize: bool = False) -> dict[str, Any]:
     datasets = {
-        "train": build_dataset(cfg.data, "train", vit.patch_size, num_classes),
-        "val": build_dataset(cfg.data, "val", vit.patch_size, num_classes),
+        split: build_dataset(cfg.data, split, plan.vit.patch_size, plan.meta["num_classes"])
+        for split in ("train", "val")
     }
     for ds in datasets.values():  # one line per report is the progress; no bars per epoch
         ds.context.enable_progress_bars = False
     if materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    rows = info.split_rows.get("train")
-    if not rows:
-        raise ValueError(f"{cfg.data.dataset}: the train split size is unknown")
-    workers, micro = cfg.scaling.num_workers, cfg.micro_batch
-    steps_per_epoch = max(1, rows // workers // micro // cfg.train.grad_accum)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
-    run_id = open_run(cfg, uri, run_dir, kind) if cfg.mlflow.enabled else None
-    print(
-        f"{kind}: {rows} train images, {workers} worker(s) x {micro} x {cfg.train.grad_accum} "
-        f"accum, {steps_per_epoch} steps/epoch, {total_steps} steps; checkpoints in {run_dir}",
-        flush=True,
-    )
-    meta = {
-        "num_classes": num_classes,
-        "class_names": info.class_names,
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "mlflow_run_id": run_id,
-        "tracking_uri": uri,
-        "init_weights": init_weights,
-    }
+    return datasets
+
+
+def build_trainer(
+    cfg: JobConfig, plan: Plan, datasets: dict[str, Any], callbacks: list | None = None
+) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "meta": meta},
+        train_loop_config={"job": cfg.model_dump(mode="json"), "meta": plan.meta},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
@@ -119,8 +129,40 @@ def fit(
                 checkpoint_score_attribute="val_top1",
                 checkpoint_score_order="max",
             ),
+            callbacks=callbacks,
         ),
     )
+
+
+def fit(cfg: JobConfig, kind: str = "pretrain", materialize: bool = False) -> Outcome:
+    """Run (or resume) one training job; returns Ray's Result and the MLflow run id.
+
+    `materialize` decodes the datasets once into the object store (benchmarks: training
+    fed from memory, the same loop otherwise).
+    """
+    import ray
+
+    uri = tracking_uri(cfg.mlflow)
+    if cfg.mlflow.enabled:
+        check_reachable(uri)
+    run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
+    plan = make_plan(cfg, uri, workdir=run_dir if "://" not in run_dir else tempfile.mkdtemp())
+    ensure_ray()
+    datasets = build_datasets(cfg, plan, materialize)
+    run_id = open_run(cfg, uri, run_dir, kind) if cfg.mlflow.enabled else None
+    plan.meta["mlflow_run_id"] = run_id
+    if plan.start is not None:
+        plan.meta["init_weights"] = ray.put(plan.start.state)
+        if run_id:
+            log_start(plan.start, run_id, uri)
+    workers, micro = cfg.scaling.num_workers, cfg.micro_batch
+    print(
+        f"{kind}: {plan.meta['train_rows']} train images, {workers} worker(s) x {micro} x "
+        f"{cfg.train.grad_accum} accum, {plan.meta['steps_per_epoch']} steps/epoch, "
+        f"{plan.meta['total_steps']} steps; checkpoints in {run_dir}",
+        flush=True,
+    )
+    trainer = build_trainer(cfg, plan, datasets)
     if run_id is None:
         return Outcome(cfg, trainer.fit(), None, uri)
     import mlflow
@@ -164,8 +206,11 @@ def summary(outcome: Outcome) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
+    kind = args.command
+    if kind == "finetune" and not cfg.init.checkpoint:
+        raise ValueError("finetune needs init.checkpoint (--set init.checkpoint=REF)")
     print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
-    summary(fit(cfg))
+    summary(fit(cfg, kind))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

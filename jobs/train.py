@@ -1,15 +1,19 @@
-"""The training loop every worker runs: pretraining and fine-tuning share it.
+"""The training loop: pretraining, fine-tuning and every Tune trial share it.
 
-Ray Train calls `train_loop_per_worker(config)` on each worker. Datasets are built on the
-driver; each worker streams its split. Rank 0 alone logs metrics to MLflow and writes
-checkpoints; every rank seeds itself and reports every `report_every` steps.
+`run_training` takes a `Runner`, the few things that differ between where it runs: Ray
+Train calls `train_loop_per_worker(config)` on each worker (datasets built on the driver,
+one shard per worker, DDP); a single-worker Tune trial runs the loop in the trial itself
+(see jobs/tune.py). Rank 0 alone logs metrics to MLflow and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +26,49 @@ from safetensors.torch import load_file
 
 from jobs.config import JobConfig, TrainSection
 from jobs.mix import mix_batch
-from vit import ViT, save_checkpoint
+from vit import ViT, ViTConfig, save_checkpoint
 from vit.checkpoint import WEIGHTS_FILE, load_state_dict_checked
 
 TRAIN_STATE = "train_state.pt"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decoupled weight decay on matrices only: not on norms, biases, tokens, posemb."""
-    decay, no_decay = [], []
+def layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
+    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(
+    model: ViT, weight_decay: float, lr: float, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """Decoupled weight decay on matrices only (not norms, biases, tokens, posemb), and
+    layer-wise lr decay (BEiT/timm): lr x layer_decay^(depth + 1 - layer)."""
+    depth = model.config.depth
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
-        (no_decay if skip else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decays = p.ndim > 1 and not name.endswith(("pos_embed", "cls_token"))
+        layer = layer_id(name, depth) if layer_decay < 1 else depth + 1
+        group = groups.setdefault(
+            (layer, decays),
+            {
+                "params": [],
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr": lr * layer_decay ** (depth + 1 - layer),
+            },
+        )
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(
-    model: torch.nn.Module, t: TrainSection, total_steps: int
+    model: ViT, t: TrainSection, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, t.lr, t.layer_decay)
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
     else:
@@ -105,9 +128,8 @@ def evaluate(model: torch.nn.Module, shard: Any, batch: int, device: torch.devic
     }
 
 
-def restore(model: ViT, optimizer, scheduler) -> int:
-    """Resume from Ray Train's latest checkpoint, if any; returns the step reached."""
-    checkpoint = ray.train.get_checkpoint()
+def restore(model: ViT, optimizer, scheduler, checkpoint: Any) -> int:
+    """Resume from the runner's latest checkpoint, if any; returns the step reached."""
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
@@ -155,29 +177,63 @@ def format_eta(seconds: float) -> str:
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
+@dataclass
+class Runner:
+    """Where the loop runs: what it reads, where it reports, what it resumes from."""
+
+    rank: int
+    device: torch.device
+    train: Any  # a Ray DataIterator or Dataset: anything with iter_torch_batches
+    val: Any
+    report: Callable[[dict[str, Any], Any], None]  # (metrics, checkpoint or None)
+    make_checkpoint: Callable[[str], Any]  # a directory -> the runner's Checkpoint
+    checkpoint: Any  # the checkpoint to resume from, or None
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    epoch_reports_only: bool = False  # Tune schedulers compare val_top1 at every report
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker."""
+    runner = Runner(
+        rank=ray.train.get_context().get_world_rank(),
+        device=ray.train.torch.get_device(),
+        train=ray.train.get_dataset_shard("train"),
+        val=ray.train.get_dataset_shard("val"),
+        report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+        make_checkpoint=ray.train.Checkpoint.from_directory,
+        checkpoint=ray.train.get_checkpoint(),
+        prepare_model=ray.train.torch.prepare_model,
+    )
+    run_training(config, runner)
+
+
+def initial_weights(meta: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The fine-tune's starting weights: put in the object store once by the driver."""
+    init = meta.get("init_weights")
+    return ray.get(init) if isinstance(init, ray.ObjectRef) else init
+
+
+def run_training(config: dict[str, Any], runner: Runner) -> None:
     cfg = JobConfig.model_validate(config["job"])
     meta = config["meta"]
     total_steps, steps_per_epoch = meta["total_steps"], meta["steps_per_epoch"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, device = runner.rank, runner.device
     torch.manual_seed(cfg.train.seed + rank)
-    device = ray.train.torch.get_device()
 
-    model = ViT(cfg.vit_config(meta["num_classes"]))
-    if meta.get("init_weights"):
-        load_state_dict_checked(model, load_file(meta["init_weights"]))
+    model = ViT(ViTConfig.from_dict(meta["vit"]))
+    init = initial_weights(meta)
+    if init is not None:
+        load_state_dict_checked(model, init)
     optimizer, scheduler = build_optimizer(model, cfg.train, total_steps)
-    step = restore(model, optimizer, scheduler)
-    model = ray.train.torch.prepare_model(model)
+    step = restore(model, optimizer, scheduler, runner.checkpoint)
+    model = runner.prepare_model(model.to(device))
     if cfg.train.compile:
         model = torch.compile(model)
     log = MetricsLog(meta.get("tracking_uri"), meta.get("mlflow_run_id") if rank == 0 else None)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     micro, accum = cfg.micro_batch, cfg.train.grad_accum
     use_bf16 = device.type == "cuda"
     grid = unwrap(model).config.grid_size
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     loss_sum = images = skipped = 0.0
     wait = 0.0
@@ -186,7 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     while step < total_steps:
         batches = iter(
-            train_shard.iter_torch_batches(
+            runner.train.iter_torch_batches(
                 batch_size=micro,
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 drop_last=True,
@@ -205,10 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     break
                 ok = b["ok"]
                 skipped += float((~ok).sum())
-                sync = i == accum - 1 or not isinstance(
-                    model, torch.nn.parallel.DistributedDataParallel
-                )
-                context = model.no_sync() if not sync else torch.enable_grad()
+                sync = i == accum - 1 or not ddp
+                context = contextlib.nullcontext() if sync else model.no_sync()
                 weight = 1.0
                 if not ok.any():  # every rank must still run backward, or DDP hangs
                     ok, weight = torch.ones_like(ok), 0.0
@@ -243,30 +297,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "step": step,
                     "epoch": step / steps_per_epoch,
                     "loss": loss_total / max(images_total / micro, 1),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": scheduler.get_last_lr()[-1],
                     "images_per_s": images_total / elapsed,
                     "data_wait_fraction": wait / elapsed,
                     "skipped_images": skipped_total,
                 }
-                checkpoint = None
                 if end_of_epoch:
-                    metrics.update(evaluate(model, val_shard, micro, device))
-                with tempfile.TemporaryDirectory() as tmp:
-                    if end_of_epoch and rank == 0:
-                        checkpoint = ray.train.Checkpoint.from_directory(
-                            save(unwrap(model), optimizer, scheduler, step, meta, Path(tmp))
-                        )
-                    if rank == 0:
-                        log.log(metrics, step)
-                        rate = (step - start_step) / (time.perf_counter() - run_start)
-                        eta = format_eta((total_steps - step) / max(rate, 1e-9))
-                        extra = f" val_top1 {metrics['val_top1']:.4f}" if end_of_epoch else ""
-                        print(
-                            f"step {step}/{total_steps} epoch {metrics['epoch']:.2f} "
-                            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                            f"{metrics['images_per_s']:.0f} img/s ETA {eta}{extra}",
-                            flush=True,
-                        )
-                    ray.train.report(metrics, checkpoint=checkpoint)
+                    metrics.update(evaluate(model, runner.val, micro, device))
+                if rank == 0:
+                    log.log(metrics, step)
+                    rate = (step - start_step) / (time.perf_counter() - run_start)
+                    eta = format_eta((total_steps - step) / max(rate, 1e-9))
+                    extra = f" val_top1 {metrics['val_top1']:.4f}" if end_of_epoch else ""
+                    print(
+                        f"step {step}/{total_steps} epoch {metrics['epoch']:.2f} "
+                        f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                        f"{metrics['images_per_s']:.0f} img/s ETA {eta}{extra}",
+                        flush=True,
+                    )
+                if end_of_epoch or not runner.epoch_reports_only:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        checkpoint = None
+                        if end_of_epoch and rank == 0:
+                            out = save(unwrap(model), optimizer, scheduler, step, meta, Path(tmp))
+                            checkpoint = runner.make_checkpoint(str(out))
+                        runner.report(metrics, checkpoint)
                 loss_sum = images = skipped = wait = 0.0
                 window_start = time.perf_counter()

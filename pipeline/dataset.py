@@ -221,4 +221,17 @@ def build_dataset(
         batch_format="numpy",
         batch_size=1,
         num_cpus=cfg.cpus_per_task,
+        **placement_args(),
     )
+
+
+def placement_args() -> dict[str, Any]:
+    """Inside a placement group (a Tune trial), keep the data tasks in it. Ray Data
+    schedules with SPREAD otherwise, outside the group, where a small node has no CPU left
+    and the trial waits forever."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return {}
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)}

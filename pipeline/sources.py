@@ -244,4 +244,4 @@ def source_items(spec: str) -> tuple[Iterator[Item] | list[Item], list[str] | No
 
 def data_home() -> Path:
     """Where built-in datasets are prepared on first use: $VITRAY_DATA or ./data."""
-    return Path(os.environ.get("VITRAY_DATA", "data"))
+    return Path(os.environ.get("VITRAY_DATA", "data")).resolve()

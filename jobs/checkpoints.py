@@ -1,0 +1,57 @@
+"""Checkpoint references: anything a user may point `init.checkpoint` at, made local.
+
+A vitray checkpoint directory; an MLflow URI (`runs:/<id>/checkpoint/best`,
+`models:/<name>/<version>`, `models:/<name>@<alias>`, a logged model or its run path);
+or foreign weights as `FORMAT:PATH` (timm, hf, torchvision, jax), converted on the way.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from vit import ViT, load_checkpoint
+from vit.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+FOREIGN_FORMATS = ("timm", "hf", "torchvision", "jax")
+
+
+def find_checkpoint_dir(root: Path) -> Path:
+    """The vitray checkpoint inside a downloaded tree (an MLflow model keeps it under
+    artifacts/checkpoint)."""
+    for config in sorted(root.rglob(CONFIG_FILE), key=lambda p: len(p.parts)):
+        if (config.parent / WEIGHTS_FILE).is_file():
+            return config.parent
+    raise FileNotFoundError(f"no vitray checkpoint ({WEIGHTS_FILE} + {CONFIG_FILE}) in {root}")
+
+
+def fetch_checkpoint(ref: str, tracking_uri: str | None = None, workdir: str | None = None) -> Path:
+    """A local vitray checkpoint directory for `ref`, downloading or converting as needed."""
+    workdir = workdir or tempfile.mkdtemp(prefix="vitray-init-")
+    if ref.startswith(MLFLOW_SCHEMES):
+        import mlflow.artifacts
+
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=ref, dst_path=workdir, tracking_uri=tracking_uri
+        )
+        return find_checkpoint_dir(Path(local))
+    fmt, sep, path = ref.partition(":")
+    if sep and fmt in FOREIGN_FORMATS:
+        from jobs.convert import import_weights
+
+        out = Path(workdir) / "converted"
+        import_weights(fmt, Path(path), out)
+        return out
+    directory = Path(ref)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"init.checkpoint {ref!r}: not a vitray checkpoint directory, an MLflow URI "
+            f"({', '.join(MLFLOW_SCHEMES)}) or FORMAT:PATH with FORMAT in {FOREIGN_FORMATS}"
+        )
+    return directory
+
+
+def load_any(ref: str, tracking_uri: str | None = None, **kwargs) -> ViT:
+    """`load_checkpoint` for any reference: `load_any("models:/digits@champion")`."""
+    return load_checkpoint(fetch_checkpoint(ref, tracking_uri), **kwargs)

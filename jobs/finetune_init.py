@@ -1,0 +1,84 @@
+"""A fine-tune's starting point: the source checkpoint at the new resolution, new head.
+
+The paper's recipe (section 3.2): keep the patch size, so the sequence grows; 2-D
+interpolate the learned position embeddings to the new grid; replace the head with a
+zero-initialised one for the new classes. The resized checkpoint is written and logged to
+MLflow before training, tagged with where it came from, so the start is inspectable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from jobs.checkpoints import fetch_checkpoint
+from jobs.config import JobConfig
+from vit import ViTConfig, load_checkpoint, read_checkpoint_meta, save_checkpoint
+
+INIT_ARTIFACT = "init_checkpoint"
+
+
+@dataclass
+class Start:
+    config: ViTConfig  # the architecture trained from here on
+    state: dict[str, torch.Tensor]
+    directory: Path  # the resized checkpoint, as written
+    tags: dict[str, str]
+
+
+def grid_text(config: ViTConfig) -> str:
+    return "x".join(map(str, config.grid_size))
+
+
+def resized_start(
+    cfg: JobConfig, num_classes: int, class_names: list[str] | None, uri: str, workdir: str
+) -> Start:
+    """Fetch `init.checkpoint`, resize it to `data.image_size`, fit the head to the data."""
+    source_dir = fetch_checkpoint(cfg.init.checkpoint, uri, f"{workdir}/source")
+    source_meta = read_checkpoint_meta(source_dir)
+    source = ViTConfig.from_dict(source_meta["model"])
+    cfg.check_patch(source.patch_size)
+    same_classes = source_meta.get("class_names") == class_names
+    if cfg.init.keep_head and not same_classes:
+        raise ValueError(
+            "init.keep_head: the checkpoint's classes differ from the dataset's; a new head "
+            "is needed (set init.keep_head=false)"
+        )
+    model = load_checkpoint(
+        source_dir,
+        image_size=cfg.data.size_hw,
+        num_classes=num_classes,
+        interpolation=cfg.init.interpolation,
+    )
+    if not cfg.init.keep_head:  # the paper: a zero-initialised head, even for equal classes
+        model.reset_head(num_classes)
+    config = model.config.replace(**cfg.model.overrides)  # e.g. drop_path for the fine-tune
+    directory = save_checkpoint(model, Path(workdir) / "init", class_names=class_names)
+    tags = {
+        "vitray.init.source": cfg.init.checkpoint,
+        "vitray.init.old_grid": grid_text(source),
+        "vitray.init.new_grid": grid_text(config),
+        "vitray.init.interpolation": cfg.init.interpolation,
+        "vitray.init.head": "kept" if cfg.init.keep_head else "new, zero-initialised",
+    }
+    print(
+        f"fine-tune start: {cfg.init.checkpoint} grid {tags['vitray.init.old_grid']} -> "
+        f"{tags['vitray.init.new_grid']} ({cfg.init.interpolation}), head "
+        f"{tags['vitray.init.head']}",
+        flush=True,
+    )
+    return Start(config, model.state_dict(), Path(directory), tags)
+
+
+def log_start(start: Start, run_id: str, uri: str) -> None:
+    """The resized checkpoint as its own artifact, once per run (not again on resume)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).data.tags.get("vitray.init.source"):
+        return
+    client.log_artifacts(run_id, str(start.directory), INIT_ARTIFACT)
+    for key, value in start.tags.items():
+        client.set_tag(run_id, key, value)

@@ -1,0 +1,340 @@
+"""`vitray tune --config ...`: a Ray Tune search over fine-tunes (or pretraining runs).
+
+Each trial is a full training run of the shared loop (jobs/train.py). A single-worker
+trial runs the loop in the trial itself: on Ray 2.60, trials that build a TorchTrainer and
+get stopped early by ASHA leak their worker resources and the next trial waits forever
+(FIELD-NOTES), while plain function trials release everything when stopped. A trial that
+asks for several workers builds a TorchTrainer whose workers are counted in the trial's
+resources. Ray Data tasks of a trial run inside the trial's placement group, in a bundle
+of their own, so data and training never wait on each other.
+
+MLflow: one parent run for the search, one nested run per trial, the best checkpoint
+registered with an alias. A watchdog stops the search when its time budget is spent or a
+running trial goes silent, and names that trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.tune import Callback, Stopper
+
+from jobs.config import JobConfig, flatten, load_config, with_values
+from jobs.pretrain import Plan, build_datasets, build_trainer, ensure_ray, make_plan, storage_dir
+from jobs.tracking import check_reachable, open_run, tracking_uri
+from jobs.train import Runner, run_training
+from pipeline.dataset import ensure_prepared
+
+TRIAL_RUN_KEY = "mlflow_run_id"  # reported by every trial, so the driver can find its run
+
+
+def absolute(path: str) -> str:
+    """Trials run in their own directories: local paths go to them absolute."""
+    return path if "://" in path or not Path(path).exists() else str(Path(path).resolve())
+
+
+def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """YAML distributions -> Ray Tune's, keyed by the dotted config key."""
+    from ray import tune
+
+    make = {
+        "loguniform": lambda a: tune.loguniform(*a),
+        "uniform": lambda a: tune.uniform(*a),
+        "randint": lambda a: tune.randint(a[0], a[1] + 1),  # YAML's [lo, hi] is inclusive
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return {key: make[kind](args) for key, dist in space.items() for kind, args in dist.items()}
+
+
+def trial_resources(cfg: JobConfig) -> Any:
+    """The trial's placement group: the trainer (or its workers), then one data bundle."""
+    from ray import tune
+
+    worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    data = {"CPU": cfg.data.cpus_per_task}
+    if cfg.scaling.num_workers == 1:
+        return tune.PlacementGroupFactory([worker, data])
+    return tune.PlacementGroupFactory([{"CPU": 0}] + [worker] * cfg.scaling.num_workers + [data])
+
+
+@dataclass
+class Watchdog:
+    """Tracks the last sign of life of every running trial, for the stopper below."""
+
+    budget_s: float
+    stall_s: float
+    started: float = field(default_factory=time.monotonic)
+    alive: dict[str, float] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None
+    stalled: str | None = None
+
+    def reset(self, budget_s: float, stall_s: float) -> None:
+        self.budget_s, self.stall_s, self.started = budget_s, stall_s, time.monotonic()
+        self.alive, self.names, self.reason, self.stalled = {}, {}, None, None
+
+    def check(self) -> bool:
+        now = time.monotonic()
+        if now - self.started > self.budget_s:
+            self.reason = f"time budget of {self.budget_s:.0f} s spent"
+            return True
+        for trial_id, seen in self.alive.items():
+            if now - seen > self.stall_s:
+                self.stalled = self.names.get(trial_id, trial_id)
+                self.reason = f"trial {self.stalled} reported nothing for {now - seen:.0f} s"
+                return True
+        return False
+
+
+# The driver's watchdog. Tune pickles its callbacks and stopper with the experiment (and
+# unpickles them on restore), so the two hooks look the watchdog up instead of holding it.
+WATCHDOG = Watchdog(budget_s=float("inf"), stall_s=float("inf"))
+
+
+class WatchdogFeed(Callback):
+    def on_trial_start(self, iteration, trials, trial, **info):
+        WATCHDOG.alive[trial.trial_id] = time.monotonic()
+        WATCHDOG.names[trial.trial_id] = f"{trial.trial_id} {trial.config}"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        WATCHDOG.alive[trial.trial_id] = time.monotonic()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        WATCHDOG.alive.pop(trial.trial_id, None)
+
+    on_trial_error = on_trial_complete
+
+
+class WatchdogStop(Stopper):
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return WATCHDOG.check()
+
+
+class SearchStopped(RuntimeError):
+    """The watchdog stopped the search: a trial stalled."""
+
+
+def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) -> str:
+    """The trial's nested run: the one its checkpoint names when resumed, else a new one."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    run = client.create_run(
+        parent.info.experiment_id,
+        run_name=trial_name,
+        tags={"mlflow.parentRunId": parent_id, "vitray.kind": "tune-trial"},
+    )
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run.info.run_id
+
+
+def checkpoint_run_id(checkpoint: Any) -> str | None:
+    import torch
+
+    from jobs.train import TRAIN_STATE
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / TRAIN_STATE, weights_only=True).get("mlflow_run_id") or None
+
+
+def run_trial(sample: dict[str, Any], base: dict, parent_id: str | None, uri: str, start) -> None:
+    """One Tune trial: the base config with this trial's sample, trained to the end or
+    until the scheduler stops it."""
+    import torch
+    from ray import tune
+
+    cfg = with_values(JobConfig.model_validate(base), sample)
+    context = tune.get_context()
+    checkpoint = tune.get_checkpoint()
+    plan = make_plan(cfg, uri, workdir="", start=start)
+    run_id = None
+    if parent_id:
+        run_id = checkpoint_run_id(checkpoint) or open_trial_run(
+            cfg, uri, parent_id, context.get_trial_name()
+        )
+    plan.meta.update(mlflow_run_id=run_id, init_weights=start.state if start else None)
+    datasets = build_datasets(cfg, plan)
+    if cfg.scaling.num_workers > 1:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        cfg = with_values(cfg, {"run.name": f"{cfg.run.name}/{context.get_trial_id()}"})
+        build_trainer(cfg, plan, datasets, callbacks=[TuneReportCallback()]).fit()
+        return
+    use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+    runner = Runner(
+        rank=0,
+        device=torch.device("cuda" if use_gpu else "cpu"),
+        train=datasets["train"],
+        val=datasets["val"],
+        report=lambda metrics, ckpt: tune.report(
+            {**metrics, TRIAL_RUN_KEY: run_id}, checkpoint=ckpt
+        ),
+        make_checkpoint=tune.Checkpoint.from_directory,
+        checkpoint=checkpoint,
+        epoch_reports_only=True,
+    )
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    run_training({"job": cfg.model_dump(mode="json"), "meta": plan.meta}, runner)
+
+
+def build_tuner(cfg: JobConfig, trainable: Any) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = cfg.tune
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.train.epochs,
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+        )
+        if t.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    search_alg = None
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=cfg.train.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(t.space),
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode=t.mode,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=t.num_samples,
+            max_concurrent_trials=t.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_dir(cfg),
+            stop=WatchdogStop(),
+            callbacks=[WatchdogFeed()],
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=cfg.run.num_to_keep,
+                checkpoint_score_attribute=t.metric,
+                checkpoint_score_order=t.mode,
+            ),
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+
+
+@dataclass
+class SearchOutcome:
+    config: JobConfig
+    results: Any  # ray.tune.ResultGrid
+    parent_run_id: str | None
+    best_run_id: str | None
+    best_checkpoint: Any
+    best_metric: float
+    stopped_because: str | None
+    tracking_uri: str
+    registered: Any = None  # mlflow ModelVersion
+
+
+def search(cfg: JobConfig) -> SearchOutcome:
+    """Run (or resume) the search in `cfg.tune`; returns the best trial and its run."""
+    from ray import tune
+
+    if not cfg.tune.space:
+        raise ValueError("tune.space is empty: name at least one config key to search")
+    uri = tracking_uri(cfg.mlflow)
+    if cfg.mlflow.enabled:
+        check_reachable(uri)
+    cfg = with_values(cfg, {"data.dataset": absolute(ensure_prepared(cfg.data.dataset))})
+    run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
+    plan = make_plan(cfg, uri, workdir=f"{run_dir}-init" if "://" not in run_dir else "")
+    ensure_ray()
+    parent_id = open_run(cfg, uri, run_dir, "tune") if cfg.mlflow.enabled else None
+    if parent_id and plan.start is not None:
+        from jobs.finetune_init import log_start
+
+        log_start(plan.start, parent_id, uri)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=cfg.model_dump(mode="json"),
+            parent_id=parent_id,
+            uri=uri,
+            start=plan.start,  # in the object store once, shared by every trial
+        ),
+        trial_resources(cfg),
+    )
+    WATCHDOG.reset(cfg.tune.time_budget_s, cfg.tune.stall_timeout_s)
+    if tune.Tuner.can_restore(run_dir):
+        print(f"resuming the search in {run_dir}", flush=True)
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
+    else:
+        tuner = build_tuner(cfg, trainable)
+    print(
+        f"tune: {cfg.tune.num_samples} sample(s) of {sorted(cfg.tune.space)}, "
+        f"{cfg.tune.scheduler} scheduler, {cfg.tune.search} search, "
+        f"{cfg.tune.max_concurrent} at a time, budget {cfg.tune.time_budget_s:.0f} s",
+        flush=True,
+    )
+    results = tuner.fit()
+    return finish(cfg, plan, results, parent_id, uri, WATCHDOG)
+
+
+def finish(
+    cfg: JobConfig, plan: Plan, results: Any, parent_id: str | None, uri: str, dog: Watchdog
+) -> SearchOutcome:
+    t = cfg.tune
+    finished = [r for r in results if r.metrics and t.metric in r.metrics]
+    if dog.stalled:
+        raise SearchStopped(f"the search stopped: {dog.reason}")
+    if not finished:
+        errors = [str(r.error) for r in results if r.error]
+        raise RuntimeError(f"no trial reported {t.metric}; errors: {errors[:3]}")
+    best = results.get_best_result(t.metric, t.mode, scope="all")
+    best_checkpoint = best.get_best_checkpoint(t.metric, t.mode) or best.checkpoint
+    value = max(
+        (r[t.metric] for r in best.metrics_dataframe.to_dict("records") if t.metric in r),
+        default=best.metrics[t.metric],
+    )
+    outcome = SearchOutcome(
+        cfg,
+        results,
+        parent_id,
+        best.metrics.get(TRIAL_RUN_KEY),
+        best_checkpoint,
+        value,
+        dog.reason,
+        uri,
+    )
+    if dog.reason:
+        print(f"search stopped early: {dog.reason}; best of the trials so far", flush=True)
+    if parent_id:
+        from jobs.search_report import log_search
+
+        log_search(outcome, plan)
+    return outcome
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.set)
+    print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
+    outcome = search(cfg)
+    print(f"best {cfg.tune.metric}: {outcome.best_metric:.4f} (MLflow run {outcome.best_run_id})")
+    if outcome.registered is not None:
+        v = outcome.registered
+        print(f"registered models:/{v.name}/{v.version} (alias @{cfg.tune.alias})")
