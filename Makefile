@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The embedded default: a local Ray and the MLflow store ./mlflow.db. Ray Train's
-# controller polls every 2 s by default; each report waits for it, so a CPU demo polls faster.
+# The embedded default: a local Ray and the MLflow store ./mlflow.db (or MLFLOW_TRACKING_URI).
+# Ray Train's controller polls every 2 s by default; each report waits for it, so a CPU
+# demo polls faster.
 demo: $(STAMP)
-	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(BIN)/vitray pretrain --config jobs/configs/demo-pretrain.yaml
-	@echo "Browse the run: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000"
+	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(BIN)/vitray demo
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q tests

@@ -45,8 +45,9 @@ def prepare_command(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import info, pretrain
+    from jobs import demo, info, pretrain
     from jobs.bench import data as bench_data
+    from jobs.bench import finetune as bench_finetune
     from jobs.bench import model as bench_model
     from jobs.bench import train as bench_train
     from jobs.convert import SOURCES, TARGETS
@@ -116,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=pretrain.run)
 
     p = sub.add_parser(
+        "demo",
+        help="prepare digits, pretrain at 16 px, tune fine-tunes at 32 px, register the best",
+        description="The paper's recipe end to end on scikit-learn's real digits with a "
+        "local Ray and the local MLflow store (or MLFLOW_TRACKING_URI): what `make demo` runs.",
+    )
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+
+    p = sub.add_parser(
         "tune",
         help="a Ray Tune search of fine-tunes (ASHA), best model registered in MLflow",
         description="Sample the config keys in tune.space (loguniform, uniform, randint, "
@@ -134,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("data", help="Ray Data pipeline vs DataLoader vs one process")
     bench_data.add_arguments(p)
     p.set_defaults(func=bench_data.run)
+    p = bench_sub.add_parser(
+        "finetune", help="posemb interpolated vs re-initialised vs scratch, at equal budget"
+    )
+    bench_finetune.add_arguments(p)
+    p.set_defaults(func=bench_finetune.run)
     p = bench_sub.add_parser("train", help="Ray-Data-fed vs in-memory training, Ray Train cost")
     bench_train.add_arguments(p)
     p.set_defaults(func=bench_train.run)

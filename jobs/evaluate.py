@@ -13,9 +13,10 @@ from vit import ViT, load_checkpoint
 
 
 def predict_split(
-    model: ViT, data: DataConfig, split: str, batch_size: int = 256
+    model: ViT, data: DataConfig, split: str, batch_size: int = 256, pre_logits: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Logits and labels of every good row of `split` (eval transforms), in one process."""
+    """Logits (or pre-logits features) and labels of every good row of `split` (eval
+    transforms), in this process."""
     ds = build_dataset(data, split, model.config.patch_size, model.config.num_classes)
     ds.context.enable_progress_bars = False
     logits, labels, skipped = [], [], 0
@@ -25,10 +26,11 @@ def predict_split(
             ok = b["ok"]
             skipped += int((~ok).sum())
             if ok.any():
-                logits.append(model(b["patches"][ok]))
+                features = model.forward_features(b["patches"][ok])
+                logits.append(model.forward_head(features, pre_logits=pre_logits))
                 labels.append(b["label"][ok])
     return {
-        "logits": torch.cat(logits) if logits else torch.empty(0, model.config.num_classes),
+        "logits": torch.cat(logits) if logits else torch.empty(0),
         "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
         "skipped": torch.tensor(skipped),
     }

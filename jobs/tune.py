@@ -292,6 +292,16 @@ def search(cfg: JobConfig) -> SearchOutcome:
         flush=True,
     )
     results = tuner.fit()
+    unfinished = [
+        t.trial_id
+        for t in tune.ExperimentAnalysis(run_dir).trials
+        if t.status not in ("TERMINATED", "ERROR")
+    ]
+    if unfinished and not WATCHDOG.reason:  # Ctrl-C: Tune saved its state and returned
+        raise SearchStopped(
+            f"interrupted with {len(unfinished)} trial(s) unfinished; run the same command "
+            "again to resume the search"
+        )
     return finish(cfg, plan, results, parent_id, uri, WATCHDOG)
 
 
@@ -301,6 +311,11 @@ def finish(
     t = cfg.tune
     finished = [r for r in results if r.metrics and t.metric in r.metrics]
     if dog.stalled:
+        if parent_id:
+            from mlflow import MlflowClient
+
+            MlflowClient(uri).set_tag(parent_id, "vitray.tune.stopped_because", dog.reason)
+            MlflowClient(uri).set_terminated(parent_id, "FAILED")
         raise SearchStopped(f"the search stopped: {dog.reason}")
     if not finished:
         errors = [str(r.error) for r in results if r.error]

@@ -80,6 +80,16 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """builtin:digits prepared once: <dir>/digits; tests make their own subfolders."""
+    from pipeline.prepare import prepare
+
+    base = tmp_path_factory.mktemp("pre")
+    prepare("builtin:digits", base / "digits", progress=False)
+    return base
+
+
 def photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> np.ndarray:
     """A real photo crop (scikit-learn's sample images), (H, W, 3) uint8."""
     from sklearn.datasets import load_sample_images

@@ -30,15 +30,6 @@ def config(tmp_path, uri, **sets):
     return load_config(DEMO, [f"{k}={v}" for k, v in overrides.items()])
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    from pipeline.prepare import prepare
-
-    base = tmp_path_factory.mktemp("pre")
-    prepare("builtin:digits", base / "digits", progress=False)
-    return base
-
-
 def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflow_server):
     from mlflow import MlflowClient
 

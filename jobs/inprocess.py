@@ -1,0 +1,44 @@
+"""The training loop in this process, without Ray Train: benchmarks and quick experiments.
+
+The data still streams through Ray Data (a local Ray is started when none is running); the
+loop is the one every job runs (jobs/train.py), on one device, reporting to a list.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.config import JobConfig
+from jobs.finetune_init import Start
+from jobs.pretrain import build_datasets, ensure_ray, make_plan
+from jobs.train import Runner, run_training
+
+
+def train_in_process(
+    cfg: JobConfig, start: Start | None = None, keep: Path | None = None
+) -> list[dict[str, Any]]:
+    """Train `cfg` here; returns every per-epoch report (val_top1 included). `keep`: where
+    the last epoch's checkpoint is copied."""
+    ensure_ray()
+    with tempfile.TemporaryDirectory() as workdir:
+        plan = make_plan(cfg, uri="", workdir=workdir, start=start)
+        plan.meta["init_weights"] = plan.start.state if plan.start else None
+        datasets = build_datasets(cfg, plan)
+        reports: list[dict[str, Any]] = []
+        runner = Runner(
+            rank=0,
+            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+            train=datasets["train"],
+            val=datasets["val"],
+            report=lambda metrics, checkpoint: reports.append(metrics),
+            make_checkpoint=lambda d: keep and shutil.copytree(d, keep, dirs_exist_ok=True),
+            checkpoint=None,
+            epoch_reports_only=True,
+        )
+        run_training({"job": cfg.model_dump(mode="json"), "meta": plan.meta}, runner)
+    return reports

@@ -1,0 +1,127 @@
+"""`vitray finetune`: a 16 px digits model fine-tuned at 32 px on a real local Ray, logged to
+a real MLflow server. Slow: marked, still run in CI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jobs.config import load_config
+from jobs.evaluate import predict_split
+from jobs.pretrain import fit
+from vit import load_checkpoint, read_checkpoint_meta, resize_pos_embed
+from vit.resize import INTERPOLATION_PRESETS
+
+CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_local, digits_dir) -> Path:
+    """A micro/4 digits model pretrained at 16 px for 120 steps (one worker, no MLflow)."""
+    cfg = load_config(
+        CONFIGS / "demo-pretrain.yaml",
+        [
+            f"data.dataset={digits_dir / 'digits'}",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=1",
+            "train.batch_size=32",
+            "train.max_steps=120",
+            "mlflow.enabled=false",
+            f"run.storage_path={digits_dir / 'ft-pre'}",
+        ],
+    )
+    return Path(fit(cfg).result.checkpoint.path)
+
+
+def linear_probe_accuracy(model, data) -> float:
+    """Logistic regression on the frozen pre-logits features: train split -> val split."""
+    from sklearn.linear_model import LogisticRegression
+
+    train = predict_split(model, data, "train", pre_logits=True)
+    val = predict_split(model, data, "val", pre_logits=True)
+    probe = LogisticRegression(max_iter=2000).fit(train["logits"].numpy(), train["labels"])
+    return float((probe.predict(val["logits"].numpy()) == val["labels"].numpy()).mean())
+
+
+def test_finetune_at_32px_resizes_posemb_new_head_and_beats_linear_probe(
+    pretrained, digits_dir, mlflow_server
+):
+    from mlflow import MlflowClient
+
+    cfg = load_config(
+        CONFIGS / "demo-finetune.yaml",
+        [
+            f"init.checkpoint={pretrained}",
+            f"data.dataset={digits_dir / 'digits'}",
+            "train.max_steps=80",
+            f"mlflow.tracking_uri={mlflow_server}",
+            f"run.storage_path={digits_dir / 'ft-runs'}",
+        ],
+    )
+    start_model = load_checkpoint(pretrained, image_size=32)
+    probe = linear_probe_accuracy(start_model, cfg.data)
+    outcome = fit(cfg, kind="finetune")
+    tuned = outcome.result.metrics["val_top1"]
+    assert tuned > probe, f"fine-tuned {tuned:.3f} vs linear probe {probe:.3f}"
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(outcome.mlflow_run_id)
+    tags = run.data.tags
+    assert tags["vitray.init.source"] == str(pretrained)
+    assert (tags["vitray.init.old_grid"], tags["vitray.init.new_grid"]) == ("4x4", "8x8")
+    assert tags["vitray.init.interpolation"] == "timm"
+    start_dir = client.download_artifacts(run.info.run_id, "init_checkpoint")
+    start = load_file(Path(start_dir) / "model.safetensors")
+    source = load_file(pretrained / "model.safetensors")
+    expected = resize_pos_embed(
+        source["pos_embed"], (8, 8), (4, 4), 1, **INTERPOLATION_PRESETS["timm"]
+    )
+    assert start["pos_embed"].shape == (1, 65, 96)
+    torch.testing.assert_close(start["pos_embed"], expected)
+    assert not start["head.weight"].any() and not start["head.bias"].any()  # zero init
+    torch.testing.assert_close(
+        start["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"]
+    )
+    assert read_checkpoint_meta(start_dir)["model"]["image_size"] == [32, 32]
+
+
+def test_finetune_from_an_mlflow_uri_and_from_timm_weights(pretrained, digits_dir, mlflow_server):
+    """init.checkpoint takes runs:/ URIs and foreign weights, not only directories."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from jobs.checkpoints import fetch_checkpoint
+
+    uri_dir = fetch_checkpoint(f"runs:/{logged_run(mlflow_server)}/checkpoint/final", mlflow_server)
+    assert (uri_dir / "model.safetensors").is_file()
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    path = digits_dir / "timm-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    converted = fetch_checkpoint(f"timm:{path}", workdir=str(digits_dir / "timm-conv"))
+    ours = load_checkpoint(converted)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def logged_run(uri: str) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("vitray-demo")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`vitray.kind` = 'finetune'"
+    )
+    assert runs, "the fine-tune test above logs a run first"
+    return runs[0].info.run_id
+
+
+def test_bad_init_checkpoint_is_a_clear_error(digits_dir):
+    cfg = load_config(
+        CONFIGS / "demo-finetune.yaml",
+        ["init.checkpoint=/nowhere/at/all", f"data.dataset={digits_dir / 'digits'}"],
+    )
+    with pytest.raises(FileNotFoundError, match="not a vitray checkpoint"):
+        fit(cfg, kind="finetune")

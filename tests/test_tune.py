@@ -1,0 +1,176 @@
+"""`vitray tune`: ASHA searches on a real local Ray with a real MLflow server: nested runs,
+registry and alias, resume after Ctrl-C, no hangs when trials are stopped early, and the
+watchdog. Small digits trials (micro/4 with 2 blocks at 16 px). Slow: marked, run in CI."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from jobs.config import load_config
+from jobs.tune import SearchStopped, Watchdog, search
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parent.parent
+
+
+def search_config(tmp: Path, digits: Path, uri: str, name: str, **tune) -> Path:
+    tree = {
+        "model": {"preset": "micro/4", "overrides": {"depth": 2}},
+        "data": {
+            "dataset": str(digits),
+            "image_size": 16,
+            "hflip": False,
+            "crop_scale": [0.6, 1.0],
+            "eval_crop_fraction": 1.0,
+            "shuffle_buffer": 256,
+            "cpus_per_task": 0.25,
+        },
+        "train": {"batch_size": 64, "epochs": 3, "lr": 0.002, "warmup_steps": 5},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.75},
+        "run": {"name": name, "storage_path": str(tmp / "runs")},
+        "mlflow": {"tracking_uri": uri, "experiment": "vitray-tune-test"},
+        "tune": {
+            "space": {"train.lr": {"loguniform": [3e-4, 3e-3]}},
+            "num_samples": 2,
+            "max_concurrent": 2,
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "time_budget_s": 600,
+            "stall_timeout_s": 240,
+            **tune,
+        },
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def children(client, parent_id: str) -> list:
+    experiment = client.get_run(parent_id).info.experiment_id
+    return client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+
+
+def test_two_trial_search_nests_runs_registers_best_and_reloads(
+    ray_local, digits_dir, mlflow_server, tmp_path
+):
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    from jobs.checkpoints import load_any
+
+    path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "two", register_as="dg")
+    outcome = search(load_config(path))
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    trials = children(client, outcome.parent_run_id)
+    assert len(trials) == 2
+    assert {t.data.tags["vitray.tune.fate"] for t in trials} <= {"complete", "stopped"}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trial_curves.png", "params_vs_metric.png", "trials.json"} <= artifacts
+    assert parent.data.metrics["best_val_top1"] == pytest.approx(outcome.best_metric)
+
+    version = client.get_model_version_by_alias("dg", "champion")
+    assert version.version == outcome.registered.version
+    best_run = client.get_run(outcome.best_run_id)
+    assert best_run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+    assert 0 <= best_run.data.metrics["test_top1"] <= 1  # scored on the held-out split
+    served = mlflow.pyfunc.load_model("models:/dg@champion")
+    ours = load_any("models:/dg@champion", mlflow_server).eval()
+    images = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = ours(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(served.predict(images), expected, rtol=1e-5, atol=1e-5)
+    assert (served.predict(images).argmax(1) == expected.argmax(1)).all()
+
+
+def test_four_trial_asha_searches_never_hang(ray_local, digits_dir, mlflow_server, tmp_path):
+    """The FIELD-NOTES hang: trials stopped early kept their resources and the next trial
+    waited forever. Three searches in a row, each must finish well inside its budget."""
+    stopped = 0
+    for i in range(3):
+        path = search_config(
+            tmp_path, digits_dir / "digits", mlflow_server, f"asha{i}", num_samples=4
+        )
+        started = time.monotonic()
+        outcome = search(load_config(path, [f"train.seed={i}"]))
+        assert outcome.stopped_because is None
+        assert time.monotonic() - started < 400
+        fates = [r.metrics.get("epoch", 0) for r in outcome.results]
+        assert len(fates) == 4 and all(f >= 1 for f in fates)
+        stopped += sum(f < 3 for f in fates)
+    assert stopped >= 1, "ASHA stopped no trial early in three searches"
+
+
+def test_interrupted_search_resumes_with_the_same_command(digits_dir, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "resume", scheduler="fifo")
+    command = [sys.executable, "-m", "jobs.cli", "tune", "--config", str(path)]
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    first = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    run_dir = tmp_path / "runs" / "resume"
+    try:
+        deadline = time.monotonic() + 300
+        while not list(run_dir.glob("*/checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert list(run_dir.glob("*/checkpoint_*")), "no trial checkpoint before the deadline"
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 1 and "run the same command again" in out
+
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the search" in second.stdout
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("vitray-tune-test").experiment_id
+    parents = client.search_runs([experiment], filter_string=f"tags.`vitray.run_dir` = '{run_dir}'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    steps_per_run = [
+        [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
+        for run in children(client, parents[0].info.run_id)
+    ]
+    finished = [steps for steps in steps_per_run if len(steps) == 3]
+    assert len(finished) >= 2  # every trial reached its last epoch in some run
+    assert all(steps == sorted(set(steps)) for steps in steps_per_run)  # no epoch twice
+
+
+def test_watchdog_names_a_stalled_trial_and_stops_the_search(
+    ray_local, digits_dir, mlflow_server, tmp_path
+):
+    path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "stall", stall_timeout_s=1)
+    with pytest.raises(SearchStopped, match=r"trial \w+ .*reported nothing for"):
+        search(load_config(path))
+
+
+def test_watchdog_budget_and_stall_rules():
+    dog = Watchdog(budget_s=60, stall_s=10)
+    dog.alive["a"] = time.monotonic()
+    dog.names["a"] = "a {'train.lr': 0.1}"
+    assert not dog.check()
+    dog.alive["a"] -= 11
+    assert dog.check() and dog.stalled == "a {'train.lr': 0.1}"
+    dog.reset(budget_s=0, stall_s=10)
+    assert dog.check() and "time budget" in dog.reason and dog.stalled is None
