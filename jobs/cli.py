@@ -45,7 +45,7 @@ def prepare_command(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import demo, info, pretrain
+    from jobs import demo, evaluate, info, predict, pretrain, visualize
     from jobs.bench import data as bench_data
     from jobs.bench import finetune as bench_finetune
     from jobs.bench import model as bench_model
@@ -117,6 +117,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=pretrain.run)
 
     p = sub.add_parser(
+        "visualize",
+        help="the paper's figures for a checkpoint: E's filters, posemb similarity, attention",
+        description="Principal components of the patch embedding, position-embedding "
+        "similarity, and with --data mean attention distance per head and attention rollout "
+        "on real images. PNGs under --out; with --mlflow-run also logged to that run.",
+    )
+    visualize.add_arguments(p)
+    p.set_defaults(func=visualize.run)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1/top-5, per-class accuracy and a confusion matrix, logged to MLflow",
+        description="Score a checkpoint on a split of a dataset (eval transforms at the "
+        "checkpoint's image size); log the metrics and the confusion-matrix figure to "
+        "--mlflow-run, or to a new run in --experiment.",
+    )
+    evaluate.add_arguments(p)
+    p.set_defaults(func=evaluate.run)
+
+    p = sub.add_parser(
+        "predict",
+        help="batch inference on Ray Data: Parquet with id, top-k labels and scores",
+        description="Read, decode and patchify on Ray Data tasks, classify on an actor pool "
+        "(a GPU per actor when the cluster has GPUs), write Parquet. Images that do not "
+        "decode are written with ok=false and counted, not fatal.",
+    )
+    predict.add_arguments(p)
+    p.set_defaults(func=predict.run)
+
+    p = sub.add_parser(
         "demo",
         help="prepare digits, pretrain at 16 px, tune fine-tunes at 32 px, register the best",
         description="The paper's recipe end to end on scikit-learn's real digits with a "
@@ -156,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in logs as they come
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset
-from vit import ViT, load_checkpoint
+from vit import ViT, load_checkpoint, read_checkpoint_meta
 
 
 def predict_split(
@@ -53,3 +54,79 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: DataConfig, split: str
         f"{split}_images": len(out["labels"]),
         f"{split}_skipped": int(out["skipped"]),
     }
+
+
+def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(true, predicted) counts."""
+    index = labels * num_classes + logits.argmax(dim=1)
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def run(args: argparse.Namespace) -> None:
+    """`vitray evaluate`: accuracy, per-class accuracy and the confusion matrix, in MLflow."""
+    from mlflow import MlflowClient
+
+    from jobs import plots
+    from jobs.checkpoints import fetch_checkpoint
+    from jobs.config import MlflowSection
+    from jobs.tracking import tracking_uri
+    from pipeline.dataset import ensure_prepared
+
+    uri = args.tracking_uri or tracking_uri(MlflowSection())
+    checkpoint = fetch_checkpoint(args.checkpoint, uri)
+    meta = read_checkpoint_meta(checkpoint)
+    model = load_checkpoint(checkpoint)
+    data = DataConfig(
+        dataset=ensure_prepared(args.data),
+        image_size=tuple(meta["model"]["image_size"]),
+        channels=meta["model"]["in_chans"],
+        eval_crop_fraction=args.eval_crop_fraction,
+    )
+    out = predict_split(model, data, args.split)
+    n = model.config.num_classes
+    names = meta.get("class_names") or [str(i) for i in range(n)]
+    matrix = confusion(out["logits"], out["labels"], n)
+    per_class = (matrix.diag() / matrix.sum(dim=1).clamp_min(1)).tolist()
+    metrics = {
+        f"{args.split}_top1": accuracy(out["logits"], out["labels"], 1),
+        f"{args.split}_top5": accuracy(out["logits"], out["labels"], 5),
+        f"{args.split}_images": float(len(out["labels"])),
+        f"{args.split}_skipped": float(out["skipped"]),
+    }
+    for key, value in metrics.items():
+        print(f"{key:>16} {value:.4f}" if value <= 1 else f"{key:>16} {value:.0f}")
+    for name, acc in zip(names, per_class, strict=True):
+        print(f"  class {name:>12}: {acc:.4f}")
+
+    client = MlflowClient(uri)
+    run_id = args.mlflow_run
+    if run_id is None:
+        experiment = client.get_experiment_by_name(args.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment else client.create_experiment(args.experiment)
+        )
+        run_id = client.create_run(
+            experiment_id,
+            run_name=f"evaluate {Path(str(checkpoint)).name}",
+            tags={"vitray.kind": "evaluate", "vitray.checkpoint": args.checkpoint},
+        ).info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for name, acc in zip(names, per_class, strict=True):
+        client.log_metric(run_id, f"{args.split}_acc_class_{name}", acc)
+    fig = plots.confusion_matrix(matrix.numpy(), names)
+    client.log_figure(run_id, fig, f"evaluation/{args.split}_confusion_matrix.png")
+    plots.close(fig)
+    if args.mlflow_run is None:
+        client.set_terminated(run_id, "FINISHED")
+    print(f"logged to MLflow run {run_id} at {uri}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint directory, runs:/..., models:/...")
+    parser.add_argument("--data", required=True, help="a dataset (builtin:digits, a directory)")
+    parser.add_argument("--split", default="test", help="split to score (default test)")
+    parser.add_argument("--eval-crop-fraction", type=float, default=0.875)
+    parser.add_argument("--mlflow-run", metavar="RUN_ID", help="log to this run, else a new one")
+    parser.add_argument("--experiment", default="vitray-eval", help="experiment of a new run")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")

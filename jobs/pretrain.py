@@ -21,6 +21,7 @@ from jobs.finetune_init import Start, log_start, resized_start
 from jobs.mlflow_model import log_vit_model
 from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
+from jobs.visualize import log_figures
 from pipeline.dataset import build_dataset, describe_dataset
 from vit import ViTConfig
 
@@ -191,6 +192,8 @@ def log_outcome(cfg: JobConfig, result: Any, run_id: str, uri: str) -> None:
         with checkpoint.as_directory() as d:
             client.log_artifacts(run_id, d, "checkpoint/best")
             log_vit_model(d)  # the best checkpoint, ready for the model registry
+            with tempfile.TemporaryDirectory() as out:
+                log_figures(d, cfg.data, run_id, uri, Path(out))
         client.set_tag(run_id, "best_val_top1", f"{metrics.get('val_top1', 0):.4f}")
 
 

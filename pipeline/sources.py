@@ -47,7 +47,13 @@ class Source:
     spec: str = ""
 
     def split_files(self, split: str) -> list[str]:
-        """The files of one split: from the manifest, or by split name in path or file name."""
+        """The files of one split: from the manifest, or by split name in path or file name;
+        `all`: every file."""
+        if split == "all":
+            if self.manifest is None:
+                return list(self.files)
+            shards = [s for v in self.manifest["splits"].values() for s in v["shards"]]
+            return [posixpath.join(self.root, s["file"]) for s in shards if s["rows"] > 0]
         if self.manifest is not None:
             if split not in self.manifest["splits"]:
                 raise SourceError(

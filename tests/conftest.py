@@ -11,11 +11,13 @@ import sys
 import time
 import urllib.request
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 # Ray Train's controller polls workers every 2 s; every report waits for it (FIELD-NOTES:
 # a 10-step run took 34 s at 2 s, 11 s at 0.1). Set before Ray starts so actors inherit it.
@@ -88,6 +90,27 @@ def digits_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("pre")
     prepare("builtin:digits", base / "digits", progress=False)
     return base
+
+
+@pytest.fixture(scope="session")
+def pretrained(ray_local, digits_dir) -> Path:
+    """A micro/4 digits model pretrained at 16 px for 120 steps (one worker, no MLflow)."""
+    from jobs.config import load_config
+    from jobs.pretrain import fit
+
+    cfg = load_config(
+        CONFIGS / "demo-pretrain.yaml",
+        [
+            f"data.dataset={digits_dir / 'digits'}",
+            "scaling.num_workers=1",
+            "scaling.cpus_per_worker=1",
+            "train.batch_size=32",
+            "train.max_steps=120",
+            "mlflow.enabled=false",
+            f"run.storage_path={digits_dir / 'ft-pre'}",
+        ],
+    )
+    return Path(fit(cfg).result.checkpoint.path)
 
 
 def photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> np.ndarray:

@@ -51,7 +51,7 @@ def test_new_num_classes_replaces_head_keeps_body(tmp_path):
     torch.nn.init.normal_(model.head.weight)
     save_checkpoint(model, tmp_path / "ckpt")
     new = load_checkpoint(tmp_path / "ckpt", num_classes=3)
-    assert new.head.weight.shape == (3, 96) and torch.count_nonzero(new.head.weight) == 0
+    assert new.head.weight.shape == (3, 64) and torch.count_nonzero(new.head.weight) == 0
     torch.testing.assert_close(new.blocks[1].mlp.fc2.weight, model.blocks[1].mlp.fc2.weight)
 
 
@@ -59,13 +59,13 @@ def test_mismatched_architecture_names_keys_and_shapes(tmp_path):
     save_checkpoint(micro(), tmp_path / "ckpt")
     meta_path = tmp_path / "ckpt" / "config.json"
     meta = json.loads(meta_path.read_text())
-    meta["model"]["depth"], meta["model"]["dim"], meta["model"]["num_heads"] = 3, 64, 4
+    meta["model"]["depth"], meta["model"]["dim"], meta["model"]["num_heads"] = 3, 96, 4
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointMismatchError) as err:
         load_checkpoint(tmp_path / "ckpt")
     text = str(err.value)
     assert "missing keys" in text and "blocks.2." in text
-    assert "shape mismatch: patch_embed.weight: checkpoint (96, 48) vs model (64, 48)" in text
+    assert "shape mismatch: patch_embed.weight: checkpoint (64, 48) vs model (96, 48)" in text
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):

@@ -1,0 +1,126 @@
+"""`vitray predict CHECKPOINT --input DATA --output DIR`: batch inference on Ray Data.
+
+The same read/decode/patchify tasks as training (eval transforms), then an actor pool of
+models (one GPU each when there are GPUs), then Parquet: id, label (when the source has
+one), the top-k class names and scores, and `ok` (false for an image that did not decode:
+reported, not fatal).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.checkpoints import fetch_checkpoint
+from vit import ViT, ViTConfig, load_checkpoint, read_checkpoint_meta
+
+
+class Predictor:
+    """One model per actor; weights come from the object store, so any node can host it."""
+
+    def __init__(self, weights: Any, top_k: int) -> None:
+        import ray
+
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
+        config, state, class_names = weights
+        self.model = ViT(ViTConfig.from_dict(config))
+        self.model.load_state_dict(state)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = self.model.to(self.device).eval()
+        n = self.model.config.num_classes
+        self.names = np.array(class_names or [str(i) for i in range(n)])
+        self.k = min(top_k, self.model.config.num_classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        ok = batch["ok"]
+        n = len(ok)
+        scores = np.zeros((n, self.k), dtype=np.float32)
+        labels = np.full((n, self.k), "", dtype=object)
+        if ok.any():
+            patches = torch.from_numpy(batch["patches"][ok]).to(self.device)
+            bf16 = self.device.type == "cuda"
+            with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
+                probs = self.model(patches).float().softmax(dim=-1)
+            top = probs.topk(self.k, dim=-1)
+            scores[ok] = top.values.cpu().numpy()
+            labels[ok] = self.names[top.indices.cpu().numpy()]
+        return {
+            "id": batch["id"],
+            "label": batch["label"],
+            "ok": ok,
+            "top_labels": list(labels),
+            "top_scores": list(scores),
+        }
+
+
+def predict(
+    checkpoint: str,
+    data: Any,
+    output: str,
+    split: str = "all",
+    top_k: int = 5,
+    batch_size: int = 256,
+    actors: int = 1,
+    uri: str | None = None,
+) -> dict[str, int]:
+    """Write predictions for every image of `split` under `output`; returns counts."""
+    import ray
+
+    from jobs.pretrain import ensure_ray
+    from pipeline.dataset import build_dataset
+
+    directory = fetch_checkpoint(checkpoint, uri)
+    model = load_checkpoint(directory)
+    class_names = read_checkpoint_meta(directory).get("class_names")
+    ensure_ray()
+    weights = ray.put((model.config.to_dict(), model.state_dict(), class_names))
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    ds = build_dataset(
+        data, split, model.config.patch_size, model.config.num_classes, keep_ids=True
+    )
+    predictions = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"weights": weights, "top_k": top_k},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_gpus=gpus,
+        num_cpus=0 if gpus else data.cpus_per_task,
+    )
+    predictions.write_parquet(output)
+    written = ray.data.read_parquet(output, columns=["ok"]).to_pandas()["ok"]
+    counts = {"images": int(len(written)), "bad": int((~written).sum())}
+    print(f"wrote {counts['images']} predictions to {output}; {counts['bad']} bad image(s)")
+    return counts
+
+
+def run(args: argparse.Namespace) -> None:
+    from pipeline.config import DataConfig
+    from pipeline.dataset import ensure_prepared
+
+    directory = fetch_checkpoint(args.checkpoint)
+    meta = read_checkpoint_meta(directory)["model"]
+    data = DataConfig(
+        dataset=ensure_prepared(args.input),
+        image_size=tuple(meta["image_size"]),
+        channels=meta["in_chans"],
+        eval_crop_fraction=args.eval_crop_fraction,
+        cpus_per_task=args.cpus_per_task,
+    )
+    predict(str(directory), data, args.output, args.split, args.top_k, args.batch_size, args.actors)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint directory, runs:/..., models:/...")
+    parser.add_argument("--input", required=True, help="shards, an image folder, builtin:...")
+    parser.add_argument("--output", required=True, help="directory for the Parquet files")
+    parser.add_argument("--split", default="all", help="a split name, or all (default)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--actors", type=int, default=1, help="model replicas (one GPU each)")
+    parser.add_argument("--cpus-per-task", type=float, default=1.0, help="decode task CPUs")
+    parser.add_argument("--eval-crop-fraction", type=float, default=0.875)

@@ -1,0 +1,128 @@
+"""`vitray visualize CHECKPOINT`: the paper's Figures 6 and 7 for any checkpoint, as PNG
+files and (optionally) artifacts of an MLflow run. `pretrain`/`finetune` call
+`log_figures` on their best checkpoint at the end of training."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from jobs import plots
+from jobs.checkpoints import fetch_checkpoint
+from jobs.tracking import tracking_uri
+from pipeline.config import DataConfig
+from vit import ViT, load_checkpoint, read_checkpoint_meta
+from vit.analysis import (
+    attention_rollout,
+    embedding_filters,
+    mean_attention_distance,
+    posemb_similarity,
+)
+from vit.patches import unpatchify
+
+
+def sample_batch(model: ViT, data: DataConfig, n: int) -> torch.Tensor:
+    """`n` validation images as uint8 patches, through the eval pipeline."""
+    from pipeline.dataset import build_dataset
+
+    ds = build_dataset(data, "val", model.config.patch_size, model.config.num_classes)
+    ds.context.enable_progress_bars = False
+    batch = next(iter(ds.iter_torch_batches(batch_size=n)))
+    return batch["patches"][batch["ok"]]
+
+
+def figures(
+    model: ViT, patches: torch.Tensor | None, source_pos_embed: torch.Tensor | None = None
+) -> dict:
+    """name -> matplotlib Figure; attention figures only when images are given."""
+    c = model.config
+    out = {
+        "patch_embedding_filters.png": plots.embedding_filters(
+            embedding_filters(model.patch_embed.weight, c.patch_size, c.in_chans)
+        )
+    }
+    if c.posemb == "learn":
+        sim = posemb_similarity(model.pos_embed, c.grid_size, c.num_prefix_tokens)
+        out["posemb_similarity.png"] = plots.posemb_similarity(sim, f"grid {c.grid_size}")
+    if source_pos_embed is not None:
+        n = source_pos_embed.shape[1] - c.num_prefix_tokens
+        side = int(n**0.5)
+        sim = posemb_similarity(source_pos_embed, (side, side), c.num_prefix_tokens)
+        out["posemb_similarity_before_resize.png"] = plots.posemb_similarity(
+            sim, f"before resize: grid {(side, side)}"
+        )
+    if patches is not None and len(patches):
+        model.eval()
+        with torch.no_grad():
+            attention = model.forward_intermediates(patches)["attention"]
+        distances = [
+            mean_attention_distance(a, c.grid_size, c.patch_size, c.num_prefix_tokens)
+            for a in attention
+        ]
+        out["attention_distance.png"] = plots.attention_distance(distances, c.patch_size)
+        maps = attention_rollout(attention, c.grid_size, c.num_prefix_tokens)
+        images = unpatchify(patches[:8], c.patch_size, c.grid_size).numpy()
+        out["attention_rollout.png"] = plots.attention_maps(images, maps[:8])
+    return out
+
+
+def log_figures(
+    checkpoint_dir: str | Path, data: DataConfig | None, run_id: str | None, uri: str, out: Path
+) -> list[Path]:
+    """Write every figure under `out`; log them to `run_id` under figures/ when given."""
+    model = load_checkpoint(checkpoint_dir).eval()
+    patches = sample_batch(model, data, 16) if data is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figures(model, patches).items():
+        fig.savefig(out / name, dpi=120)
+        plots.close(fig)
+        written.append(out / name)
+    if run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        for path in written:
+            client.log_artifact(run_id, str(path), "figures")
+    return written
+
+
+def run(args: argparse.Namespace) -> None:
+    from pipeline.dataset import ensure_prepared
+
+    uri = args.tracking_uri or tracking_uri_default()
+    checkpoint = fetch_checkpoint(args.checkpoint, uri)
+    data = None
+    if args.data:
+        size = read_checkpoint_meta(checkpoint)["model"]["image_size"]
+        channels = read_checkpoint_meta(checkpoint)["model"]["in_chans"]
+        data = DataConfig(
+            dataset=ensure_prepared(args.data),
+            image_size=tuple(size),
+            channels=channels,
+            eval_crop_fraction=args.eval_crop_fraction,
+        )
+    written = log_figures(checkpoint, data, args.mlflow_run, uri, Path(args.out))
+    for path in written:
+        print(f"wrote {path}")
+    if args.mlflow_run:
+        print(f"logged {len(written)} figures to MLflow run {args.mlflow_run} (figures/)")
+
+
+def tracking_uri_default() -> str:
+    from jobs.config import MlflowSection
+
+    return tracking_uri(MlflowSection())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint directory, runs:/..., models:/...")
+    parser.add_argument("--data", help="dataset for the attention figures (e.g. builtin:digits)")
+    parser.add_argument("--out", default="figures", help="output directory (default figures/)")
+    parser.add_argument("--mlflow-run", metavar="RUN_ID", help="also log the PNGs to this run")
+    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    parser.add_argument(
+        "--eval-crop-fraction", type=float, default=1.0, help="eval center crop (default 1.0)"
+    )
