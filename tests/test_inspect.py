@@ -22,8 +22,16 @@ def test_visualize_writes_and_logs_the_papers_figures(
     data = str(digits_dir / "digits")
     main(
         [
-            "visualize", str(pretrained), "--data", data, "--out", str(out),
-            "--mlflow-run", run_id, "--tracking-uri", mlflow_server,
+            "visualize",
+            str(pretrained),
+            "--data",
+            data,
+            "--out",
+            str(out),
+            "--mlflow-run",
+            run_id,
+            "--tracking-uri",
+            mlflow_server,
         ]
     )
     names = {
@@ -46,9 +54,18 @@ def test_evaluate_logs_accuracy_per_class_and_confusion_matrix(
 
     main(
         [
-            "evaluate", str(pretrained), "--data", str(digits_dir / "digits"),
-            "--split", "test", "--eval-crop-fraction", "1.0",
-            "--tracking-uri", mlflow_server, "--experiment", "vitray-eval-test",
+            "evaluate",
+            str(pretrained),
+            "--data",
+            str(digits_dir / "digits"),
+            "--split",
+            "test",
+            "--eval-crop-fraction",
+            "1.0",
+            "--tracking-uri",
+            mlflow_server,
+            "--experiment",
+            "vitray-eval-test",
         ]
     )
     printed = capsys.readouterr().out
@@ -75,8 +92,16 @@ def test_predict_writes_topk_parquet_and_reports_bad_images(
     out = tmp_path / "predictions"
     main(
         [
-            "predict", str(pretrained), "--input", str(folder), "--output", str(out),
-            "--top-k", "3", "--cpus-per-task", "0.5",
+            "predict",
+            str(pretrained),
+            "--input",
+            str(folder),
+            "--output",
+            str(out),
+            "--top-k",
+            "3",
+            "--cpus-per-task",
+            "0.5",
         ]
     )
     table = pq.read_table(out).to_pandas()
