@@ -45,7 +45,8 @@ def prepare_command(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import demo, evaluate, info, predict, pretrain, visualize
+    from jobs import cluster, demo, evaluate, info, predict, pretrain, submit, visualize
+    from jobs.bench import all as bench_all
     from jobs.bench import data as bench_data
     from jobs.bench import finetune as bench_finetune
     from jobs.bench import model as bench_model
@@ -147,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=predict.run)
 
     p = sub.add_parser(
+        "submit",
+        help="run a vitray command as a Ray Job on a cluster, stream its logs",
+        description="vitray submit [--address URL] [--no-wait] -- pretrain --config ... "
+        "ships this project (or uses --image), streams the job's logs, exits with its status "
+        "and prints the MLflow run it logged to.",
+    )
+    submit.add_submit_arguments(p)
+    p.set_defaults(func=submit.submit_command)
+
+    p = sub.add_parser("jobs", help="list, status, logs [--follow], stop Ray Jobs")
+    submit.add_jobs_arguments(p)
+    p.set_defaults(func=submit.jobs_command)
+
+    p = sub.add_parser(
+        "cluster",
+        help="start/stop a local multi-node Ray cluster + MLflow server on 127.0.0.1",
+        description="vitray cluster local up [--workers N] [--cpus C]: a Ray head and N worker "
+        "nodes (dashboard and job server included) and an MLflow server (SQLite, local "
+        "artifacts), all bound to 127.0.0.1; `down` stops exactly what `up` started.",
+    )
+    cluster.add_arguments(p)
+    p.set_defaults(func=cluster.run)
+
+    p = sub.add_parser(
         "demo",
         help="prepare digits, pretrain at 16 px, tune fine-tunes at 32 px, register the best",
         description="The paper's recipe end to end on scikit-learn's real digits with a "
@@ -168,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks; results printed and written as JSON")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    p = bench_sub.add_parser("all", help="every benchmark, one JSON (GPU models when present)")
+    bench_all.add_arguments(p)
+    p.set_defaults(func=bench_all.run)
     p = bench_sub.add_parser("model", help="training step of our ViT vs timm's, same process")
     bench_model.add_arguments(p)
     p.set_defaults(func=bench_model.run)

@@ -72,6 +72,9 @@ class ScalingSection(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how workers are laid out on nodes (SPREAD: one per node first)"
+    )
 
 
 class RunSection(Section):

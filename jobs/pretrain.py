@@ -118,6 +118,7 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),

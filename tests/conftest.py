@@ -29,7 +29,7 @@ def ray_local():
     """One real local Ray for the session, 2 CPUs, no dashboard."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -94,7 +94,7 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained(ray_local, digits_dir) -> Path:
-    """A micro/4 digits model pretrained at 16 px for 120 steps (one worker, no MLflow)."""
+    """A micro/4 digits model pretrained at 16 px for 400 steps (one worker, no MLflow)."""
     from jobs.config import load_config
     from jobs.pretrain import fit
 
@@ -105,7 +105,7 @@ def pretrained(ray_local, digits_dir) -> Path:
             "scaling.num_workers=1",
             "scaling.cpus_per_worker=1",
             "train.batch_size=32",
-            "train.max_steps=120",
+            "train.max_steps=400",
             "mlflow.enabled=false",
             f"run.storage_path={digits_dir / 'ft-pre'}",
         ],

@@ -37,7 +37,7 @@ def test_finetune_at_32px_resizes_posemb_new_head_and_beats_linear_probe(
         [
             f"init.checkpoint={pretrained}",
             f"data.dataset={digits_dir / 'digits'}",
-            "train.max_steps=80",
+            "train.max_steps=120",
             f"mlflow.tracking_uri={mlflow_server}",
             f"run.storage_path={digits_dir / 'ft-runs'}",
         ],

@@ -117,7 +117,7 @@ def test_interrupted_search_resumes_with_the_same_command(digits_dir, mlflow_ser
 
     path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "resume", scheduler="fifo")
     command = [sys.executable, "-m", "jobs.cli", "tune", "--config", str(path)]
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", "RAY_ADDRESS": "local"}
     first = subprocess.Popen(
         command,
         cwd=ROOT,

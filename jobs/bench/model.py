@@ -50,6 +50,37 @@ def train_step_fn(model: torch.nn.Module, batch: int, config: ViTConfig, device:
     return step
 
 
+def infer_step_fn(model: torch.nn.Module, batch: int, config: ViTConfig, device: torch.device):
+    x = torch.randn(batch, config.in_chans, *config.image_size, device=device)
+
+    def step() -> None:
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        ):
+            model(x)
+
+    return step
+
+
+def interleaved_img_s(steps: dict, batch: int, warmup: int, count: int, sync: bool) -> dict:
+    """Images/s of each step function, timed in ABBA order after warm-up (median)."""
+    for _ in range(warmup):
+        for step in steps.values():
+            time_call(step, sync)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for i in range(count):
+        for name in order if i % 2 == 0 else order[::-1]:  # ABBA: no first-mover bias
+            times[name].append(time_call(steps[name], sync))
+        print(
+            f"step {i + 1}/{count}: "
+            + ", ".join(f"{n} {batch / t[-1]:.1f} img/s" for n, t in times.items()),
+            flush=True,
+        )
+    return {name: batch / median(t) for name, t in times.items()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = ViTConfig.from_preset(args.preset, image_size=args.image_size)
@@ -58,27 +89,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     theirs = timm_equal(config)
     theirs.load_state_dict(to_timm(ours))  # the same numbers in both: only the code differs
     models = {"ours": ours, "timm": theirs}
-    steps = {}
+    steps, infer = {}, {}
     for name, model in models.items():
         model = model.to(device).train()
         if args.compile:
             model = torch.compile(model)
         steps[name] = train_step_fn(model, args.batch, config, device)
+        infer[name] = infer_step_fn(model, args.batch, config, device)
     sync = device.type == "cuda"
-    for _ in range(args.warmup):
-        for step in steps.values():
-            time_call(step, sync)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for i in range(args.steps):
-        for name in order if i % 2 == 0 else order[::-1]:  # ABBA: no first-mover bias
-            times[name].append(time_call(steps[name], sync))
-        print(
-            f"step {i + 1}/{args.steps}: "
-            + ", ".join(f"{n} {args.batch / t[-1]:.1f} img/s" for n, t in times.items()),
-            flush=True,
-        )
-    img_s = {name: args.batch / median(t) for name, t in times.items()}
+    img_s = interleaved_img_s(steps, args.batch, args.warmup, args.steps, sync)
+    for model in models.values():
+        model.eval()
+    infer_img_s = interleaved_img_s(infer, args.batch, args.warmup, args.steps, sync)
     result: dict[str, Any] = {
         "benchmark": "model",
         "preset": args.preset,
@@ -89,6 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours_img_s": round(img_s["ours"], 2),
         "timm_img_s": round(img_s["timm"], 2),
         "ratio": round(img_s["ours"] / img_s["timm"], 3),
+        "ours_infer_img_s": round(infer_img_s["ours"], 2),
+        "timm_infer_img_s": round(infer_img_s["timm"], 2),
     }
     if peak := peak_tflops():
         train_flops = 3 * forward_flops(config)  # backward costs two forwards
