@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from jobs.checkpoints import fetch_checkpoint
@@ -35,7 +36,7 @@ class Predictor:
         self.names = np.array(class_names or [str(i) for i in range(n)])
         self.k = min(top_k, self.model.config.num_classes)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["ok"]
         n = len(ok)
         scores = np.zeros((n, self.k), dtype=np.float32)
@@ -48,13 +49,15 @@ class Predictor:
             top = probs.topk(self.k, dim=-1)
             scores[ok] = top.values.cpu().numpy()
             labels[ok] = self.names[top.indices.cpu().numpy()]
-        return {
-            "id": batch["id"],
-            "label": batch["label"],
-            "ok": ok,
-            "top_labels": list(labels),
-            "top_scores": list(scores),
-        }
+        return pa.table(  # plain Arrow lists: any Parquet reader gets them as they are
+            {
+                "id": pa.array(batch["id"].tolist(), pa.string()),
+                "label": pa.array(batch["label"], pa.int64()),
+                "ok": pa.array(ok, pa.bool_()),
+                "top_labels": pa.array(labels.tolist(), pa.list_(pa.string())),
+                "top_scores": pa.array(scores.tolist(), pa.list_(pa.float32())),
+            }
+        )
 
 
 def predict(
