@@ -222,6 +222,7 @@ def build_tuner(cfg: JobConfig, trainable: Any) -> Any:
             search_alg=search_alg,
             num_samples=t.num_samples,
             max_concurrent_trials=t.max_concurrent,
+            reuse_actors=True,  # a new trial reuses a finished one's process: no torch re-import
         ),
         run_config=tune.RunConfig(
             name=cfg.run.name,

@@ -94,9 +94,10 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained(ray_local, digits_dir) -> Path:
-    """A micro/4 digits model pretrained at 16 px for 400 steps (one worker, no MLflow)."""
+    """A micro/4 digits model pretrained at 16 px for 400 steps (in this process: the
+    loop every job runs, without Ray Train's start-up; no MLflow)."""
     from jobs.config import load_config
-    from jobs.pretrain import fit
+    from jobs.inprocess import train_in_process
 
     cfg = load_config(
         CONFIGS / "demo-pretrain.yaml",
@@ -107,10 +108,11 @@ def pretrained(ray_local, digits_dir) -> Path:
             "train.batch_size=32",
             "train.max_steps=400",
             "mlflow.enabled=false",
-            f"run.storage_path={digits_dir / 'ft-pre'}",
         ],
     )
-    return Path(fit(cfg).result.checkpoint.path)
+    out = digits_dir / "pretrained"
+    train_in_process(cfg, keep=out)
+    return out
 
 
 def photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> np.ndarray:
