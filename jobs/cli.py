@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: exit 2
+        if os.environ.get("VITRAY_DEBUG"):
+            traceback.print_exc()
         print(f"vitray {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     except RuntimeError as e:  # the job ran and failed (a stalled search, no trial finished)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,10 +60,28 @@ def wait_http(url: str, seconds: float, what: str) -> None:
     raise RuntimeError(f"{what} did not answer at {url} within {seconds:.0f} s")
 
 
-def cluster_env() -> dict[str, str]:
-    """The processes we start see this venv first on PATH (job entrypoints run `python`)."""
+def auth_env(state_dir: Path) -> dict[str, str]:
+    """Token auth, explicitly on for every node and client: the cluster's own token."""
+    return {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(state_dir.resolve() / "auth_token"),
+    }
+
+
+def write_token(state_dir: Path) -> None:
+    path = state_dir / "auth_token"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+
+
+def cluster_env(state_dir: Path) -> dict[str, str]:
+    """The processes we start see this venv first on PATH (job entrypoints run `python`)
+    and the cluster's token."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "RAY_DISABLE_USAGE_STATS": "1"}
+    env = {**os.environ, "PATH": path, "RAY_DISABLE_USAGE_STATS": "1", **auth_env(state_dir)}
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def wait_nodes(address: str, count: int, env: dict[str, str], seconds: float = 120) -> None:
@@ -75,8 +95,13 @@ def wait_nodes(address: str, count: int, env: dict[str, str], seconds: float = 1
             text=True,
             env=env,
         )
-        if out.returncode == 0:
-            alive = sum(n.get("state") == "ALIVE" for n in json.loads(out.stdout or "[]"))
+        start = out.stdout.find("[")  # the JSON list, after any notice Ray prints first
+        if out.returncode == 0 and start >= 0:
+            try:
+                nodes = json.loads(out.stdout[start:])
+            except json.JSONDecodeError:
+                nodes = []
+            alive = sum(n.get("state") == "ALIVE" for n in nodes)
             if alive >= count:
                 return
         time.sleep(1)
@@ -88,10 +113,11 @@ def up(state_dir: Path, workers: int, cpus: int, mlflow: bool = True) -> dict[st
     if state_file.exists():
         raise ValueError(f"a local cluster is already up ({state_file}); run `down` first")
     state_dir.mkdir(parents=True, exist_ok=True)
-    env = cluster_env()
+    write_token(state_dir)
+    env = cluster_env(state_dir)
     gcs, dashboard = free_port(), free_port()
     address = f"127.0.0.1:{gcs}"
-    state: dict[str, Any] = {"pids": [], "logs": str(state_dir)}
+    state: dict[str, Any] = {"pids": [], "temp_dirs": [], "logs": str(state_dir)}
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--block"]
     try:
         head = [
@@ -102,7 +128,12 @@ def up(state_dir: Path, workers: int, cpus: int, mlflow: bool = True) -> dict[st
         state["pids"].append(spawn(head, state_dir / "head.log", env))
         wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120, "the Ray dashboard")
         for i in range(workers):
-            node = [bin_path("ray"), "start", "--address", address, *common]
+            # Nodes on one machine would share /tmp/ray, and each node's runtime-env agent
+            # re-extracts a job's working_dir there, pulling it from under the job's driver.
+            # A short path of its own per node (Unix socket paths are limited to 107 bytes).
+            temp = tempfile.mkdtemp(prefix="vitray-node-")
+            state["temp_dirs"].append(temp)
+            node = [bin_path("ray"), "start", "--address", address, "--temp-dir", temp, *common]
             state["pids"].append(spawn(node, state_dir / f"worker-{i}.log", env))
         wait_nodes(address, 1 + workers, env)
         state.update(ray_address=address, dashboard=f"http://127.0.0.1:{dashboard}")
@@ -119,6 +150,7 @@ def up(state_dir: Path, workers: int, cpus: int, mlflow: bool = True) -> dict[st
             wait_http(f"{state['mlflow']}/health", 120, "the MLflow server")
     except BaseException:
         stop_pids(state["pids"])
+        remove_dirs(state["temp_dirs"])
         raise
     state_file.write_text(json.dumps(state, indent=2))
     return state
@@ -151,6 +183,11 @@ def stop_pids(pids: list[int], seconds: float = 60) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def remove_dirs(paths: list[str]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def down(state_dir: Path) -> None:
     state_file = state_dir / "state.json"
     if not state_file.exists():
@@ -164,6 +201,7 @@ def down(state_dir: Path) -> None:
         state["ray_address"].split(":")[1]
     ):
         current.unlink()  # `ray start` left it; ray.init() would try to join the dead cluster
+    remove_dirs(state.get("temp_dirs", []))
     state_file.unlink()
     print(f"stopped {len(state['pids'])} process group(s) started by `up`")
 
@@ -178,7 +216,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"  dashboard and job server: {state['dashboard']}")
     if "mlflow" in state:
         print(f"  MLflow server:            {state['mlflow']}")
-    print("use it:")
+    print("use it (token auth is on; the token is in the state directory):")
+    for key, value in auth_env(state_dir).items():
+        print(f"  export {key}={value}")
     print(f"  export RAY_ADDRESS={state['dashboard']}")
     if "mlflow" in state:
         print(f"  export MLFLOW_TRACKING_URI={state['mlflow']}")

@@ -34,7 +34,12 @@ EXCLUDES = [
     ".pytest_cache",
     ".ruff_cache",
 ]
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "VITRAY_DATA")
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "VITRAY_DATA",
+    "VITRAY_DEBUG",
+)
 
 
 def client(address: str | None) -> Any:

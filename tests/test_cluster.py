@@ -16,8 +16,8 @@ ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
 
 
-def vitray(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+def vitray(*args: str, timeout: float = 900, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", **env_vars}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "jobs.cli", *args],
@@ -29,6 +29,20 @@ def vitray(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
+def train_worker_nodes(cluster: dict) -> set[str]:
+    """The nodes the job's Ray Train workers ran on, from Ray's state API."""
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"), "list", "actors",
+            "--address", cluster["ray_address"], "--format", "json",
+            "--filter", "class_name=RayTrainWorker",
+        ],
+        capture_output=True, text=True, env={**os.environ, **cluster["env"]}, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {actor["node_id"] for actor in json.loads(out.stdout[out.stdout.index("[") :])}
+
+
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster")
@@ -37,6 +51,8 @@ def local_cluster(tmp_path_factory):
     )
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
     state = json.loads((state_dir / "state.json").read_text())
+    # clients use the cluster's token (token auth on, as `up` prints)
+    state["env"] = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state_dir / "auth_token")}
     try:
         yield state
     finally:
@@ -54,6 +70,15 @@ def local_cluster(tmp_path_factory):
 
 
 def test_up_serves_ray_and_mlflow_on_localhost_only(local_cluster):
+    without_token = vitray(
+        "jobs",
+        "list",
+        "--address",
+        local_cluster["dashboard"],
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH="/nonexistent",
+    )
+    assert without_token.returncode != 0  # token auth is on: no token, no jobs
     assert local_cluster["ray_address"].startswith("127.0.0.1:")
     assert local_cluster["dashboard"].startswith("http://127.0.0.1:")
     assert local_cluster["mlflow"].startswith("http://127.0.0.1:")
@@ -72,10 +97,11 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
         "--set", f"run.storage_path={tmp_path / 'runs'}",
         "--set", f"mlflow.tracking_uri={local_cluster['mlflow']}",
         "--set", "mlflow.experiment=cluster-test",
+        **local_cluster["env"],
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "SUCCEEDED" in run.stdout and "step 20/20" in run.stdout
-    assert "node_rank=1" in run.stdout  # the second worker ran on the second node
+    assert len(train_worker_nodes(local_cluster)) == 2  # one Train worker on each node
     job_id = run.stdout.split("submitted ", 1)[1].split(":", 1)[0]
 
     client = MlflowClient(local_cluster["mlflow"])
@@ -88,9 +114,11 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
     assert "checkpoint/final/model.safetensors" in files
     assert f"run {mlflow_run.info.run_id}" in run.stdout  # submit printed the MLflow run
 
-    logs = vitray("jobs", "logs", job_id, "--address", local_cluster["dashboard"])
+    logs = vitray(
+        "jobs", "logs", job_id, "--address", local_cluster["dashboard"], **local_cluster["env"]
+    )
     assert logs.returncode == 0 and "step 20/20" in logs.stdout
-    listed = vitray("jobs", "list", "--address", local_cluster["dashboard"])
+    listed = vitray("jobs", "list", "--address", local_cluster["dashboard"], **local_cluster["env"])
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
 
 
@@ -98,6 +126,7 @@ def test_a_failing_job_makes_submit_exit_nonzero_with_its_error(local_cluster):
     run = vitray(
         "submit", "--address", local_cluster["dashboard"], "--",
         "pretrain", "--config", "jobs/configs/demo-pretrain.yaml", "--set", "train.lrr=1",
+        **local_cluster["env"],
     )  # fmt: skip
     assert run.returncode == 1
     assert "train.lrr" in run.stdout and "FAILED" in run.stdout

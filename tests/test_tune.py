@@ -33,7 +33,7 @@ def search_config(tmp: Path, digits: Path, uri: str, name: str, **tune) -> Path:
             "shuffle_buffer": 256,
             "cpus_per_task": 0.25,
         },
-        "train": {"batch_size": 64, "epochs": 3, "lr": 0.002, "warmup_steps": 5},
+        "train": {"batch_size": 128, "epochs": 3, "lr": 0.003, "warmup_steps": 3},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.75},
         "run": {"name": name, "storage_path": str(tmp / "runs")},
         "mlflow": {"tracking_uri": uri, "experiment": "vitray-tune-test"},
@@ -152,7 +152,7 @@ def test_interrupted_search_resumes_with_the_same_command(digits_dir, mlflow_ser
         [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
         for run in children(client, parents[0].info.run_id)
     ]
-    last_step = 3 * (1257 // 64)  # 3 epochs of the 1,257 training digits, batch 64
+    last_step = 3 * (1257 // 128)  # 3 epochs of the 1,257 training digits, batch 128
     finished = [steps for steps in steps_per_run if steps and steps[-1] == last_step]
     assert len(finished) == 2, f"{steps_per_run}\n{second.stdout[-6000:]}"  # both trials
     # A resumed trial continues its own run from its checkpoint: steps never go back to the
