@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def convert_command(args: argparse.Namespace) -> None:
@@ -26,12 +28,6 @@ def convert_command(args: argparse.Namespace) -> None:
         print(f"wrote {out}: vitray -> {args.target}")
 
 
-def tune_command(args: argparse.Namespace) -> None:
-    from jobs import tune
-
-    tune.run(args)
-
-
 def prepare_command(args: argparse.Namespace) -> None:
     from pipeline.prepare import prepare
 
@@ -46,45 +42,16 @@ def prepare_command(args: argparse.Namespace) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from jobs import cluster, demo, evaluate, info, predict, pretrain, submit, visualize
-    from jobs.bench import all as bench_all
-    from jobs.bench import data as bench_data
-    from jobs.bench import finetune as bench_finetune
-    from jobs.bench import model as bench_model
-    from jobs.bench import train as bench_train
+def convert_arguments(p: argparse.ArgumentParser) -> None:
     from jobs.convert import SOURCES, TARGETS
 
-    parser = argparse.ArgumentParser(
-        prog="vitray",
-        description="Vision Transformers trained on Ray, tracked in MLflow.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("info", help="config, parameters and GFLOPs of a preset or checkpoint")
-    info.add_arguments(p)
-    p.set_defaults(func=info.run)
-
-    p = sub.add_parser(
-        "convert",
-        help="convert weights between timm/HF/torchvision/JAX and vitray checkpoints",
-        description="--from FORMAT IN OUT_DIR imports foreign weights into a vitray checkpoint "
-        "directory; --to FORMAT CHECKPOINT OUT exports one (a directory for timm and hf, an "
-        ".npz for jax).",
-    )
     p.add_argument("--from", dest="source", choices=SOURCES, help="import this format")
     p.add_argument("--to", dest="target", choices=TARGETS, help="export to this format")
     p.add_argument("input", help="weights file or directory to read")
     p.add_argument("output", help="where to write")
-    p.set_defaults(func=convert_command)
 
-    p = sub.add_parser(
-        "prepare",
-        help="write images as Parquet shards of their original bytes + manifest.json",
-        description="SRC is an image folder (one subfolder per class), Hugging Face image "
-        "Parquet, WebDataset .tar shards, builtin:digits or builtin:photos?n=N. Every image "
-        "is decoded once to check it; bad files are skipped and listed in the manifest.",
-    )
+
+def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SRC")
     p.add_argument("out", metavar="OUT", help="local output directory")
     p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
@@ -97,121 +64,168 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the row order")
     p.add_argument("--strict", action="store_true", help="fail on the first bad image")
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
-    p.set_defaults(func=prepare_command)
 
-    p = sub.add_parser(
-        "pretrain",
-        help="distributed ViT training on Ray Train, tracked in MLflow",
-        description="Validate the config, build the Ray datasets, train with TorchTrainer. "
-        "Re-running with the same run.name resumes from its latest checkpoint.",
+
+def add_command(
+    sub: Any,
+    name: str,
+    arguments: Callable[[argparse.ArgumentParser], None],
+    func: Callable[[argparse.Namespace], Any],
+    help: str,
+    description: str | None = None,
+) -> None:
+    parser = sub.add_parser(name, help=help, description=description or help)
+    arguments(parser)
+    parser.set_defaults(func=func)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs import cluster, demo, evaluate, info, predict, pretrain, submit, tune, visualize
+    from jobs.bench import all as bench_all
+    from jobs.bench import data as bench_data
+    from jobs.bench import finetune as bench_finetune
+    from jobs.bench import model as bench_model
+    from jobs.bench import train as bench_train
+
+    parser = argparse.ArgumentParser(
+        prog="vitray",
+        description="Vision Transformers trained on Ray, tracked in MLflow.",
     )
-    pretrain.add_arguments(p)
-    p.set_defaults(func=pretrain.run)
-
-    p = sub.add_parser(
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_command(
+        sub,
+        "info",
+        info.add_arguments,
+        info.run,
+        "config, parameters and GFLOPs of a preset or checkpoint",
+    )
+    add_command(
+        sub,
+        "convert",
+        convert_arguments,
+        convert_command,
+        "convert weights between timm/HF/torchvision/JAX and vitray checkpoints",
+        "--from FORMAT IN OUT_DIR imports foreign weights into a vitray checkpoint directory; "
+        "--to FORMAT CHECKPOINT OUT exports one (a directory for timm and hf, an .npz for jax).",
+    )
+    add_command(
+        sub,
+        "prepare",
+        prepare_arguments,
+        prepare_command,
+        "write images as Parquet shards of their original bytes + manifest.json",
+        "SRC is an image folder (one subfolder per class), Hugging Face image Parquet, "
+        "WebDataset .tar shards, builtin:digits or builtin:photos?n=N. Every image is decoded "
+        "once to check it; bad files are skipped and listed in the manifest.",
+    )
+    add_command(
+        sub,
+        "pretrain",
+        pretrain.add_arguments,
+        pretrain.run,
+        "distributed ViT training on Ray Train, tracked in MLflow",
+        "Validate the config, build the Ray datasets, train with TorchTrainer. Re-running with "
+        "the same run.name resumes from its latest checkpoint.",
+    )
+    add_command(
+        sub,
         "finetune",
-        help="fine-tune a checkpoint at a new resolution (posemb interpolated, new head)",
-        description="Start from init.checkpoint (a vitray checkpoint directory, runs:/..., "
+        pretrain.add_arguments,
+        pretrain.run,
+        "fine-tune a checkpoint at a new resolution (posemb interpolated, new head)",
+        "Start from init.checkpoint (a vitray checkpoint directory, runs:/..., "
         "models:/NAME/VERSION or models:/NAME@ALIAS, timm:PATH, hf:PATH, torchvision:PATH, "
         "jax:PATH.npz), resize the position embeddings to data.image_size, log the resized "
         "checkpoint to MLflow, then train as pretrain does.",
     )
-    pretrain.add_arguments(p)
-    p.set_defaults(func=pretrain.run)
-
-    p = sub.add_parser(
-        "visualize",
-        help="the paper's figures for a checkpoint: E's filters, posemb similarity, attention",
-        description="Principal components of the patch embedding, position-embedding "
-        "similarity, and with --data mean attention distance per head and attention rollout "
-        "on real images. PNGs under --out; with --mlflow-run also logged to that run.",
-    )
-    visualize.add_arguments(p)
-    p.set_defaults(func=visualize.run)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="top-1/top-5, per-class accuracy and a confusion matrix, logged to MLflow",
-        description="Score a checkpoint on a split of a dataset (eval transforms at the "
-        "checkpoint's image size); log the metrics and the confusion-matrix figure to "
-        "--mlflow-run, or to a new run in --experiment.",
-    )
-    evaluate.add_arguments(p)
-    p.set_defaults(func=evaluate.run)
-
-    p = sub.add_parser(
-        "predict",
-        help="batch inference on Ray Data: Parquet with id, top-k labels and scores",
-        description="Read, decode and patchify on Ray Data tasks, classify on an actor pool "
-        "(a GPU per actor when the cluster has GPUs), write Parquet. Images that do not "
-        "decode are written with ok=false and counted, not fatal.",
-    )
-    predict.add_arguments(p)
-    p.set_defaults(func=predict.run)
-
-    p = sub.add_parser(
-        "submit",
-        help="run a vitray command as a Ray Job on a cluster, stream its logs",
-        description="vitray submit [--address URL] [--no-wait] -- pretrain --config ... "
-        "ships this project (or uses --image), streams the job's logs, exits with its status "
-        "and prints the MLflow run it logged to.",
-    )
-    submit.add_submit_arguments(p)
-    p.set_defaults(func=submit.submit_command)
-
-    p = sub.add_parser("jobs", help="list, status, logs [--follow], stop Ray Jobs")
-    submit.add_jobs_arguments(p)
-    p.set_defaults(func=submit.jobs_command)
-
-    p = sub.add_parser(
-        "cluster",
-        help="start/stop a local multi-node Ray cluster + MLflow server on 127.0.0.1",
-        description="vitray cluster local up [--workers N] [--cpus C]: a Ray head and N worker "
-        "nodes (dashboard and job server included) and an MLflow server (SQLite, local "
-        "artifacts), all bound to 127.0.0.1; `down` stops exactly what `up` started.",
-    )
-    cluster.add_arguments(p)
-    p.set_defaults(func=cluster.run)
-
-    p = sub.add_parser(
-        "demo",
-        help="prepare digits, pretrain at 16 px, tune fine-tunes at 32 px, register the best",
-        description="The paper's recipe end to end on scikit-learn's real digits with a "
-        "local Ray and the local MLflow store (or MLFLOW_TRACKING_URI): what `make demo` runs.",
-    )
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
-
-    p = sub.add_parser(
+    add_command(
+        sub,
         "tune",
-        help="a Ray Tune search of fine-tunes (ASHA), best model registered in MLflow",
-        description="Sample the config keys in tune.space (loguniform, uniform, randint, "
-        "choice, grid), run each trial as a full training run, stop weak ones early (ASHA), "
-        "log a parent MLflow run with one nested run per trial, register the best checkpoint "
-        "as tune.register_as@tune.alias. Re-running the same command resumes the search.",
+        pretrain.add_arguments,
+        tune.run,
+        "a Ray Tune search of fine-tunes (ASHA), best model registered in MLflow",
+        "Sample the config keys in tune.space (loguniform, uniform, randint, choice, grid), "
+        "run each trial as a full training run, stop weak ones early (ASHA), log a parent "
+        "MLflow run with one nested run per trial, register the best checkpoint as "
+        "tune.register_as@tune.alias. Re-running the same command resumes the search.",
     )
-    pretrain.add_arguments(p)
-    p.set_defaults(func=tune_command)
+    add_command(
+        sub,
+        "demo",
+        demo.add_arguments,
+        demo.run,
+        "prepare digits, pretrain at 16 px, tune fine-tunes at 32 px, register the best",
+        "The paper's recipe end to end on scikit-learn's real digits with a local Ray and the "
+        "local MLflow store (or MLFLOW_TRACKING_URI): what `make demo` runs.",
+    )
+    add_command(
+        sub,
+        "visualize",
+        visualize.add_arguments,
+        visualize.run,
+        "the paper's figures for a checkpoint: E's filters, posemb similarity, attention",
+        "Principal components of the patch embedding, position-embedding similarity, and with "
+        "--data mean attention distance per head and attention rollout on real images. PNGs "
+        "under --out; with --mlflow-run also logged to that run.",
+    )
+    add_command(
+        sub,
+        "evaluate",
+        evaluate.add_arguments,
+        evaluate.run,
+        "top-1/top-5, per-class accuracy and a confusion matrix, logged to MLflow",
+        "Score a checkpoint on a split of a dataset (eval transforms at the checkpoint's image "
+        "size); log the metrics and the confusion-matrix figure to --mlflow-run, or to a new "
+        "run in --experiment.",
+    )
+    add_command(
+        sub,
+        "predict",
+        predict.add_arguments,
+        predict.run,
+        "batch inference on Ray Data: Parquet with id, top-k labels and scores",
+        "Read, decode and patchify on Ray Data tasks, classify on an actor pool (a GPU per "
+        "actor when the cluster has GPUs), write Parquet. Images that do not decode are "
+        "written with ok=false and counted, not fatal.",
+    )
+    add_command(
+        sub,
+        "submit",
+        submit.add_submit_arguments,
+        submit.submit_command,
+        "run a vitray command as a Ray Job on a cluster, stream its logs",
+        "vitray submit [--address URL] [--no-wait] -- pretrain --config ... ships this project "
+        "(or uses --image), streams the job's logs, exits with its status and prints the "
+        "MLflow run it logged to.",
+    )
+    add_command(
+        sub,
+        "jobs",
+        submit.add_jobs_arguments,
+        submit.jobs_command,
+        "list, status, logs [--follow], stop Ray Jobs",
+    )
+    add_command(
+        sub,
+        "cluster",
+        cluster.add_arguments,
+        cluster.run,
+        "start/stop a local multi-node Ray cluster + MLflow server on 127.0.0.1",
+        "vitray cluster local up [--workers N] [--cpus C]: a Ray head and N worker nodes "
+        "(dashboard and job server included) and an MLflow server (SQLite, local artifacts), "
+        "all bound to 127.0.0.1; `down` stops exactly what `up` started.",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks; results printed and written as JSON")
-    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    p = bench_sub.add_parser("all", help="every benchmark, one JSON (GPU models when present)")
-    bench_all.add_arguments(p)
-    p.set_defaults(func=bench_all.run)
-    p = bench_sub.add_parser("model", help="training step of our ViT vs timm's, same process")
-    bench_model.add_arguments(p)
-    p.set_defaults(func=bench_model.run)
-    p = bench_sub.add_parser("data", help="Ray Data pipeline vs DataLoader vs one process")
-    bench_data.add_arguments(p)
-    p.set_defaults(func=bench_data.run)
-    p = bench_sub.add_parser(
-        "finetune", help="posemb interpolated vs re-initialised vs scratch, at equal budget"
-    )
-    bench_finetune.add_arguments(p)
-    p.set_defaults(func=bench_finetune.run)
-    p = bench_sub.add_parser("train", help="Ray-Data-fed vs in-memory training, Ray Train cost")
-    bench_train.add_arguments(p)
-    p.set_defaults(func=bench_train.run)
+    benches = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, module, help in [
+        ("all", bench_all, "every benchmark, one JSON (GPU models when present)"),
+        ("model", bench_model, "training step of our ViT vs timm's, same process"),
+        ("data", bench_data, "Ray Data pipeline vs DataLoader vs one process"),
+        ("train", bench_train, "Ray-Data-fed vs in-memory training, Ray Train cost"),
+        ("finetune", bench_finetune, "posemb interpolated vs re-initialised vs scratch"),
+    ]:
+        add_command(benches, name, module.add_arguments, module.run, help)
     return parser
 
 
