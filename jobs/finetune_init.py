@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from jobs.checkpoints import fetch_checkpoint
 from jobs.config import JobConfig
 from vit import ViTConfig, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from vit.checkpoint import WEIGHTS_FILE
 
 INIT_ARTIFACT = "init_checkpoint"
 
@@ -26,6 +28,7 @@ class Start:
     state: dict[str, torch.Tensor]
     directory: Path  # the resized checkpoint, as written
     tags: dict[str, str]
+    before: tuple[torch.Tensor, tuple[int, int]] | None = None  # posemb and grid, pre-resize
 
 
 def grid_text(config: ViTConfig) -> str:
@@ -69,7 +72,9 @@ def resized_start(
         f"{tags['vitray.init.head']}",
         flush=True,
     )
-    return Start(config, model.state_dict(), Path(directory), tags)
+    source_posemb = load_file(source_dir / WEIGHTS_FILE).get("pos_embed")
+    before = (source_posemb, source.grid_size) if source_posemb is not None else None
+    return Start(config, model.state_dict(), Path(directory), tags, before)
 
 
 def log_start(start: Start, run_id: str, uri: str) -> None:

@@ -174,12 +174,15 @@ def fit(cfg: JobConfig, kind: str = "pretrain", materialize: bool = False) -> Ou
     # FAILED if training raises, FINISHED after the outcome is logged.
     with mlflow.start_run(run_id=run_id, log_system_metrics=True):
         result = trainer.fit()
-        log_outcome(cfg, result, run_id, uri)
+        log_outcome(cfg, result, run_id, uri, plan.start)
     return Outcome(cfg, result, run_id, uri)
 
 
-def log_outcome(cfg: JobConfig, result: Any, run_id: str, uri: str) -> None:
-    """Driver-side MLflow: the resolved config, the final and the best checkpoints."""
+def log_outcome(
+    cfg: JobConfig, result: Any, run_id: str, uri: str, start: Start | None = None
+) -> None:
+    """Driver-side MLflow: the resolved config, the final and the best checkpoints, and the
+    figures of the best (a fine-tune's posemb similarity before and after the resize)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -194,7 +197,8 @@ def log_outcome(cfg: JobConfig, result: Any, run_id: str, uri: str) -> None:
             client.log_artifacts(run_id, d, "checkpoint/best")
             log_vit_model(d)  # the best checkpoint, ready for the model registry
             with tempfile.TemporaryDirectory() as out:
-                log_figures(d, cfg.data, run_id, uri, Path(out))
+                before = start.before if start else None
+                log_figures(d, cfg.data, run_id, uri, Path(out), before=before)
         client.set_tag(run_id, "best_val_top1", f"{metrics.get('val_top1', 0):.4f}")
 
 

@@ -34,7 +34,9 @@ def sample_batch(model: ViT, data: DataConfig, n: int) -> torch.Tensor:
 
 
 def figures(
-    model: ViT, patches: torch.Tensor | None, source_pos_embed: torch.Tensor | None = None
+    model: ViT,
+    patches: torch.Tensor | None,
+    before: tuple[torch.Tensor, tuple[int, int]] | None = None,
 ) -> dict:
     """name -> matplotlib Figure; attention figures only when images are given."""
     c = model.config
@@ -46,12 +48,11 @@ def figures(
     if c.posemb == "learn":
         sim = posemb_similarity(model.pos_embed, c.grid_size, c.num_prefix_tokens)
         out["posemb_similarity.png"] = plots.posemb_similarity(sim, f"grid {c.grid_size}")
-    if source_pos_embed is not None:
-        n = source_pos_embed.shape[1] - c.num_prefix_tokens
-        side = int(n**0.5)
-        sim = posemb_similarity(source_pos_embed, (side, side), c.num_prefix_tokens)
+    if before is not None:
+        pos_embed, grid = before
+        sim = posemb_similarity(pos_embed, grid, c.num_prefix_tokens)
         out["posemb_similarity_before_resize.png"] = plots.posemb_similarity(
-            sim, f"before resize: grid {(side, side)}"
+            sim, f"before resize: grid {grid}"
         )
     if patches is not None and len(patches):
         model.eval()
@@ -69,14 +70,20 @@ def figures(
 
 
 def log_figures(
-    checkpoint_dir: str | Path, data: DataConfig | None, run_id: str | None, uri: str, out: Path
+    checkpoint_dir: str | Path,
+    data: DataConfig | None,
+    run_id: str | None,
+    uri: str,
+    out: Path,
+    before: tuple[torch.Tensor, tuple[int, int]] | None = None,
 ) -> list[Path]:
-    """Write every figure under `out`; log them to `run_id` under figures/ when given."""
+    """Write every figure under `out`; log them to `run_id` under figures/ when given.
+    `before`: a fine-tune's position embeddings and grid before the resize, drawn too."""
     model = load_checkpoint(checkpoint_dir).eval()
     patches = sample_batch(model, data, 16) if data is not None else None
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, fig in figures(model, patches).items():
+    for name, fig in figures(model, patches, before).items():
         fig.savefig(out / name, dpi=120)
         plots.close(fig)
         written.append(out / name)

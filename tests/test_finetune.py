@@ -67,6 +67,11 @@ def test_finetune_at_32px_resizes_posemb_new_head_and_beats_linear_probe(
         start["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"]
     )
     assert read_checkpoint_meta(start_dir)["model"]["image_size"] == [32, 32]
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {
+        "figures/posemb_similarity.png",
+        "figures/posemb_similarity_before_resize.png",
+    } <= figures
 
 
 def test_finetune_from_an_mlflow_uri_and_from_timm_weights(pretrained, digits_dir, mlflow_server):
