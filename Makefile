@@ -19,7 +19,7 @@ demo: $(STAMP)
 	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(BIN)/vitray demo
 
 test: $(STAMP) lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check vit pipeline jobs tests

@@ -91,7 +91,7 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
         "submit", "--address", local_cluster["dashboard"], "--",
         "pretrain", "--config", "jobs/configs/demo-pretrain.yaml",
         "--set", f"data.dataset={digits_dir / 'digits'}",
-        "--set", "train.max_steps=20",
+        "--set", "train.max_steps=10",
         "--set", "scaling.placement_strategy=SPREAD",
         "--set", "data.cpus_per_task=0.25",
         "--set", f"run.storage_path={tmp_path / 'runs'}",
@@ -100,7 +100,7 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
         **local_cluster["env"],
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "SUCCEEDED" in run.stdout and "step 20/20" in run.stdout
+    assert "SUCCEEDED" in run.stdout and "step 10/10" in run.stdout
     assert len(train_worker_nodes(local_cluster)) == 2  # one Train worker on each node
     job_id = run.stdout.split("submitted ", 1)[1].split(":", 1)[0]
 
@@ -108,7 +108,7 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
     experiment = client.get_experiment_by_name("cluster-test")
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
     assert mlflow_run.info.status == "FINISHED"
-    assert mlflow_run.data.metrics["step"] == 20 and "val_top1" in mlflow_run.data.metrics
+    assert mlflow_run.data.metrics["step"] == 10 and "val_top1" in mlflow_run.data.metrics
     assert mlflow_run.data.tags["ray.nodes"] == "2"
     files = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "checkpoint/final")}
     assert "checkpoint/final/model.safetensors" in files
@@ -117,7 +117,7 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
     logs = vitray(
         "jobs", "logs", job_id, "--address", local_cluster["dashboard"], **local_cluster["env"]
     )
-    assert logs.returncode == 0 and "step 20/20" in logs.stdout
+    assert logs.returncode == 0 and "step 10/10" in logs.stdout
     listed = vitray("jobs", "list", "--address", local_cluster["dashboard"], **local_cluster["env"])
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
 
