@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,19 @@ def mlflow_run_of(logs: str) -> str | None:
     return f"{found[-1][1]} run {found[-1][0]}" if found else None
 
 
+def submit_when_ready(jobs: Any, entrypoint: str, env: dict[str, Any], wait_s: float = 120) -> str:
+    """Submit; a cluster that just started answers "No available agent" for a while."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=entrypoint, runtime_env=env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            print("the cluster's job agent is not up yet; retrying", flush=True)
+            time.sleep(3)
+
+
 def submit(
     command: list[str], address: str | None, wait: bool = True, image: str | None = None
 ) -> int:
@@ -84,7 +98,7 @@ def submit(
         raise ValueError("nothing to submit: vitray submit -- pretrain --config ...")
     jobs = client(address)
     entrypoint = shlex.join(["python", "-m", "jobs.cli", *command])
-    job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(image))
+    job_id = submit_when_ready(jobs, entrypoint, runtime_env(image))
     print(f"submitted {job_id}: {entrypoint}", flush=True)
     if not wait:
         print(f"follow it: vitray jobs logs {job_id} --follow")
