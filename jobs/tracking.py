@@ -69,7 +69,6 @@ def checkpointed_run_id(run_dir: str) -> str | None:
 
 def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
     """The MLflow run of this `run.name`: the unfinished one it left, or a new one."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -97,7 +96,14 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
         "mlflow.runName": cfg.run.name,
     }
     run = client.create_run(experiment_id, tags=tags, run_name=cfg.run.name)
+    log_config_params(client, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def log_config_params(client, run_id: str, cfg: JobConfig) -> None:
+    """Every config key as a param, in batches of MLflow's limit of 100."""
+    import mlflow
+
     params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
     for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
-    return run.info.run_id
+        client.log_batch(run_id, params=params[i : i + 100])

@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from ray.tune import Callback, Stopper
 
-from jobs.config import JobConfig, flatten, load_config, with_values
+from jobs.config import JobConfig, load_config, with_values
 from jobs.pretrain import Plan, build_datasets, build_trainer, ensure_ray, make_plan, storage_dir
-from jobs.tracking import check_reachable, open_run, tracking_uri
+from jobs.tracking import check_reachable, log_config_params, open_run, tracking_uri
 from jobs.train import Runner, run_training
 from pipeline.dataset import ensure_prepared
 
@@ -125,7 +125,6 @@ class SearchStopped(RuntimeError):
 
 def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) -> str:
     """The trial's nested run: the one its checkpoint names when resumed, else a new one."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -135,9 +134,7 @@ def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) ->
         run_name=trial_name,
         tags={"mlflow.parentRunId": parent_id, "vitray.kind": "tune-trial"},
     )
-    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    log_config_params(client, run.info.run_id, cfg)
     return run.info.run_id
 
 
