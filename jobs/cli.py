@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -66,173 +67,147 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
 
 
-def add_command(
-    sub: Any,
-    name: str,
-    arguments: Callable[[argparse.ArgumentParser], None],
-    func: Callable[[argparse.Namespace], Any],
-    help: str,
-    description: str | None = None,
-) -> None:
-    parser = sub.add_parser(name, help=help, description=description or help)
-    arguments(parser)
-    parser.set_defaults(func=func)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from jobs import cluster, demo, evaluate, info, predict, pretrain, submit, tune, visualize
-    from jobs.bench import all as bench_all
-    from jobs.bench import data as bench_data
-    from jobs.bench import finetune as bench_finetune
-    from jobs.bench import model as bench_model
-    from jobs.bench import train as bench_train
-
-    parser = argparse.ArgumentParser(
-        prog="vitray",
-        description="Vision Transformers trained on Ray, tracked in MLflow.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_command(
-        sub,
-        "info",
-        info.add_arguments,
-        info.run,
-        "config, parameters and GFLOPs of a preset or checkpoint",
-    )
-    add_command(
-        sub,
-        "convert",
-        convert_arguments,
-        convert_command,
+# name -> (module, help, description). A module defines add_arguments(parser) and
+# run(args); "module:prefix" takes prefix_arguments / prefix_command instead. Only the
+# chosen command's module is imported: `vitray --help` does not wait for torch and Ray.
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "info": ("jobs.info", "config, parameters and GFLOPs of a preset or checkpoint", None),
+    "convert": (
+        "jobs.cli:convert",
         "convert weights between timm/HF/torchvision/JAX and vitray checkpoints",
         "--from FORMAT IN OUT_DIR imports foreign weights into a vitray checkpoint directory; "
         "--to FORMAT CHECKPOINT OUT exports one (a directory for timm and hf, an .npz for jax).",
-    )
-    add_command(
-        sub,
-        "prepare",
-        prepare_arguments,
-        prepare_command,
+    ),
+    "prepare": (
+        "jobs.cli:prepare",
         "write images as Parquet shards of their original bytes + manifest.json",
         "SRC is an image folder (one subfolder per class), Hugging Face image Parquet, "
         "WebDataset .tar shards, builtin:digits or builtin:photos?n=N. Every image is decoded "
         "once to check it; bad files are skipped and listed in the manifest.",
-    )
-    add_command(
-        sub,
-        "pretrain",
-        pretrain.add_arguments,
-        pretrain.run,
+    ),
+    "pretrain": (
+        "jobs.pretrain",
         "distributed ViT training on Ray Train, tracked in MLflow",
         "Validate the config, build the Ray datasets, train with TorchTrainer. Re-running with "
         "the same run.name resumes from its latest checkpoint.",
-    )
-    add_command(
-        sub,
-        "finetune",
-        pretrain.add_arguments,
-        pretrain.run,
+    ),
+    "finetune": (
+        "jobs.pretrain",
         "fine-tune a checkpoint at a new resolution (posemb interpolated, new head)",
         "Start from init.checkpoint (a vitray checkpoint directory, runs:/..., "
         "models:/NAME/VERSION or models:/NAME@ALIAS, timm:PATH, hf:PATH, torchvision:PATH, "
         "jax:PATH.npz), resize the position embeddings to data.image_size, log the resized "
         "checkpoint to MLflow, then train as pretrain does.",
-    )
-    add_command(
-        sub,
-        "tune",
-        pretrain.add_arguments,
-        tune.run,
+    ),
+    "tune": (
+        "jobs.tune",
         "a Ray Tune search of fine-tunes (ASHA), best model registered in MLflow",
         "Sample the config keys in tune.space (loguniform, uniform, randint, choice, grid), "
         "run each trial as a full training run, stop weak ones early (ASHA), log a parent "
         "MLflow run with one nested run per trial, register the best checkpoint as "
         "tune.register_as@tune.alias. Re-running the same command resumes the search.",
-    )
-    add_command(
-        sub,
-        "demo",
-        demo.add_arguments,
-        demo.run,
+    ),
+    "demo": (
+        "jobs.demo",
         "prepare digits, pretrain at 16 px, tune fine-tunes at 32 px, register the best",
         "The paper's recipe end to end on scikit-learn's real digits with a local Ray and the "
         "local MLflow store (or MLFLOW_TRACKING_URI): what `make demo` runs.",
-    )
-    add_command(
-        sub,
-        "visualize",
-        visualize.add_arguments,
-        visualize.run,
+    ),
+    "visualize": (
+        "jobs.visualize",
         "the paper's figures for a checkpoint: E's filters, posemb similarity, attention",
         "Principal components of the patch embedding, position-embedding similarity, and with "
         "--data mean attention distance per head and attention rollout on real images. PNGs "
         "under --out; with --mlflow-run also logged to that run.",
-    )
-    add_command(
-        sub,
-        "evaluate",
-        evaluate.add_arguments,
-        evaluate.run,
+    ),
+    "evaluate": (
+        "jobs.evaluate",
         "top-1/top-5, per-class accuracy and a confusion matrix, logged to MLflow",
         "Score a checkpoint on a split of a dataset (eval transforms at the checkpoint's image "
         "size); log the metrics and the confusion-matrix figure to --mlflow-run, or to a new "
         "run in --experiment.",
-    )
-    add_command(
-        sub,
-        "predict",
-        predict.add_arguments,
-        predict.run,
+    ),
+    "predict": (
+        "jobs.predict",
         "batch inference on Ray Data: Parquet with id, top-k labels and scores",
         "Read, decode and patchify on Ray Data tasks, classify on an actor pool (a GPU per "
         "actor when the cluster has GPUs), write Parquet. Images that do not decode are "
         "written with ok=false and counted, not fatal.",
-    )
-    add_command(
-        sub,
-        "submit",
-        submit.add_submit_arguments,
-        submit.submit_command,
+    ),
+    "submit": (
+        "jobs.submit:submit",
         "run a vitray command as a Ray Job on a cluster, stream its logs",
         "vitray submit [--address URL] [--no-wait] -- pretrain --config ... ships this project "
         "(or uses --image), streams the job's logs, exits with its status and prints the "
         "MLflow run it logged to.",
-    )
-    add_command(
-        sub,
-        "jobs",
-        submit.add_jobs_arguments,
-        submit.jobs_command,
-        "list, status, logs [--follow], stop Ray Jobs",
-    )
-    add_command(
-        sub,
-        "cluster",
-        cluster.add_arguments,
-        cluster.run,
+    ),
+    "jobs": ("jobs.submit:jobs", "list, status, logs [--follow], stop Ray Jobs", None),
+    "cluster": (
+        "jobs.cluster",
         "start/stop a local multi-node Ray cluster + MLflow server on 127.0.0.1",
         "vitray cluster local up [--workers N] [--cpus C]: a Ray head and N worker nodes "
         "(dashboard and job server included) and an MLflow server (SQLite, local artifacts), "
         "all bound to 127.0.0.1; `down` stops exactly what `up` started.",
-    )
+    ),
+}
+BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
+    "all": ("jobs.bench.all", "every benchmark, one JSON (GPU models when present)", None),
+    "model": ("jobs.bench.model", "training step of our ViT vs timm's, same process", None),
+    "data": ("jobs.bench.data", "Ray Data pipeline vs DataLoader vs one process", None),
+    "train": ("jobs.bench.train", "Ray-Data-fed vs in-memory training, Ray Train cost", None),
+    "finetune": ("jobs.bench.finetune", "posemb interpolated vs re-initialised vs scratch", None),
+}
 
+
+def entry_points(spec: str) -> tuple[Callable[..., None], Callable[..., Any]]:
+    """(add_arguments, run) of a "module" or "module:prefix" spec."""
+    module_name, _, prefix = spec.partition(":")
+    module = importlib.import_module(module_name)
+    if prefix:
+        return getattr(module, f"{prefix}_arguments"), getattr(module, f"{prefix}_command")
+    return module.add_arguments, module.run
+
+
+def add_commands(
+    sub: Any, table: dict[str, tuple[str, str, str | None]], chosen: str | None
+) -> None:
+    """One subparser per entry; only the chosen one imports its module for its options."""
+    for name, (spec, help, description) in table.items():
+        parser = sub.add_parser(name, help=help, description=description or help)
+        if name == chosen:
+            arguments, run = entry_points(spec)
+            arguments(parser)
+            parser.set_defaults(func=run)
+
+
+def chosen_commands(argv: list[str]) -> tuple[str | None, str | None]:
+    """The command (and benchmark) named in argv, before argparse sees it."""
+    words = [a for a in argv if not a.startswith("-")]
+    command = words[0] if words else None
+    benchmark = words[1] if command == "bench" and len(words) > 1 else None
+    return command, benchmark
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; with argv, only the named command's module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="vitray",
+        description="Vision Transformers trained on Ray, tracked in MLflow.",
+    )
+    command, benchmark = chosen_commands(argv) if argv is not None else (None, None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(sub, COMMANDS, command)
     bench = sub.add_parser("bench", help="benchmarks; results printed and written as JSON")
     benches = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    for name, module, help in [
-        ("all", bench_all, "every benchmark, one JSON (GPU models when present)"),
-        ("model", bench_model, "training step of our ViT vs timm's, same process"),
-        ("data", bench_data, "Ray Data pipeline vs DataLoader vs one process"),
-        ("train", bench_train, "Ray-Data-fed vs in-memory training, Ray Train cost"),
-        ("finetune", bench_finetune, "posemb interpolated vs re-initialised vs scratch"),
-    ]:
-        add_command(benches, name, module.add_arguments, module.run, help)
+    add_commands(benches, BENCHMARKS, benchmark)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in logs as they come
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: exit 2

@@ -142,7 +142,7 @@ def submit_command(args: argparse.Namespace) -> None:
     raise SystemExit(submit(command, args.address, wait=not args.no_wait, image=args.image))
 
 
-def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+def submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="the Ray dashboard URL (default: RAY_ADDRESS)")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
     parser.add_argument("--image", help="a container image holding vitray (else ship the code)")
@@ -151,7 +151,7 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
+def jobs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list", "status", "logs", "stop"])
     parser.add_argument("job_id", nargs="?", help="a submission id (raysubmit_...)")
     parser.add_argument("--follow", action="store_true", help="logs: stream until the job ends")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from jobs.cli import build_parser
+from jobs.cli import COMMANDS
 from jobs.config import load_config
 
 ROOT = Path(__file__).parent.parent
@@ -107,7 +107,7 @@ def test_kuberay_specs_match_the_schema_and_request_gpus_on_workers_only():
 
 
 def test_rayjob_entrypoints_are_vitray_commands_with_shipped_configs_and_enough_gpus():
-    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    commands = set(COMMANDS)
     for name, doc, spec in cluster_specs():
         if doc["kind"] != "RayJob":
             continue
