@@ -164,22 +164,28 @@ def alive(pid: int) -> bool:
     return True
 
 
-def stop_pids(pids: list[int], seconds: float = 60) -> list[int]:
-    """SIGTERM each process group we started, then SIGKILL what is left; returns survivors."""
+def wait_gone(pids: list[int], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def stop_pids(pids: list[int], seconds: float = 10) -> list[int]:
+    """SIGTERM each process group we started, then SIGKILL what is left; returns survivors.
+    MLflow and worker nodes stop in seconds; a head node under `ray start --block` takes
+    ~35 s to shut its services down one by one, with nothing to save: it gets 10 s."""
     for pid in reversed(pids):  # workers and MLflow before the head
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + seconds
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_gone(pids, seconds)
     for pid in pids:
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    time.sleep(0.5)
+    wait_gone(pids, 10)  # a killed process is gone once its parent has reaped it
     return [p for p in pids if alive(p)]
 
 

@@ -95,7 +95,8 @@ def digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pretrained(ray_local, digits_dir) -> Path:
     """A micro/4 digits model pretrained at 16 px for 400 steps (in this process: the
-    loop every job runs, without Ray Train's start-up; no MLflow)."""
+    loop every job runs, without Ray Train's start-up; no MLflow). Batch 64 at lr 1e-3:
+    measured val ~0.89; batch 32 at the demo's 3e-3 sat near chance for 6 epochs."""
     from jobs.config import load_config
     from jobs.inprocess import train_in_process
 
@@ -105,7 +106,8 @@ def pretrained(ray_local, digits_dir) -> Path:
             f"data.dataset={digits_dir / 'digits'}",
             "scaling.num_workers=1",
             "scaling.cpus_per_worker=1",
-            "train.batch_size=32",
+            "train.batch_size=64",
+            "train.lr=0.001",
             "train.max_steps=400",
             "mlflow.enabled=false",
         ],

@@ -44,8 +44,9 @@ def test_finetune_at_32px_resizes_posemb_new_head_and_learns(pretrained, digits_
     probe = linear_probe_accuracy(start_model, cfg.data)
     outcome = fit(cfg, kind="finetune")
     tuned = outcome.result.metrics["val_top1"]
-    # Measured: a 120-200 step fine-tune does NOT reliably beat this probe (0.44 vs 0.48 in
-    # one run, ahead in others), so the probe is reported, and learning is what is asserted.
+    # Measured: the probe is not reliably beaten in this budget (in-process from a val-0.89
+    # start: probe 0.85, fine-tune 0.81-0.84; under Ray Train once 0.58 vs 0.70). Learning
+    # is what is asserted; the probe is reported.
     print(f"fine-tuned {tuned:.3f} vs linear probe {probe:.3f}")
     assert tuned > 0.25, f"fine-tuned {tuned:.3f} (chance 0.1), linear probe {probe:.3f}"
 

@@ -58,29 +58,17 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_rerun_resumes_from_checkpoint_and_same_mlflow_run(ray_local, digits_dir, mlflow_server):
-    tmp = digits_dir / "resume"
-    tmp.mkdir()
-    first = fit(config(tmp, mlflow_server, **{"train.max_steps": 20, "run.name": "again"}))
-    assert first.result.metrics["step"] == 20
-    second = fit(config(tmp, mlflow_server, **{"train.max_steps": 30, "run.name": "again"}))
-    assert second.result.metrics["step"] == 30
-    assert second.mlflow_run_id == first.mlflow_run_id
-    from mlflow import MlflowClient
-
-    steps = [
-        m.step for m in MlflowClient(mlflow_server).get_metric_history(first.mlflow_run_id, "loss")
-    ]
-    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step trained twice
-
-
 def test_unreachable_tracking_server_fails_at_start(tmp_path):
     cfg = config(tmp_path, f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionError, match="not reachable"):
         fit(cfg)
 
 
-def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, digits_dir, mlflow_server):
+def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
+    ray_local, digits_dir, mlflow_server
+):
+    """A worker killed mid-run: Ray Train restarts from the last checkpoint and finishes.
+    The same command again, with more steps: it resumes there, in the same MLflow run."""
     import threading
 
     import psutil
@@ -104,10 +92,20 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_local, digits_d
     assert workers, "no Ray Train worker process found"
     workers[-1].kill()  # SIGKILL, mid-run, after the first checkpoint
     thread.join(timeout=600)
-    result = outcome["done"].result
-    assert result.metrics["step"] == 60  # the planned step count, not more, not less
-    runs = MlflowClient(mlflow_server).search_runs(
-        [MlflowClient(mlflow_server).get_experiment_by_name("vitray-demo").experiment_id],
+    first = outcome["done"]
+    assert first.result.metrics["step"] == 60  # the planned step count, not more, not less
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("vitray-demo").experiment_id],
         filter_string="tags.`vitray.run_dir` = '" + str(run_dir) + "'",
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+    finished_at = time.time() * 1000
+    again = fit(config(tmp, mlflow_server, **{"train.max_steps": 70, "run.name": "kill"}))
+    assert again.result.metrics["step"] == 70
+    assert again.mlflow_run_id == first.mlflow_run_id
+    history = client.get_metric_history(first.mlflow_run_id, "loss")
+    rerun_steps = sorted(m.step for m in history if m.timestamp > finished_at)
+    assert rerun_steps and rerun_steps[0] > 60 and rerun_steps[-1] == 70  # not from step 0
+    assert len(rerun_steps) == len(set(rerun_steps))
