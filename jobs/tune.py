@@ -26,6 +26,7 @@ from ray.tune import Callback, Stopper
 
 from jobs.config import JobConfig, load_config, with_values
 from jobs.pretrain import Plan, build_datasets, build_trainer, ensure_ray, make_plan, storage_dir
+from jobs.pretrain import add_arguments as job_arguments
 from jobs.tracking import check_reachable, log_config_params, open_run, tracking_uri
 from jobs.train import Runner, run_training
 from pipeline.dataset import ensure_prepared
@@ -341,6 +342,11 @@ def finish(
 
         log_search(outcome, plan)
     return outcome
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every job: --config and --set; the search is the config's tune:."""
+    job_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:

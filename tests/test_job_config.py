@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
+from jobs.cli import BENCHMARKS, COMMANDS, main
 from jobs.config import ConfigError, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
@@ -50,3 +50,14 @@ def test_cli_exits_2_before_ray_starts(capsys):
 def test_smoke_shrinks_the_run():
     cfg = load_config(DEMO, ["smoke=true"])
     assert 0 < cfg.train.max_steps <= 20
+
+
+@pytest.mark.parametrize(
+    "argv", [[name] for name in COMMANDS] + [["bench", name] for name in BENCHMARKS], ids=str
+)
+def test_every_command_explains_itself(argv, capsys):
+    """`vitray COMMAND --help` imports the command's module and lists its options."""
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--help"])
+    assert exit.value.code == 0
+    assert f"usage: vitray {' '.join(argv)}" in capsys.readouterr().out
