@@ -188,13 +188,13 @@ def chosen_commands(argv: list[str]) -> tuple[str | None, str | None]:
     return command, benchmark
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The full parser; with argv, only the named command's module is imported."""
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Every command's help; options (and the module import) only for the one in argv."""
     parser = argparse.ArgumentParser(
         prog="vitray",
         description="Vision Transformers trained on Ray, tracked in MLflow.",
     )
-    command, benchmark = chosen_commands(argv) if argv is not None else (None, None)
+    command, benchmark = chosen_commands(argv)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_commands(sub, COMMANDS, command)
     bench = sub.add_parser("bench", help="benchmarks; results printed and written as JSON")
