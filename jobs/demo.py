@@ -38,10 +38,18 @@ def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     dataset = ensure_prepared("builtin:digits")
     ensure_ray()
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # each demo makes new runs; --set run.name wins
     common = [f"data.dataset={dataset}", *args.set]
-    pretrained = fit(load_config(CONFIGS / "demo-pretrain.yaml", common))
+    pretrain_cfg = load_config(
+        CONFIGS / "demo-pretrain.yaml", [f"run.name=demo-pretrain-{stamp}", *common]
+    )
+    pretrained = fit(pretrain_cfg)
     source = f"runs:/{pretrained.mlflow_run_id}/checkpoint/best"
-    tuned = search(load_config(CONFIGS / "demo-tune.yaml", [f"init.checkpoint={source}", *common]))
+    tune_cfg = load_config(
+        CONFIGS / "demo-tune.yaml",
+        [f"run.name=demo-tune-{stamp}", f"init.checkpoint={source}", *common],
+    )
+    tuned = search(tune_cfg)
 
     uri = tracking_uri(tuned.config.mlflow)
     client = MlflowClient(uri)

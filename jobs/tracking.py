@@ -67,6 +67,15 @@ def checkpointed_run_id(run_dir: str) -> str | None:
     return state.get("mlflow_run_id") or None
 
 
+def run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
 def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
     """The MLflow run of this `run.name`: the unfinished one it left, or a new one."""
     from mlflow import MlflowClient
@@ -77,6 +86,13 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
         experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
     )
     run_id = checkpointed_run_id(run_dir)
+    if run_id is not None and not run_exists(client, run_id):
+        print(
+            f"warning: the checkpoints in {run_dir} were logged to MLflow run {run_id}, which "
+            f"{uri} does not have; logging to a new run",
+            flush=True,
+        )
+        run_id = None
     if run_id is None:  # stopped before its first checkpoint: its run is still unfinished
         found = client.search_runs(
             [experiment_id],
