@@ -35,7 +35,7 @@ def test_finetune_at_32px_resizes_posemb_new_head_and_learns(pretrained, digits_
         [
             f"init.checkpoint={pretrained}",
             f"data.dataset={digits_dir / 'digits'}",
-            "train.max_steps=120",
+            "train.epochs=20",
             f"mlflow.tracking_uri={mlflow_server}",
             f"run.storage_path={digits_dir / 'ft-runs'}",
         ],
@@ -44,11 +44,11 @@ def test_finetune_at_32px_resizes_posemb_new_head_and_learns(pretrained, digits_
     probe = linear_probe_accuracy(start_model, cfg.data)
     outcome = fit(cfg, kind="finetune")
     tuned = outcome.result.metrics["val_top1"]
-    # Measured: the probe is not reliably beaten in this budget (in-process from a val-0.89
-    # start: probe 0.85, fine-tune 0.81-0.84; under Ray Train once 0.58 vs 0.70). Learning
-    # is what is asserted; the probe is reported.
+    # The paper's claim at toy scale: fine-tuning the whole model at the new resolution
+    # beats a linear probe on its frozen features. Measured in one process from a val-0.73
+    # start: probe 0.85, fine-tune 0.93 after 20 epochs (0.88 after 15).
     print(f"fine-tuned {tuned:.3f} vs linear probe {probe:.3f}")
-    assert tuned > 0.25, f"fine-tuned {tuned:.3f} (chance 0.1), linear probe {probe:.3f}"
+    assert tuned > probe, f"fine-tuned {tuned:.3f} <= linear probe {probe:.3f}"
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(outcome.mlflow_run_id)
