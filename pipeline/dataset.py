@@ -208,7 +208,7 @@ def build_dataset(
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     if train:
         ds = ds.randomize_block_order()  # a new order on every execution, i.e. every epoch
-    return ds.map_batches(
+    ds = ds.map_batches(
         load_units,
         fn_kwargs=dict(
             source=info.source,
@@ -223,6 +223,10 @@ def build_dataset(
         num_cpus=cfg.cpus_per_task,
         **placement_args(),
     )
+    # Ray Data reserves half of the CPUs for its operators in turn; with one map operator
+    # that left a single decode task running on 2 cores (measured 533 img/s; 821 without).
+    ds.context.op_resource_reservation_enabled = False
+    return ds
 
 
 def placement_args() -> dict[str, Any]:
