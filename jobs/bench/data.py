@@ -5,8 +5,11 @@
 3. our transform kernel in one plain process;
 4. torchvision's standard training transform in one plain process (decode_jpeg +
    RandomResizedCrop + flip): the per-core anchor users know.
-Also the peak memory of all Ray processes while streaming more data than the object store
-holds, in the first and second half of the stream (flat = no accumulation).
+Shared machines drift by 20% within minutes, so each pair is interleaved: the kernel and
+torchvision take turns on every batch, Ray Data and the DataLoader take turns by epoch
+(after one Ray warm-up epoch), and each reports its best epoch. Also the peak memory of all
+Ray processes in each Ray epoch while streaming more data than the object store holds
+(flat = no accumulation).
 """
 
 from __future__ import annotations
@@ -57,24 +60,32 @@ def rate(images: int, seconds: float) -> float:
     return round(images / seconds, 1)
 
 
-def bench_kernel(files: list[str], cfg: DataConfig, batch: int) -> float:
-    start, n = time.perf_counter(), 0
-    for b in shard_batches(files, batch):
-        n += len(preprocess_batch(b, cfg, 16, train=True)["label"])
-    return rate(n, time.perf_counter() - start)
-
-
-def bench_torchvision(files: list[str], size: int, batch: int) -> float:
+def bench_kernel_vs_torchvision(
+    files: list[str], cfg: DataConfig, batch: int
+) -> tuple[float, float]:
+    """Both transforms on every batch, in alternating order: (kernel, torchvision) img/s."""
     from torchvision.io import decode_jpeg
     from torchvision.transforms import v2
 
-    transform = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
-    start, n = time.perf_counter(), 0
-    for b in shard_batches(files, batch):
+    transform = v2.Compose(
+        [v2.RandomResizedCrop(cfg.image_size, antialias=True), v2.RandomHorizontalFlip()]
+    )
+
+    def torchvision(b: dict[str, np.ndarray]) -> None:
         for data in b["image"]:
             transform(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
-            n += 1
-    return rate(n, time.perf_counter() - start)
+
+    def kernel(b: dict[str, np.ndarray]) -> None:
+        preprocess_batch(b, cfg, 16, train=True)
+
+    seconds, n = {kernel: 0.0, torchvision: 0.0}, 0
+    for i, b in enumerate(shard_batches(files, batch)):
+        for fn in (kernel, torchvision) if i % 2 == 0 else (torchvision, kernel):
+            start = time.perf_counter()
+            fn(b)
+            seconds[fn] += time.perf_counter() - start
+        n += len(b["label"])
+    return rate(n, seconds[kernel]), rate(n, seconds[torchvision])
 
 
 def bench_dataloader(files: list[str], cfg: DataConfig, batch: int, workers: int) -> float:
@@ -88,7 +99,7 @@ def bench_dataloader(files: list[str], cfg: DataConfig, batch: int, workers: int
 
 
 class RayMemory:
-    """Samples the summed RSS of this process and its Ray children, split by stream half."""
+    """Samples the summed RSS of this process and its children (the Ray processes)."""
 
     def __init__(self) -> None:
         self.samples: list[tuple[float, int]] = []
@@ -115,23 +126,18 @@ class RayMemory:
         self.stop.set()
         self.thread.join()
 
-    def peaks_mib(self) -> tuple[float, float]:
-        half = len(self.samples) // 2
-        first = max(s for _, s in self.samples[:half])
-        second = max(s for _, s in self.samples[half:])
-        return round(first / 2**20), round(second / 2**20)
+    def peak(self) -> int:
+        return max(total for _, total in self.samples)
 
 
-def bench_ray(cfg: DataConfig, batch: int, epochs: int) -> tuple[list[float], tuple[float, float]]:
-    ds = build_dataset(cfg, "train", 16)
-    rates = []
+def ray_epoch(ds: Any, batch: int) -> tuple[float, float]:
+    """One epoch iterated as a train worker does: (img/s, peak RSS MiB of all processes)."""
     with RayMemory() as memory:
-        for _ in range(epochs):
-            start, n = time.perf_counter(), 0
-            for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4):
-                n += len(b["label"])
-            rates.append(rate(n, time.perf_counter() - start))
-    return rates, memory.peaks_mib()
+        start, n = time.perf_counter(), 0
+        for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4):
+            n += len(b["label"])
+        seconds = time.perf_counter() - start
+    return rate(n, seconds), round(memory.peak() / 2**20)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,22 +164,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     torch.set_num_threads(1)  # kernel and torchvision are per-core numbers
-    kernel = bench_kernel(files, cfg, args.batch)
-    print(f"kernel: {kernel} img/s", flush=True)
-    tv = bench_torchvision(files, args.size, args.batch)
-    print(f"torchvision: {tv} img/s", flush=True)
-    dl = bench_dataloader(files, cfg, args.batch, cores)
-    print(f"dataloader ({cores} workers): {dl} img/s", flush=True)
+    kernel, tv = bench_kernel_vs_torchvision(files, cfg, args.batch)
+    print(f"kernel: {kernel} img/s, torchvision: {tv} img/s (interleaved)", flush=True)
     store = args.object_store_mib * 2**20
     ray.init(
         num_cpus=cores, object_store_memory=store, include_dashboard=False, log_to_driver=False
     )
     try:
-        ray_rates, (rss_first, rss_second) = bench_ray(cfg, args.batch, args.epochs)
+        ds = build_dataset(cfg, "train", 16)
+        warmup, _ = ray_epoch(ds, args.batch)
+        print(f"ray data warm-up epoch: {warmup} img/s", flush=True)
+        ray_rates, rss, dl_rates = [], [], []
+        for epoch in range(args.epochs):
+            dl_rates.append(bench_dataloader(files, cfg, args.batch, cores))
+            ray_rate, peak = ray_epoch(ds, args.batch)
+            ray_rates.append(ray_rate)
+            rss.append(peak)
+            print(
+                f"epoch {epoch + 1}: ray data {ray_rate} img/s (peak RSS {peak} MiB), "
+                f"dataloader ({cores} workers) {dl_rates[-1]} img/s",
+                flush=True,
+            )
     finally:
         ray.shutdown()
-    print(f"ray data per epoch: {ray_rates} img/s", flush=True)
-    ray_img_s = max(ray_rates[1:] or ray_rates)  # after warm-up
+    ray_img_s, dl = max(ray_rates), max(dl_rates)
     return write_result(
         {
             "benchmark": "data",
@@ -181,17 +195,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "size": args.size,
             "cores": cores,
             "ray_img_s": ray_img_s,
-            "ray_first_epoch_img_s": ray_rates[0],
+            "ray_epochs_img_s": ray_rates,
+            "ray_warmup_epoch_img_s": warmup,
             "dataloader_img_s": dl,
+            "dataloader_epochs_img_s": dl_rates,
             "kernel_img_s": kernel,
             "torchvision_img_s": tv,
             "ratio_vs_dataloader": round(ray_img_s / dl, 3),
             "efficiency": round(ray_img_s / (cores * kernel), 3),
             "kernel_vs_torchvision": round(kernel / tv, 3),
             "object_store_mib": args.object_store_mib,
-            "streamed_patches_mib": round(patches_mib * args.epochs),
-            "peak_rss_mib_first_half": rss_first,
-            "peak_rss_mib_second_half": rss_second,
+            "streamed_patches_mib": round(patches_mib * (args.epochs + 1)),
+            "peak_rss_mib_per_ray_epoch": rss,
         },
         args.json,
     )
@@ -201,7 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=4000, help="builtin:photos images")
     parser.add_argument("--size", type=int, default=224, help="output image size")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3, help="Ray epochs; the first warms up")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="timed epochs of each (after a Ray warm-up epoch)"
+    )
     parser.add_argument("--cores", type=int, help="workers / Ray CPUs (default: all cores)")
     parser.add_argument(
         "--cpus-per-task", type=float, default=1.0, help="CPU fraction of each Ray decode task"
