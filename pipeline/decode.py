@@ -31,6 +31,42 @@ def image_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic), whose segment holds
+# the frame size; C4 (Huffman tables), C8 (reserved) and CC (arithmetic tables) are not.
+SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header by walking its markers: 8% of a training
+    crop's time went to Pillow's `Image.open` for the same two numbers. None when `data` is
+    no JPEG or its markers do not parse (the caller asks Pillow then)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+        elif marker in SOF_MARKERS:
+            h, w = (
+                int.from_bytes(data[i + 5 : i + 7], "big"),
+                int.from_bytes(data[i + 7 : i + 9], "big"),
+            )
+            return (w, h) if h else None  # height 0: defined later by a DNL marker
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def check_size(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels or w < 1 or h < 1:
+        raise BadImage(f"decompression bomb: declared size {w}x{h} exceeds {max_pixels} pixels")
+
+
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open (header only) and reject empty, non-image and oversized inputs."""
     if not data:
@@ -43,9 +79,7 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadImage(f"decompression bomb: {e}") from e
     except UnidentifiedImageError as e:
         raise BadImage(f"not a readable image: {e}") from e
-    w, h = img.size
-    if w * h > max_pixels or w < 1 or h < 1:
-        raise BadImage(f"decompression bomb: declared size {w}x{h} exceeds {max_pixels} pixels")
+    check_size(*img.size, max_pixels)
     return img
 
 

@@ -20,7 +20,16 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.config import DataConfig
-from pipeline.decode import BadImage, image_bytes, load, open_image, pixels, to_rgb
+from pipeline.decode import (
+    BadImage,
+    check_size,
+    image_bytes,
+    jpeg_size,
+    load,
+    open_image,
+    pixels,
+    to_rgb,
+)
 from vit.patches import patchify
 
 log = logging.getLogger(__name__)
@@ -73,25 +82,33 @@ def _randaugment(num_ops: int, magnitude: int) -> Any:
 
 
 def decode_region(
-    data: bytes, img: Image.Image, box: Box, out_hw: tuple[int, int], channels: int
+    data: bytes,
+    size: tuple[int, int],
+    img: Image.Image | None,
+    box: Box,
+    out_hw: tuple[int, int],
+    channels: int,
+    max_pixels: int,
 ) -> tuple[torch.Tensor, Box]:
     """Decode for a crop: (1, K, H, W) uint8 tensor and the box in its pixels.
 
+    `img` is the image opened by Pillow, or None for a JPEG whose size came from its header.
     A JPEG whose crop is at least twice the output decodes at 1/2, 1/4 or 1/8 scale in PIL's
     DCT (`draft`); other JPEGs decode with torchvision's libjpeg-turbo binding, measured 20%
     faster than PIL's and straight into a tensor (no Pillow-to-array copy); other formats
     go through PIL and any mode is converted to RGB (or L).
     """
-    w, h = img.size
+    w, h = size
     (th, tw), bw, bh = out_hw, box[2] - box[0], box[3] - box[1]
-    reducible = img.format == "JPEG" and bw >= 2 * tw and bh >= 2 * th
-    if img.format == "JPEG" and not reducible:
+    jpeg = img is None or img.format == "JPEG"
+    if jpeg and not (bw >= 2 * tw and bh >= 2 * th):
         mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
         try:
             full = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
         except RuntimeError as e:  # truncated or corrupt stream
             raise BadImage(f"cannot decode: {e}") from e
         return full[None], box
+    img = img or open_image(data, max_pixels)
     img = load(img, min_size=(math.ceil(w * tw / bw), math.ceil(h * th / bh)))
     sx, sy = img.size[0] / w, img.size[1] / h  # the decoder's reduction, if any
     with warnings.catch_warnings():  # a read-only view is fine: it is only read
@@ -107,14 +124,19 @@ def crop_image(data: bytes, cfg: DataConfig, train: bool, rng: np.random.Generat
     needs, then resized by torch's uint8 antialiased bilinear kernel on channels-last memory
     (the filter of torchvision's RandomResizedCrop; 3.8x faster than PIL's resize here).
     """
-    img = open_image(data, cfg.max_pixels)
-    w, h = img.size
+    size, img = jpeg_size(data), None
+    if size is not None:
+        check_size(*size, cfg.max_pixels)
+    else:
+        img = open_image(data, cfg.max_pixels)
+        size = img.size
+    w, h = size
     th, tw = cfg.size_hw
     if train:
         box = random_resized_crop_box(w, h, rng, cfg.crop_scale, cfg.crop_ratio)
     else:
         box = center_crop_box(w, h, (th, tw), cfg.eval_crop_fraction)
-    full, box = decode_region(data, img, box, (th, tw), cfg.channels)
+    full, box = decode_region(data, size, img, box, (th, tw), cfg.channels, cfg.max_pixels)
     left, top = round(box[0]), round(box[1])
     right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
     crop = full[:, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)

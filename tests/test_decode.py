@@ -1,8 +1,12 @@
+import io
+
 import numpy as np
 import pytest
+from conftest import encode, photo
+from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.decode import BadImage, image_bytes, open_image, pixels, to_rgb
+from pipeline.decode import BadImage, image_bytes, jpeg_size, open_image, pixels, to_rgb
 from pipeline.transforms import crop_image
 
 
@@ -21,8 +25,6 @@ def test_every_awkward_image_is_decoded_or_rejected_with_a_reason(awkward_images
 
 
 def test_alpha_is_composited_on_white(awkward_images):
-    from PIL import Image
-
     transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     img = to_rgb(transparent)
     assert img.mode == "RGB" and np.asarray(img).min() == 255
@@ -44,3 +46,29 @@ def test_hf_struct_and_missing_bytes():
     assert image_bytes({"bytes": b"abc", "path": "x.jpg"}) == b"abc"
     with pytest.raises(BadImage):
         image_bytes({"bytes": None, "path": "x.jpg"})
+
+
+def test_jpeg_size_from_the_header_matches_pillow(awkward_images):
+    """The crop is planned on the header's size without Pillow; it must be Pillow's size."""
+    rgb = Image.fromarray(photo((333, 217)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: a large APP1 segment before the frame header
+    jpegs = {
+        "baseline": encode(rgb, "JPEG"),
+        "progressive": encode(rgb, "JPEG", progressive=True),
+        "exif": encode(rgb, "JPEG", exif=exif.tobytes()),
+        "grayscale": awkward_images["grayscale_jpeg"][0],
+        "cmyk": awkward_images["cmyk_jpeg"][0],
+    }
+    for name, data in jpegs.items():
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size, name
+    for name in ("png_rgba", "palette_gif", "text_named_jpg", "zero_bytes"):
+        assert jpeg_size(awkward_images[name][0]) is None, name
+
+
+def test_a_jpeg_declaring_a_huge_frame_is_a_decompression_bomb(awkward_images):
+    data = bytearray(awkward_images["jpeg"][0])
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (50_000).to_bytes(2, "big") * 2  # 50000 x 50000 declared
+    with pytest.raises(BadImage, match="decompression bomb"):
+        crop_image(bytes(data), DataConfig(dataset="unused", image_size=64), True, None)

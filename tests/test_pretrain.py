@@ -109,3 +109,20 @@ def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
     rerun_steps = sorted(m.step for m in history if m.timestamp > finished_at)
     assert rerun_steps and rerun_steps[0] > 60 and rerun_steps[-1] == 70  # not from step 0
     assert len(rerun_steps) == len(set(rerun_steps))
+
+
+def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(ray_local, mlflow_server, tmp_path):
+    """Checkpoints left by a run logged elsewhere (a deleted mlflow.db, another server) do
+    not crash the rerun: it logs to a new run of this store and says so."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import open_run
+
+    run_dir = tmp_path / "runs" / "elsewhere"
+    (run_dir / "checkpoint_000001").mkdir(parents=True)
+    torch.save({"mlflow_run_id": "0" * 32}, run_dir / "checkpoint_000001" / "train_state.pt")
+    cfg = config(tmp_path, mlflow_server, **{"run.name": "elsewhere"})
+    run_id = open_run(cfg, mlflow_server, str(run_dir), "pretrain")
+    run = MlflowClient(mlflow_server).get_run(run_id)
+    assert run_id != "0" * 32 and run.info.status == "RUNNING"
+    assert run.data.params["train.batch_size"] == "64"  # a new run, with its config

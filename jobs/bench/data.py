@@ -130,7 +130,7 @@ class RayMemory:
         return max(total for _, total in self.samples)
 
 
-def ray_epoch(ds: Any, batch: int) -> tuple[float, float]:
+def ray_epoch(ds: Any, batch: int) -> tuple[float, int]:
     """One epoch iterated as a train worker does: (img/s, peak RSS MiB of all processes)."""
     with RayMemory() as memory:
         start, n = time.perf_counter(), 0
