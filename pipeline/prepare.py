@@ -28,11 +28,7 @@ from pipeline.decode import BadImage, load, open_image
 from pipeline.sources import MANIFEST, SourceError, source_items
 
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
-# A row group is the unit of parallel reading and decoding: at most 100 images (Hugging
-# Face's row group for image datasets) or 8 MB, so that even a small split is many units
-# and every core has work to the end of an epoch (250-photo units left one core idle).
-ROW_GROUP_ROWS = 100
-ROW_GROUP_BYTES = 8 * 2**20
+ROW_GROUP_BYTES = 8 * 2**20  # the unit of parallel reading and decoding (~250 photos)
 UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "b": 1}
 
 
@@ -93,9 +89,7 @@ class ShardWriter:
     def add(self, item_id: str, data: bytes, label: int) -> None:
         self.rows.append((item_id, data, label))
         self.buffered += len(data)
-        if len(self.rows) >= ROW_GROUP_ROWS or self.buffered >= min(
-            ROW_GROUP_BYTES, self.shard_size
-        ):
+        if self.buffered >= min(ROW_GROUP_BYTES, self.shard_size):
             self._flush_rows()
         if self.file_bytes >= self.shard_size:
             self._close_file()
