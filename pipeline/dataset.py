@@ -221,25 +221,12 @@ def build_dataset(
         batch_format="numpy",
         batch_size=1,
         num_cpus=cfg.cpus_per_task,
-        concurrency=max_decode_tasks(),
         **placement_args(),
     )
     # Ray Data reserves half of the CPUs for its operators in turn; with one map operator
     # that left a single decode task running on 2 cores (measured 533 img/s; 821 without).
     ds.context.op_resource_reservation_enabled = False
     return ds
-
-
-def max_decode_tasks() -> int | None:
-    """No more decode tasks at once than the cluster has CPUs. Decoding is CPU-bound, so a
-    fractional `cpus_per_task` beyond that only oversubscribes, and Ray keeps about one idle
-    worker process per CPU: the extra ones exit after an epoch and start again (importing
-    torch) in the next. Measured on a 2-node, 4-CPU local cluster at 0.25 CPU per task with
-    digits in 13 read units: epochs of 85 s and 37 s uncapped, 35 s and 24 s capped (one
-    read unit: 12 s and 0.6 s, hence 8 MB row groups stay)."""
-    if not ray.is_initialized():
-        return None
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def placement_args() -> dict[str, Any]:
