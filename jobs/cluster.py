@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from jobs.raynode import node_env
+
 DEFAULT_STATE = Path(".vitray") / "cluster"
 
 
@@ -114,7 +116,7 @@ def up(state_dir: Path, workers: int, cpus: int, mlflow: bool = True) -> dict[st
         raise ValueError(f"a local cluster is already up ({state_file}); run `down` first")
     state_dir.mkdir(parents=True, exist_ok=True)
     write_token(state_dir)
-    env = cluster_env(state_dir)
+    env = {**cluster_env(state_dir), **node_env(cpus)}
     gcs, dashboard = free_port(), free_port()
     address = f"127.0.0.1:{gcs}"
     state: dict[str, Any] = {"pids": [], "temp_dirs": [], "logs": str(state_dir)}

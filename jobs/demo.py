@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from jobs.config import load_config
-from jobs.pretrain import ensure_ray, fit
+from jobs.pretrain import fit
+from jobs.raynode import ensure_ray
 from jobs.tracking import tracking_uri
 from jobs.tune import search
 from pipeline.dataset import ensure_prepared

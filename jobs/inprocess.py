@@ -15,7 +15,8 @@ import torch
 
 from jobs.config import JobConfig
 from jobs.finetune_init import Start
-from jobs.pretrain import build_datasets, ensure_ray, make_plan
+from jobs.pretrain import build_datasets, make_plan
+from jobs.raynode import ensure_ray
 from jobs.train import Runner, run_training
 
 

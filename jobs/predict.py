@@ -73,7 +73,7 @@ def predict(
     """Write predictions for every image of `split` under `output`; returns counts."""
     import ray
 
-    from jobs.pretrain import ensure_ray
+    from jobs.raynode import ensure_ray
     from pipeline.dataset import build_dataset
 
     directory = fetch_checkpoint(checkpoint, uri)

@@ -8,7 +8,6 @@ with the same `run.name` resumes from the latest checkpoint and continues its ML
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 from jobs.config import JobConfig, load_config
 from jobs.finetune_init import Start, log_start, resized_start
 from jobs.mlflow_model import log_vit_model
+from jobs.raynode import ensure_ray
 from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
 from jobs.visualize import log_figures
@@ -48,13 +48,6 @@ class Plan:
 def storage_dir(cfg: JobConfig) -> str:
     path = cfg.run.storage_path
     return path if "://" in path else str(Path(path).resolve())
-
-
-def ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():  # RAY_ADDRESS (a cluster or a job) wins; else a local Ray
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def make_plan(cfg: JobConfig, uri: str, workdir: str, start: Start | None = None) -> Plan:

@@ -25,8 +25,9 @@ import yaml
 from ray.tune import Callback, Stopper
 
 from jobs.config import JobConfig, load_config, with_values
-from jobs.pretrain import Plan, build_datasets, build_trainer, ensure_ray, make_plan, storage_dir
+from jobs.pretrain import Plan, build_datasets, build_trainer, make_plan, storage_dir
 from jobs.pretrain import add_arguments as job_arguments
+from jobs.raynode import ensure_ray
 from jobs.tracking import check_reachable, log_config_params, open_run, tracking_uri
 from jobs.train import Runner, run_training
 from pipeline.dataset import ensure_prepared
