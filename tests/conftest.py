@@ -21,10 +21,9 @@ from jobs.raynode import node_env
 
 CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-# Ray Train's controller polls workers every 2 s; every report waits for it (FIELD-NOTES:
-# a 10-step run took 34 s at 2 s, 11 s at 0.1). Set before Ray starts so actors inherit it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-for key, value in node_env(2).items():  # the session's Ray below, as `vitray` starts one
+# The session's Ray below, set up as `vitray` sets up a local one; set before Ray starts so
+# that its processes inherit it.
+for key, value in node_env(2).items():
     os.environ.setdefault(key, value)
 
 
