@@ -22,7 +22,7 @@ from jobs.raynode import ensure_ray
 from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
 from jobs.visualize import log_figures
-from pipeline.dataset import build_dataset, describe_dataset
+from pipeline.dataset import build_dataset, describe_dataset, fits_in_cache
 from vit import ViTConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo-pretrain.yaml"
@@ -73,6 +73,7 @@ def make_plan(cfg: JobConfig, uri: str, workdir: str, start: Start | None = None
         "num_classes": num_classes,
         "class_names": info.class_names,
         "train_rows": rows,
+        "val_rows": info.split_rows.get("val"),
         "splits": sorted(info.split_rows),
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
@@ -92,6 +93,8 @@ def build_datasets(cfg: JobConfig, plan: Plan, materialize: bool = False) -> dic
         ds.context.enable_progress_bars = False
     if materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    elif fits_in_cache(cfg.data, plan.meta["val_rows"]):  # evaluated every epoch
+        datasets["val"] = datasets["val"].materialize()
     return datasets
 
 
