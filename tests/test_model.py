@@ -99,3 +99,12 @@ def test_representation_layer_and_drop_path_train():
     out = model(torch.randn(4, 3, 32, 32))
     out.sum().backward()
     assert model.pre_logits[0].weight.shape == (16, 32)
+
+
+def test_patch_embedding_starts_at_unit_scale_like_the_papers_flax_conv():
+    # lecun_normal: unit-variance pixels give unit-variance tokens, so patch content is not
+    # drowned out in the first steps (with std 0.02 digits sat near chance for ~10 epochs).
+    model = ViT(tiny(dim=256))
+    tokens = model.patch_embed(torch.randn(4096, model.config.patch_dim))
+    assert 0.9 < float(tokens.std()) < 1.1
+    assert abs(float(model.blocks[0].mlp.fc1.weight.std()) - 0.02) < 0.002

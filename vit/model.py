@@ -144,6 +144,8 @@ class ViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        # the paper's JAX code: a patch-embedding conv with Flax's default lecun_normal init
+        nn.init.trunc_normal_(self.patch_embed.weight, std=self.config.patch_dim**-0.5)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
