@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from jobs.config import JobConfig, TrainSection
 from jobs.mix import mix_batch
+from pipeline.dataset import fits_in_cache
 from vit import ViT, ViTConfig, save_checkpoint
 from vit.checkpoint import WEIGHTS_FILE, load_state_dict_checked
 
@@ -100,6 +101,20 @@ def all_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+class CachedBatches:
+    """An evaluation shard whose batches are kept after the first pass. For a split that
+    fits in the cache (decoded once, deterministic), each new Ray Data execution cost
+    0.2 s of a 1.6 s digits epoch under Ray Train."""
+
+    def __init__(self, shard: Any) -> None:
+        self.shard, self.batches = shard, None
+
+    def iter_torch_batches(self, **kwargs: Any) -> Any:
+        if self.batches is None:
+            self.batches = list(self.shard.iter_torch_batches(**kwargs))
+        return iter(self.batches)
 
 
 def evaluate(model: torch.nn.Module, shard: Any, batch: int, device: torch.device) -> dict:
@@ -233,6 +248,7 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
     micro, accum = cfg.micro_batch, cfg.train.grad_accum
     use_bf16 = device.type == "cuda"
     grid = unwrap(model).config.grid_size
+    val = CachedBatches(runner.val) if fits_in_cache(cfg.data, meta["val_rows"]) else runner.val
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     loss_sum = images = skipped = 0.0
@@ -303,7 +319,7 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
                     "skipped_images": skipped_total,
                 }
                 if end_of_epoch:
-                    metrics.update(evaluate(model, runner.val, micro, device))
+                    metrics.update(evaluate(model, val, micro, device))
                 if rank == 0:
                     log.log(metrics, step)
                     rate = (step - start_step) / (time.perf_counter() - run_start)
