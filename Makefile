@@ -3,27 +3,34 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: demo test lint format clean
 
+# The demo needs only the package; tests and lint add the dev extras (pytest, ruff, timm,
+# transformers, optuna) on top.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
 # The embedded default: a local Ray and the MLflow store ./mlflow.db (or MLFLOW_TRACKING_URI).
 demo: $(STAMP)
 	$(BIN)/vitray demo
 
-test: $(STAMP) lint
+test: $(DEV_STAMP) lint
 	$(BIN)/pytest -q --durations=15 tests
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check vit pipeline jobs tests
 	$(BIN)/ruff format --check vit pipeline jobs tests
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(BIN)/ruff format vit pipeline jobs tests
 	$(BIN)/ruff check --fix vit pipeline jobs tests
 
