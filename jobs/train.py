@@ -248,7 +248,7 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
     micro, accum = cfg.micro_batch, cfg.train.grad_accum
     use_bf16 = device.type == "cuda"
     grid = unwrap(model).config.grid_size
-    val = CachedBatches(runner.val) if fits_in_cache(cfg.data, meta["val_rows"]) else runner.val
+    val = CachedBatches(runner.val) if fits_in_cache(cfg.data, meta.get("val_rows")) else runner.val
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     loss_sum = images = skipped = 0.0

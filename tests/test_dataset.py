@@ -46,6 +46,26 @@ def test_digits_train_and_eval_stream_patches(ray_local, digits):
     assert describe_dataset(test).split_rows == {"train": 1257, "val": 180, "test": 360}
 
 
+def test_evaluation_batches_of_a_cached_split_come_from_one_pass(ray_local, digits):
+    from jobs.train import CachedBatches
+
+    cfg = DataConfig(dataset=str(digits), image_size=16, eval_crop_fraction=1.0)
+    val = build_dataset(cfg, "val", 4).materialize()
+    passes = []
+
+    class CountingShard:
+        def iter_torch_batches(self, **kwargs):
+            passes.append(kwargs)
+            return val.iter_torch_batches(**kwargs)
+
+    cached = CachedBatches(CountingShard())
+    first = list(cached.iter_torch_batches(batch_size=64))
+    second = list(cached.iter_torch_batches(batch_size=64))
+    assert len(passes) == 1 and sum(len(b["label"]) for b in second) == 180
+    for a, b in zip(first, second, strict=True):
+        assert (a["patches"] == b["patches"]).all() and (a["label"] == b["label"]).all()
+
+
 def test_bad_rows_in_a_shard_are_counted_not_fatal(ray_local, tmp_path, awkward_images):
     table = pa.table(
         {
