@@ -22,7 +22,7 @@ from jobs.raynode import ensure_ray
 from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
 from jobs.visualize import log_figures
-from pipeline.dataset import build_dataset, describe_dataset, fits_in_cache
+from pipeline.dataset import build_dataset, describe_dataset
 from vit import ViTConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo-pretrain.yaml"
@@ -93,8 +93,6 @@ def build_datasets(cfg: JobConfig, plan: Plan, materialize: bool = False) -> dic
         ds.context.enable_progress_bars = False
     if materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    elif fits_in_cache(cfg.data, plan.meta["val_rows"]):  # evaluated every epoch
-        datasets["val"] = datasets["val"].materialize()
     return datasets
 
 
