@@ -38,7 +38,9 @@ class DataConfig(BaseModel):
     shuffle_seed: int = 0
     shuffle_buffer: int = Field(1000, ge=0, description="local shuffle buffer, in rows")
     cpus_per_task: float = Field(1.0, gt=0, description="CPU fraction of each decode task")
-    decode_batch_size: int = Field(64, ge=1)
+    decode_batch_size: int = Field(
+        64, ge=1, description="rows per output block of a decode task (a unit streams out)"
+    )
     # bad input
     strict: bool = False
     max_pixels: int = Field(MAX_PIXELS, gt=0)

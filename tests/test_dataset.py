@@ -46,6 +46,13 @@ def test_digits_train_and_eval_stream_patches(ray_local, digits):
     assert describe_dataset(test).split_rows == {"train": 1257, "val": 180, "test": 360}
 
 
+def test_decode_tasks_stream_blocks_of_decode_batch_size_rows(ray_local, digits):
+    # val is one Parquet row group, i.e. one task: it still yields 64-row blocks as it goes
+    cfg = DataConfig(dataset=str(digits), image_size=16, decode_batch_size=64)
+    blocks = build_dataset(cfg, "val", 4).iter_batches(batch_size=None, batch_format="numpy")
+    assert [len(b["label"]) for b in blocks] == [64, 64, 52]
+
+
 def test_evaluation_batches_of_a_cached_split_come_from_one_pass(ray_local, digits):
     from jobs.train import CachedBatches
 
