@@ -23,6 +23,13 @@ def node_env(cpus: int | None = None) -> dict[str, str]:
     }
 
 
+def set_node_env(cpus: int | None = None) -> None:
+    """Apply `node_env` to this process, keeping what the user set, before it starts a
+    local Ray: the raylet and its workers inherit the environment."""
+    for key, value in node_env(cpus).items():
+        os.environ.setdefault(key, value)
+
+
 def ensure_ray() -> None:
     """Join RAY_ADDRESS (a cluster, or inside a Ray job) if set; else start a local Ray."""
     import ray
@@ -31,6 +38,5 @@ def ensure_ray() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if not address:
-        for key, value in node_env().items():
-            os.environ.setdefault(key, value)  # the raylet started below inherits them
+        set_node_env()
     ray.init(address=address, log_to_driver=True)

@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.raynode import node_env
+from jobs.raynode import set_node_env
 
 CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 # The session's Ray below, set up as `vitray` sets up a local one; set before Ray starts so
 # that its processes inherit it.
-for key, value in node_env(2).items():
-    os.environ.setdefault(key, value)
+set_node_env(2)
 
 
 @pytest.fixture(scope="session")
