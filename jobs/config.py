@@ -82,6 +82,10 @@ class RunSection(Section):
     storage_path: str = "runs"
     max_failures: int = Field(2, ge=0)
     num_to_keep: int = Field(2, ge=1)
+    ray_train_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING",
+        description="Ray Train's own console logs (INFO: every report of every rank, in full)",
+    )
 
 
 class MlflowSection(Section):

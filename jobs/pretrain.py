@@ -126,6 +126,7 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_train_log_level),
         ),
     )
 

@@ -9,7 +9,9 @@ one shard per worker, DDP); a single-worker Tune trial runs the loop in the tria
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -208,8 +210,17 @@ class Runner:
     epoch_reports_only: bool = False  # Tune schedulers compare val_top1 at every report
 
 
+def quiet_report_logs(level: str) -> None:
+    """Ray Train 2.60 logs every report of every rank, in full, at INFO under a logger named
+    after its source file: outside "ray.train", so RunConfig's LoggingConfig misses it."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
+    quiet_report_logs(JobConfig.model_validate(config["job"]).run.ray_train_log_level)
     runner = Runner(
         rank=ray.train.get_context().get_world_rank(),
         device=ray.train.torch.get_device(),
@@ -326,12 +337,14 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
                     rate = (step - start_step) / (time.perf_counter() - run_start)
                     eta = format_eta((total_steps - step) / max(rate, 1e-9))
                     extra = f" val_top1 {metrics['val_top1']:.4f}" if end_of_epoch else ""
-                    print(
+                    # Not print(): Ray Train 2.60 patches it in its workers to log the line
+                    # and also print it, so every line showed twice.
+                    sys.stdout.write(
                         f"step {step}/{total_steps} epoch {metrics['epoch']:.2f} "
                         f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                        f"{metrics['images_per_s']:.0f} img/s ETA {eta}{extra}",
-                        flush=True,
+                        f"{metrics['images_per_s']:.0f} img/s ETA {eta}{extra}\n"
                     )
+                    sys.stdout.flush()
                 if end_of_epoch or not runner.epoch_reports_only:
                     with tempfile.TemporaryDirectory() as tmp:
                         checkpoint = None
