@@ -126,29 +126,27 @@ class SearchStopped(RuntimeError):
 
 
 def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) -> str:
-    """The trial's nested run: the one its checkpoint names when resumed, else a new one."""
+    """The trial's nested run: the one of this name under the parent when the trial runs
+    again (resumed, or restarted before its first checkpoint), else a new one."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    parent = client.get_run(parent_id)
+    experiment = client.get_run(parent_id).info.experiment_id
+    found = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+        f"and attributes.run_name = '{trial_name}'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
     run = client.create_run(
-        parent.info.experiment_id,
+        experiment,
         run_name=trial_name,
         tags={"mlflow.parentRunId": parent_id, "vitray.kind": "tune-trial"},
     )
     log_config_params(client, run.info.run_id, cfg)
     return run.info.run_id
-
-
-def checkpoint_run_id(checkpoint: Any) -> str | None:
-    import torch
-
-    from jobs.train import TRAIN_STATE
-
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / TRAIN_STATE, weights_only=True).get("mlflow_run_id") or None
 
 
 def run_trial(sample: dict[str, Any], base: dict, parent_id: str | None, uri: str, start) -> None:
@@ -163,9 +161,7 @@ def run_trial(sample: dict[str, Any], base: dict, parent_id: str | None, uri: st
     plan = make_plan(cfg, uri, workdir="", start=start)
     run_id = None
     if parent_id:
-        run_id = checkpoint_run_id(checkpoint) or open_trial_run(
-            cfg, uri, parent_id, context.get_trial_name()
-        )
+        run_id = open_trial_run(cfg, uri, parent_id, context.get_trial_name())
     plan.meta.update(mlflow_run_id=run_id, init_weights=start.state if start else None)
     datasets = build_datasets(cfg, plan)
     if cfg.scaling.num_workers > 1:

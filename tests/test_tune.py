@@ -112,6 +112,22 @@ def test_four_trial_asha_searches_never_hang(ray_local, digits_dir, mlflow_serve
     assert stopped >= 1, "ASHA stopped no trial early in three searches"
 
 
+def test_a_trial_that_runs_again_continues_its_nested_run(digits_dir, mlflow_server, tmp_path):
+    """A trial restarted before its first checkpoint has no run id to resume from: it finds
+    its run by name under the parent instead of leaving a first one RUNNING forever."""
+    from mlflow import MlflowClient
+
+    from jobs.tune import open_trial_run
+
+    cfg = load_config(search_config(tmp_path, digits_dir / "digits", mlflow_server, "again"))
+    client = MlflowClient(mlflow_server)
+    parent = client.create_run(client.create_experiment("trial-runs-again")).info.run_id
+    first = open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00000")
+    assert open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00000") == first
+    other = open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00001")
+    assert other != first and {r.info.run_id for r in children(client, parent)} == {first, other}
+
+
 def test_interrupted_search_resumes_with_the_same_command(digits_dir, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
