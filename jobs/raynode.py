@@ -36,7 +36,7 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS") or None  # empty means unset, as for Ray itself
     if not address:
         set_node_env()
     ray.init(address=address, log_to_driver=True)
