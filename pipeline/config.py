@@ -38,9 +38,10 @@ class DataConfig(BaseModel):
     shuffle_seed: int = 0
     shuffle_buffer: int = Field(1000, ge=0, description="local shuffle buffer, in rows")
     cpus_per_task: float = Field(1.0, gt=0, description="CPU fraction of each decode task")
-    decode_batch_size: int = Field(
-        64, ge=1, description="rows per output block of a decode task (a unit streams out)"
-    )
+    # Rows per block that a decode task streams out (blocks stay under Ray's 128 MB). Small
+    # blocks reach a consumer sooner, but Ray Train splits them per worker at a cost: 64-row
+    # blocks made 2-worker digits epochs 2.0-2.5 s instead of 1.7 (one 1,257-row block).
+    decode_batch_size: int = Field(2048, ge=1, description="rows per output block of a decode task")
     # bad input
     strict: bool = False
     max_pixels: int = Field(MAX_PIXELS, gt=0)

@@ -171,7 +171,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dataset=f"builtin:photos?n={args.images}",
         image_size=args.size,
         cpus_per_task=args.cpus_per_task,
-        decode_batch_size=args.batch,
     )
     out = data_home() / "bench" / f"photos-{args.images}"
     if not (out / "manifest.json").is_file():  # 32 MB shards: several per core, as at scale
