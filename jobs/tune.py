@@ -16,6 +16,7 @@ running trial goes silent, and names that trial.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,9 @@ def run_trial(sample: dict[str, Any], base: dict, parent_id: str | None, uri: st
     from ray import tune
 
     cfg = with_values(JobConfig.model_validate(base), sample)
+    # Tune logs each checkpoint it persists ("Checkpoint successfully created") under
+    # ray.train at INFO, in the trial's process, where LoggingConfig does not reach.
+    logging.getLogger("ray.train").setLevel(cfg.run.ray_train_log_level)
     context = tune.get_context()
     checkpoint = tune.get_checkpoint()
     plan = make_plan(cfg, uri, workdir="", start=start)
