@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset
+from pipeline.dataset import build_dataset, quiet_progress
 from vit import ViT, load_checkpoint, read_checkpoint_meta
 
 
@@ -18,8 +18,9 @@ def predict_split(
 ) -> dict[str, torch.Tensor]:
     """Logits (or pre-logits features) and labels of every good row of `split` (eval
     transforms), in this process."""
-    ds = build_dataset(data, split, model.config.patch_size, model.config.num_classes)
-    ds.context.enable_progress_bars = False
+    ds = quiet_progress(
+        build_dataset(data, split, model.config.patch_size, model.config.num_classes)
+    )
     logits, labels, skipped = [], [], 0
     model.eval()
     with torch.no_grad():

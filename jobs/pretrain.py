@@ -22,7 +22,7 @@ from jobs.raynode import ensure_ray
 from jobs.tracking import check_reachable, open_run, tracking_uri
 from jobs.train import train_loop_per_worker
 from jobs.visualize import log_figures
-from pipeline.dataset import build_dataset, describe_dataset
+from pipeline.dataset import build_dataset, describe_dataset, quiet_progress
 from vit import ViTConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo-pretrain.yaml"
@@ -86,11 +86,11 @@ def make_plan(cfg: JobConfig, uri: str, workdir: str, start: Start | None = None
 
 def build_datasets(cfg: JobConfig, plan: Plan, materialize: bool = False) -> dict[str, Any]:
     datasets = {
-        split: build_dataset(cfg.data, split, plan.vit.patch_size, plan.meta["num_classes"])
+        split: quiet_progress(
+            build_dataset(cfg.data, split, plan.vit.patch_size, plan.meta["num_classes"])
+        )
         for split in ("train", "val")
     }
-    for ds in datasets.values():  # one line per report is the progress; no bars per epoch
-        ds.context.enable_progress_bars = False
     if materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     return datasets

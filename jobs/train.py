@@ -307,7 +307,7 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
                     )
                     loss = weight * F.cross_entropy(model(patches), targets) / accum
                 loss.backward()
-                loss_sum += float(loss) * accum
+                loss_sum += loss.item() * accum
                 images += len(ok)
             if epoch_done and i == 0:
                 break

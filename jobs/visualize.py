@@ -25,10 +25,11 @@ from vit.patches import unpatchify
 
 def sample_batch(model: ViT, data: DataConfig, n: int) -> torch.Tensor:
     """`n` validation images as uint8 patches, through the eval pipeline."""
-    from pipeline.dataset import build_dataset
+    from pipeline.dataset import build_dataset, quiet_progress
 
-    ds = build_dataset(data, "val", model.config.patch_size, model.config.num_classes)
-    ds.context.enable_progress_bars = False
+    ds = quiet_progress(
+        build_dataset(data, "val", model.config.patch_size, model.config.num_classes)
+    )
     batch = next(iter(ds.iter_torch_batches(batch_size=n)))
     return batch["patches"][batch["ok"]]
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.config import DataConfig
 from pipeline.decode import (
@@ -102,6 +101,10 @@ def decode_region(
     (th, tw), bw, bh = out_hw, box[2] - box[0], box[3] - box[1]
     jpeg = img is None or img.format == "JPEG"
     if jpeg and not (bw >= 2 * tw and bh >= 2 * th):
+        # here, not at the top: torchvision's package import (models, ops, torch._dynamo)
+        # costs every Ray process that loads this module seconds, PNG-only ones for nothing
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
         try:
             full = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
