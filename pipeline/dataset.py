@@ -251,8 +251,7 @@ def build_dataset(
 def quiet_progress(ds: ray.data.Dataset) -> ray.data.Dataset:
     """No progress bars and no 'Starting execution' / 'Execution plan' log lines: jobs print
     one progress line per report, and a Ray Train dataset executes once per epoch (two
-    lines each, per epoch, in the demo's log before). Ray Data still writes them to its
-    ray-data.log."""
+    lines each, per epoch, in the demo's log before)."""
     ds.context.enable_progress_bars = False
     ds.context.print_on_execution_start = False
     return ds
