@@ -1,7 +1,7 @@
 """A vitray checkpoint as an MLflow model: registrable, loadable with `mlflow.pyfunc`.
 
-The weights stay a safetensors checkpoint (an artifact of the model); only this small
-wrapper class is serialised by MLflow, never the weights.
+The weights stay a safetensors checkpoint (an artifact of the model); the wrapper is the
+code file `pyfunc_vit.py`, stored with the model: nothing is pickled.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
@@ -17,18 +16,6 @@ import torch
 from mlflow.models import infer_signature
 
 from vit import load_checkpoint, read_checkpoint_meta
-
-
-class ViTClassifier(mlflow.pyfunc.PythonModel):
-    """Input: float32 images (B, C, H, W) normalised with the checkpoint's mean and std, or
-    uint8 patches (B, N, P*P*C). Output: logits (B, classes)."""
-
-    def load_context(self, context: Any) -> None:
-        self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
-
-    def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> Any:
-        with torch.no_grad():
-            return self.model(torch.from_numpy(np.asarray(model_input))).numpy()
 
 
 def log_vit_model(
@@ -52,7 +39,7 @@ def log_vit_model(
             artifacts["preprocessing"] = str(path)
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model=ViTClassifier(),
+            python_model=str(Path(__file__).with_name("pyfunc_vit.py")),
             artifacts=artifacts,
             signature=infer_signature(example, output),
             input_example=example,
