@@ -75,6 +75,11 @@ class ScalingSection(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are laid out on nodes (SPREAD: one per node first)"
     )
+    autoscaling: bool = Field(
+        False,
+        description="the cluster adds nodes on demand: start even when it cannot hold the "
+        "job yet (otherwise a job that does not fit fails at once instead of waiting forever)",
+    )
 
 
 class RunSection(Section):

@@ -96,22 +96,60 @@ def build_datasets(cfg: JobConfig, plan: Plan, materialize: bool = False) -> dic
     return datasets
 
 
+def worker_resources(cfg: JobConfig) -> dict[str, float]:
+    """What one Ray Train worker holds."""
+    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+
+
+def check_capacity(cfg: JobConfig) -> None:
+    """Fail now rather than wait forever. Ray queues work that no node can hold, and train
+    workers that take the CPUs a decode task needs leave the job silent, not failed (on 2
+    CPUs: one worker of 1.5 CPUs and decode tasks of 1.0)."""
+    import ray
+
+    if cfg.scaling.autoscaling:
+        return
+    worker, workers = worker_resources(cfg), cfg.scaling.num_workers
+    need = {kind: amount * workers for kind, amount in worker.items()}
+    need["CPU"] += cfg.data.cpus_per_task
+    have = ray.cluster_resources()
+    largest = {
+        kind: max((n["Resources"].get(kind, 0) for n in ray.nodes() if n["Alive"]), default=0)
+        for kind in need
+    }
+    problems = [
+        f"{need[k]:g} {k} in all ({workers} worker(s) x {worker[k]:g}"
+        + (f" + one decode task of {cfg.data.cpus_per_task:g}" if k == "CPU" else "")
+        + f"), the cluster has {have.get(k, 0):g}"
+        for k in need
+        if need[k] > have.get(k, 0) + 1e-9
+    ] + [
+        f"{amount:g} {k} per worker, the largest node has {largest[k]:g}"
+        for k, amount in worker.items()
+        if amount > largest[k] + 1e-9
+    ]
+    if problems:
+        raise ValueError(
+            "this Ray cluster cannot hold the job, which would wait forever: it needs "
+            + "; ".join(problems)
+            + ". Lower scaling.num_workers, scaling.cpus_per_worker or data.cpus_per_task, "
+            "or set scaling.autoscaling=true on a cluster that adds nodes on demand"
+        )
+
+
 def build_trainer(
     cfg: JobConfig, plan: Plan, datasets: dict[str, Any], callbacks: list | None = None
 ) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "meta": plan.meta},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(cfg),
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         datasets=datasets,
@@ -145,6 +183,7 @@ def fit(cfg: JobConfig, kind: str = "pretrain", materialize: bool = False) -> Ou
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
     plan = make_plan(cfg, uri, workdir=run_dir if "://" not in run_dir else tempfile.mkdtemp())
     ensure_ray()
+    check_capacity(cfg)
     datasets = build_datasets(cfg, plan, materialize)
     run_id = open_run(cfg, uri, run_dir, kind) if cfg.mlflow.enabled else None
     plan.meta["mlflow_run_id"] = run_id

@@ -26,7 +26,15 @@ import yaml
 from ray.tune import Callback, Stopper
 
 from jobs.config import JobConfig, load_config, with_values
-from jobs.pretrain import Plan, build_datasets, build_trainer, make_plan, storage_dir
+from jobs.pretrain import (
+    Plan,
+    build_datasets,
+    build_trainer,
+    check_capacity,
+    make_plan,
+    storage_dir,
+    worker_resources,
+)
 from jobs.pretrain import add_arguments as job_arguments
 from jobs.raynode import ensure_ray
 from jobs.tracking import check_reachable, log_config_params, open_run, tracking_uri
@@ -59,7 +67,7 @@ def trial_resources(cfg: JobConfig) -> Any:
     """The trial's placement group: the trainer (or its workers), then one data bundle."""
     from ray import tune
 
-    worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    worker = worker_resources(cfg)
     data = {"CPU": cfg.data.cpus_per_task}
     if cfg.scaling.num_workers == 1:
         return tune.PlacementGroupFactory([worker, data])
@@ -264,6 +272,7 @@ def search(cfg: JobConfig) -> SearchOutcome:
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
     plan = make_plan(cfg, uri, workdir=f"{run_dir}-init" if "://" not in run_dir else "")
     ensure_ray()
+    check_capacity(cfg)  # one trial must fit, or the search waits forever
     parent_id = open_run(cfg, uri, run_dir, "tune") if cfg.mlflow.enabled else None
     if parent_id and plan.start is not None:
         from jobs.finetune_init import log_start

@@ -9,7 +9,7 @@ import torch
 from conftest import free_port
 
 from jobs.config import load_config
-from jobs.pretrain import fit
+from jobs.pretrain import check_capacity, fit
 from vit import load_checkpoint
 
 DEMO = Path(__file__).parent.parent / "jobs" / "configs" / "demo-pretrain.yaml"
@@ -64,6 +64,25 @@ def test_unreachable_tracking_server_fails_at_start(tmp_path):
     cfg = config(tmp_path, f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionError, match="not reachable"):
         fit(cfg)
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [  # the 2-CPU trap: one worker of 1.5 CPUs left a decode task of 1.0 waiting forever
+        ({"scaling.num_workers": 1, "scaling.cpus_per_worker": 1.5}, r"2.5 CPU in all .*has 2"),
+        ({"scaling.use_gpu": True}, r"2 GPU in all .*has 0; 1 GPU per worker, the largest"),
+    ],
+)
+def test_a_job_the_cluster_cannot_hold_fails_before_any_run(
+    ray_local, digits_dir, tmp_path, sets, message
+):
+    tmp = digits_dir / tmp_path.name
+    tmp.mkdir()
+    cfg = config(tmp, f"sqlite:///{tmp}/mlflow.db", **sets)
+    with pytest.raises(ValueError, match=message):
+        fit(cfg)
+    assert not (tmp / "mlflow.db").exists()  # no MLflow run was opened
+    check_capacity(config(tmp, "", **sets, **{"scaling.autoscaling": True}))
 
 
 def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
