@@ -35,7 +35,6 @@ class DataConfig(BaseModel):
     # evaluation: resize so the crop is this fraction of the shorter side, then center-crop
     eval_crop_fraction: float = Field(0.875, gt=0, le=1)
     # streaming
-    shuffle_seed: int = 0
     shuffle_buffer: int = Field(1000, ge=0, description="local shuffle buffer, in rows")
     cpus_per_task: float = Field(1.0, gt=0, description="CPU fraction of each decode task")
     # Rows per block that a decode task streams out (blocks stay under Ray's 128 MB). Small

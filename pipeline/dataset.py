@@ -1,10 +1,10 @@
 """`build_dataset(cfg, split)`: a streaming Ray Dataset of uint8 patches and labels.
 
 The driver plans read units (a Parquet row group of ~8 MB, a WebDataset tar, a chunk of
-image files), each epoch in a new random order for training; one Ray task per unit reads,
-decodes, crops, flips and patchifies it at an explicit CPU fraction, and yields it
-`decode_batch_size` rows at a time. Consumers iterate with a local shuffle buffer and
-normalise on the device.
+image files), each epoch in a new random order for training, rows within a unit too; one
+Ray task per unit reads, decodes, crops, flips and patchifies it at an explicit CPU
+fraction, and yields it `decode_batch_size` rows at a time. Consumers iterate with a local
+shuffle buffer and normalise on the device.
 
 Why not `ray.data.read_parquet` + `map_batches`: on Ray 2.60 it packs row groups into
 128 MB read units (one task decoded a whole 60 MB shard while the other core idled) and
@@ -186,6 +186,9 @@ def load_units(
     for i in range(len(batch["path"])):
         unit = {key: batch[key][i] for key in ("path", "row_group", "files")}
         rows = read_unit(unit, source)
+        if kwargs["train"]:  # a new row order every epoch, free: the unit is in memory
+            order = np.random.default_rng().permutation(len(rows["label"]))
+            rows = {key: column[order] for key, column in rows.items()}
         for start in range(0, len(rows["label"]), chunk_rows):
             chunk = {key: column[start : start + chunk_rows] for key, column in rows.items()}
             yield preprocess_batch(chunk, **kwargs)

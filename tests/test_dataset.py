@@ -46,6 +46,14 @@ def test_digits_train_and_eval_stream_patches(ray_local, digits):
     assert describe_dataset(test).split_rows == {"train": 1257, "val": 180, "test": 360}
 
 
+def test_each_training_epoch_reads_a_unit_in_a_new_row_order(ray_local, digits):
+    # digits' train split is one row group: a new unit order alone would not reshuffle it
+    cfg = DataConfig(dataset=str(digits), image_size=16, hflip=False)
+    epochs = build_dataset(cfg, "train", 4, keep_ids=True)
+    first, second = collect(epochs)["id"], collect(epochs)["id"]
+    assert sorted(first) == sorted(second) and list(first) != list(second)
+
+
 def test_decode_tasks_stream_blocks_of_decode_batch_size_rows(ray_local, digits):
     # val is one Parquet row group, i.e. one task: it still yields 64-row blocks as it goes
     cfg = DataConfig(dataset=str(digits), image_size=16, decode_batch_size=64)
