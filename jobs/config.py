@@ -120,6 +120,12 @@ class TuneSection(Section):
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep the top 1/rf per rung")
     time_budget_s: float = Field(3600, gt=0, description="the whole search; then it stops")
     stall_timeout_s: float = Field(600, gt=0, description="a running trial silent this long")
+    select: Literal["final", "peak"] = Field(
+        "final",
+        description="final: among the trials that trained longest, the best last metric and "
+        "its final checkpoint; peak: the best metric any report reached (an early epoch "
+        "picked on a small val split: optimistic)",
+    )
     register_as: str | None = Field(None, description="MLflow registered model name")
     alias: str = "champion"
 

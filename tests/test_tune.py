@@ -7,15 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from jobs.config import load_config
-from jobs.tune import SearchStopped, Watchdog, search
+from jobs.tune import TRIAL_RUN_KEY, SearchStopped, Watchdog, search, select_best
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -79,6 +81,10 @@ def test_two_trial_search_nests_runs_registers_best_and_reloads(
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trial_curves.png", "params_vs_metric.png", "trials.json"} <= artifacts
     assert parent.data.metrics["best_val_top1"] == pytest.approx(outcome.best_metric)
+    chosen = next(r for r in outcome.results if r.metrics[TRIAL_RUN_KEY] == outcome.best_run_id)
+    assert chosen.metrics["step"] == max(r.metrics["step"] for r in outcome.results)
+    assert outcome.best_metric == chosen.metrics["val_top1"]  # its last report, not a peak
+    assert outcome.best_checkpoint.path == chosen.checkpoint.path  # the final epoch's weights
 
     version = client.get_model_version_by_alias("dg", "champion")
     assert version.version == outcome.registered.version
@@ -182,6 +188,40 @@ def test_watchdog_names_a_stalled_trial_and_stops_the_search(
     path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "stall", stall_timeout_s=1)
     with pytest.raises(SearchStopped, match=r"trial \w+ .*reported nothing for"):
         search(load_config(path))
+
+
+@dataclass
+class Trial:
+    """What select_best reads of a ray.tune Result: reports of (step, val_top1)."""
+
+    name: str
+    reports: list[tuple[int, float]]
+
+    @property
+    def metrics(self) -> dict:
+        step, val = self.reports[-1]
+        return {"step": step, "val_top1": val}
+
+    @property
+    def metrics_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(self.reports, columns=["step", "val_top1"])
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{self.name} final"
+
+    def get_best_checkpoint(self, metric: str, mode: str) -> str:
+        return f"{self.name} peak"
+
+
+def test_the_search_picks_the_final_model_of_the_longest_trials_not_a_lucky_epoch():
+    stopped = Trial("stopped", [(19, 0.95), (38, 0.99)])  # ASHA stopped it at its rung
+    lucky = Trial("lucky", [(38, 0.99), (76, 0.97), (190, 0.975)])  # peaked early
+    steady = Trial("steady", [(38, 0.96), (76, 0.97), (190, 0.98)])
+    trials = [stopped, lucky, steady]
+    assert select_best(trials, "val_top1", "max", "final") == (steady, "steady final", 0.98)
+    assert select_best(trials, "val_top1", "max", "peak") == (stopped, "stopped peak", 0.99)
+    assert select_best(trials, "val_top1", "min", "final")[0] is lucky
 
 
 def test_watchdog_budget_and_stall_rules():
