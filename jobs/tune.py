@@ -8,7 +8,7 @@ asks for several workers builds a TorchTrainer whose workers are counted in the 
 resources. Ray Data tasks of a trial run inside the trial's placement group, in a bundle
 of their own, so data and training never wait on each other.
 
-MLflow: one parent run for the search, one nested run per trial, the best checkpoint
+MLflow: one parent run for the search, one nested run per trial, the chosen checkpoint
 registered with an alias. A watchdog stops the search when its time budget is spent or a
 running trial goes silent, and names that trial.
 """
@@ -320,8 +320,8 @@ def select_best(finished: list, metric: str, mode: str, select: str) -> tuple[An
     "final" judges the trials that trained longest (ASHA's top rung) by their last report
     and takes their final checkpoint, the model the schedule was built to produce. The peak
     of ten epochs x four trials on digits' 180 val images was often an early epoch: in four
-    fine-tunes the best-val epoch scored test 0.975-0.989 where the final one scored
-    0.986-0.994.
+    fine-tunes the best-val epoch scored test 0.972-0.994 (mean 0.981), the final one
+    0.986-0.994 (mean 0.990).
     """
     sign = 1 if mode == "max" else -1
     if select == "peak":
