@@ -325,19 +325,12 @@ def select_best(finished: list, metric: str, mode: str, select: str) -> tuple[An
     """
     sign = 1 if mode == "max" else -1
     if select == "peak":
-        peaks = [
-            (
-                max(
-                    sign * row[metric]
-                    for row in r.metrics_dataframe.to_dict("records")
-                    if metric in row
-                ),
-                r,
-            )
-            for r in finished
-        ]
-        value, best = max(peaks, key=lambda p: p[0])
-        return best, best.get_best_checkpoint(metric, mode) or best.checkpoint, sign * value
+
+        def peak(r: Any) -> float:
+            return float((sign * r.metrics_dataframe[metric].dropna()).max())
+
+        best = max(finished, key=peak)
+        return best, best.get_best_checkpoint(metric, mode) or best.checkpoint, sign * peak(best)
     furthest = max(r.metrics.get("step", 0) for r in finished)
     longest = [r for r in finished if r.metrics.get("step", 0) == furthest]
     best = max(longest, key=lambda r: sign * r.metrics[metric])
