@@ -113,10 +113,8 @@ def check_capacity(cfg: JobConfig) -> None:
     need = {kind: amount * workers for kind, amount in worker.items()}
     need["CPU"] += cfg.data.cpus_per_task
     have = ray.cluster_resources()
-    largest = {
-        kind: max((n["Resources"].get(kind, 0) for n in ray.nodes() if n["Alive"]), default=0)
-        for kind in need
-    }
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    largest = {kind: max((n.get(kind, 0) for n in nodes), default=0) for kind in need}
     problems = [
         f"{need[k]:g} {k} in all ({workers} worker(s) x {worker[k]:g}"
         + (f" + one decode task of {cfg.data.cpus_per_task:g}" if k == "CPU" else "")
