@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
     minutes = (time.monotonic() - started) / 60
     print(f"\nvitray demo finished in {minutes:.1f} min")
     print(f"  pretrain 16 px   val top-1 {pretrained.result.metrics['val_top1']:.4f}")
-    print(f"  fine-tune 32 px  val top-1 {tuned.best_metric:.4f} (the search's pick, final epoch)")
+    pick = tuned.config.tune.select
+    print(f"  fine-tune 32 px  val top-1 {tuned.best_metric:.4f} (the search's pick: {pick})")
     print(f"  test top-1       {best.data.metrics.get('test_top1', float('nan')):.4f}")
     if tuned.registered is not None:
         v = tuned.registered
