@@ -1,7 +1,7 @@
 """`vitray bench data`: images/s through decode + crop + flip + patchify, four ways, one run.
 
 1. the Ray Data pipeline (`build_dataset`), iterated as a train worker does;
-2. a torch DataLoader with one worker per core over the same shards and transform code;
+2. a torch DataLoader with one worker per core over the same row groups and transform code;
 3. our transform kernel in one plain process;
 4. torchvision's standard training transform in one plain process (decode_jpeg +
    RandomResizedCrop + flip): the per-core anchor users know;
@@ -38,10 +38,19 @@ from pipeline.prepare import prepare
 from pipeline.sources import data_home
 from pipeline.transforms import preprocess_batch
 
+RowGroup = tuple[str, int]  # (shard path, row group index)
 
-def shard_batches(files: list[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size, columns=["image", "label"]):
+
+def row_groups(files: list[str]) -> list[RowGroup]:
+    return [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
+
+
+def unit_batches(units: list[RowGroup], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    for path, group in units:
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(
+            batch_size, row_groups=[group], columns=["image", "label"]
+        ):
             yield {
                 "image": batch.column("image").to_numpy(zero_copy_only=False),
                 "label": batch.column("label").to_numpy(),
@@ -49,15 +58,16 @@ def shard_batches(files: list[str], batch_size: int) -> Iterator[dict[str, np.nd
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """The DataLoader baseline: worker k takes shards k, k+W, ... and runs our kernel."""
+    """The DataLoader baseline: worker k takes row groups k, k+W, ... (the read units of
+    Ray Data too: by whole shards, one shard kept one worker idle) and runs our kernel."""
 
-    def __init__(self, files: list[str], cfg: DataConfig, batch_size: int) -> None:
-        self.files, self.cfg, self.batch_size = files, cfg, batch_size
+    def __init__(self, units: list[RowGroup], cfg: DataConfig, batch_size: int) -> None:
+        self.units, self.cfg, self.batch_size = units, cfg, batch_size
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         info = torch.utils.data.get_worker_info()
-        files = self.files[info.id :: info.num_workers] if info else self.files
-        for batch in shard_batches(files, self.batch_size):
+        units = self.units[info.id :: info.num_workers] if info else self.units
+        for batch in unit_batches(units, self.batch_size):
             yield preprocess_batch(batch, self.cfg, 16, train=True)
 
 
@@ -66,7 +76,7 @@ def rate(images: int, seconds: float) -> float:
 
 
 def bench_kernel_vs_torchvision(
-    files: list[str], cfg: DataConfig, batch: int
+    units: list[RowGroup], cfg: DataConfig, batch: int
 ) -> tuple[float, float]:
     """Both transforms on every batch, in alternating order: (kernel, torchvision) img/s."""
     from torchvision.io import decode_jpeg
@@ -84,7 +94,7 @@ def bench_kernel_vs_torchvision(
         preprocess_batch(b, cfg, 16, train=True)
 
     seconds, n = {kernel: 0.0, torchvision: 0.0}, 0
-    for i, b in enumerate(shard_batches(files, batch)):
+    for i, b in enumerate(unit_batches(units, batch)):
         for fn in (kernel, torchvision) if i % 2 == 0 else (torchvision, kernel):
             start = time.perf_counter()
             fn(b)
@@ -93,28 +103,28 @@ def bench_kernel_vs_torchvision(
     return rate(n, seconds[kernel]), rate(n, seconds[torchvision])
 
 
-def _kernel_pass(files: list[str], cfg: DataConfig, batch: int) -> tuple[int, float]:
+def _kernel_pass(units: list[RowGroup], cfg: DataConfig, batch: int) -> tuple[int, float]:
     torch.set_num_threads(1)
     start, n = time.perf_counter(), 0
-    for b in shard_batches(files, batch):
+    for b in unit_batches(units, batch):
         preprocess_batch(b, cfg, 16, train=True)
         n += len(b["label"])
     return n, time.perf_counter() - start
 
 
-def bench_kernel_parallel(files: list[str], cfg: DataConfig, batch: int, cores: int) -> float:
+def bench_kernel_parallel(units: list[RowGroup], cfg: DataConfig, batch: int, cores: int) -> float:
     """Our kernel in `cores` plain processes at once, each over all shards: what the cores
     deliver together. Shared or hyperthreaded cores give less than cores x one core, and no
     loader can beat this number."""
     context = multiprocessing.get_context("fork")  # before Ray starts; as DataLoader does
     with ProcessPoolExecutor(cores, mp_context=context) as pool:
-        passes = list(pool.map(_kernel_pass, [files] * cores, [cfg] * cores, [batch] * cores))
+        passes = list(pool.map(_kernel_pass, [units] * cores, [cfg] * cores, [batch] * cores))
     return rate(sum(n for n, _ in passes), max(seconds for _, seconds in passes))
 
 
-def bench_dataloader(files: list[str], cfg: DataConfig, batch: int, workers: int) -> float:
+def bench_dataloader(units: list[RowGroup], cfg: DataConfig, batch: int, workers: int) -> float:
     loader = torch.utils.data.DataLoader(
-        ShardStream(files, cfg, batch), batch_size=None, num_workers=workers, prefetch_factor=4
+        ShardStream(units, cfg, batch), batch_size=None, num_workers=workers, prefetch_factor=4
     )
     start, n = time.perf_counter(), 0
     for b in loader:
@@ -200,15 +210,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = info.source.split_files("train")
     data_mib = sum(os.path.getsize(f) for f in files) / 2**20
     patches_mib = info.split_rows["train"] * args.size * args.size * 3 / 2**20
+    units = row_groups(files)
     print(
-        f"{info.split_rows['train']} train images in {len(files)} shards ({data_mib:.0f} MiB "
+        f"{info.split_rows['train']} train images in {len(files)} shards, {len(units)} row "
+        f"groups ({data_mib:.0f} MiB "
         f"encoded, {patches_mib:.0f} MiB as patches)",
         flush=True,
     )
     torch.set_num_threads(1)  # kernel and torchvision are per-core numbers
-    kernel, tv = bench_kernel_vs_torchvision(files, cfg, args.batch)
+    kernel, tv = bench_kernel_vs_torchvision(units, cfg, args.batch)
     print(f"kernel: {kernel} img/s, torchvision: {tv} img/s (interleaved)", flush=True)
-    parallel = bench_kernel_parallel(files, cfg, args.batch, cores)
+    parallel = bench_kernel_parallel(units, cfg, args.batch, cores)
     print(f"kernel in {cores} processes at once: {parallel} img/s", flush=True)
     with local_ray(cores):  # Ray's default object store, as a training job gets it
         ds = build_dataset(cfg, "train", 16)
@@ -216,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ray data warm-up epoch: {warmup} img/s", flush=True)
         ray_rates, dl_rates = [], []
         for epoch in range(args.epochs):
-            dl_rates.append(bench_dataloader(files, cfg, args.batch, cores))
+            dl_rates.append(bench_dataloader(units, cfg, args.batch, cores))
             ray_rates.append(ray_epoch(ds, args.batch))
             print(
                 f"epoch {epoch + 1}: ray data {ray_rates[-1]} img/s, "
@@ -224,15 +236,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
     memory = []
-    with local_ray(cores, args.object_store_mib):
-        ds = build_dataset(cfg, "train", 16)
-        for epoch in range(args.memory_epochs):
-            memory.append(ray_epoch_memory(ds, args.batch))
-            print(
-                f"memory epoch {epoch + 1} ({args.object_store_mib} MiB object store): "
-                f"peak PSS of all processes {memory[-1]} MiB",
-                flush=True,
-            )
+    if args.memory_epochs:
+        with local_ray(cores, args.object_store_mib):
+            ds = build_dataset(cfg, "train", 16)
+            for epoch in range(args.memory_epochs):
+                memory.append(ray_epoch_memory(ds, args.batch))
+                print(
+                    f"memory epoch {epoch + 1} ({args.object_store_mib} MiB object store): "
+                    f"peak PSS of all processes {memory[-1]} MiB",
+                    flush=True,
+                )
     ray_img_s, dl = max(ray_rates), max(dl_rates)
     return write_result(
         {
