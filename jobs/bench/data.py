@@ -33,7 +33,7 @@ import torch
 
 from jobs.bench.common import write_result
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, describe_dataset
+from pipeline.dataset import build_dataset, describe_dataset, quiet_progress
 from pipeline.prepare import prepare
 from pipeline.sources import data_home
 from pipeline.transforms import preprocess_batch
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parallel = bench_kernel_parallel(units, cfg, args.batch, cores)
     print(f"kernel in {cores} processes at once: {parallel} img/s", flush=True)
     with local_ray(cores):  # Ray's default object store, as a training job gets it
-        ds = build_dataset(cfg, "train", 16)
+        ds = quiet_progress(build_dataset(cfg, "train", 16))
         warmup = ray_epoch(ds, args.batch)
         print(f"ray data warm-up epoch: {warmup} img/s", flush=True)
         ray_rates, dl_rates = [], []
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     memory = []
     if args.memory_epochs:
         with local_ray(cores, args.object_store_mib):
-            ds = build_dataset(cfg, "train", 16)
+            ds = quiet_progress(build_dataset(cfg, "train", 16))
             for epoch in range(args.memory_epochs):
                 memory.append(ray_epoch_memory(ds, args.batch))
                 print(
