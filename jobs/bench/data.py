@@ -57,7 +57,7 @@ def unit_batches(units: list[RowGroup], batch_size: int) -> Iterator[dict[str, n
             }
 
 
-class ShardStream(torch.utils.data.IterableDataset):
+class RowGroupStream(torch.utils.data.IterableDataset):
     """The DataLoader baseline: worker k takes row groups k, k+W, ... (the read units of
     Ray Data too: by whole shards, one shard kept one worker idle) and runs our kernel."""
 
@@ -113,7 +113,7 @@ def _kernel_pass(units: list[RowGroup], cfg: DataConfig, batch: int) -> tuple[in
 
 
 def bench_kernel_parallel(units: list[RowGroup], cfg: DataConfig, batch: int, cores: int) -> float:
-    """Our kernel in `cores` plain processes at once, each over all shards: what the cores
+    """Our kernel in `cores` plain processes at once, each over all row groups: what the cores
     deliver together. Shared or hyperthreaded cores give less than cores x one core, and no
     loader can beat this number."""
     context = multiprocessing.get_context("fork")  # before Ray starts; as DataLoader does
@@ -124,7 +124,7 @@ def bench_kernel_parallel(units: list[RowGroup], cfg: DataConfig, batch: int, co
 
 def bench_dataloader(units: list[RowGroup], cfg: DataConfig, batch: int, workers: int) -> float:
     loader = torch.utils.data.DataLoader(
-        ShardStream(units, cfg, batch), batch_size=None, num_workers=workers, prefetch_factor=4
+        RowGroupStream(units, cfg, batch), batch_size=None, num_workers=workers, prefetch_factor=4
     )
     start, n = time.perf_counter(), 0
     for b in loader:
@@ -212,9 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     patches_mib = info.split_rows["train"] * args.size * args.size * 3 / 2**20
     units = row_groups(files)
     print(
-        f"{info.split_rows['train']} train images in {len(files)} shards, {len(units)} row "
-        f"groups ({data_mib:.0f} MiB "
-        f"encoded, {patches_mib:.0f} MiB as patches)",
+        f"{info.split_rows['train']} train images in {len(files)} shards, {len(units)} row groups"
+        f" ({data_mib:.0f} MiB encoded, {patches_mib:.0f} MiB as patches)",
         flush=True,
     )
     torch.set_num_threads(1)  # kernel and torchvision are per-core numbers
