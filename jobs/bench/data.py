@@ -32,17 +32,14 @@ import pyarrow.parquet as pq
 import torch
 
 from jobs.bench.common import write_result
+from jobs.raynode import set_node_env
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, describe_dataset, quiet_progress
+from pipeline.dataset import build_dataset, describe_dataset, plan_units, quiet_progress
 from pipeline.prepare import prepare
 from pipeline.sources import data_home
 from pipeline.transforms import preprocess_batch
 
 RowGroup = tuple[str, int]  # (shard path, row group index)
-
-
-def row_groups(files: list[str]) -> list[RowGroup]:
-    return [(path, g) for path in files for g in range(pq.ParquetFile(path).num_row_groups)]
 
 
 def unit_batches(units: list[RowGroup], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -185,6 +182,7 @@ def ray_epoch_memory(ds: Any, batch: int) -> int:
 def local_ray(cores: int, object_store_mib: int | None = None) -> Iterator[None]:
     import ray
 
+    set_node_env(cores)  # as `ensure_ray` starts a job's local Ray
     store = object_store_mib * 2**20 if object_store_mib else None
     ray.init(
         num_cpus=cores, object_store_memory=store, include_dashboard=False, log_to_driver=False
@@ -210,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = info.source.split_files("train")
     data_mib = sum(os.path.getsize(f) for f in files) / 2**20
     patches_mib = info.split_rows["train"] * args.size * args.size * 3 / 2**20
-    units = row_groups(files)
+    units = [(unit["path"], unit["row_group"]) for unit in plan_units(info.source, files)]
     print(
         f"{info.split_rows['train']} train images in {len(files)} shards, {len(units)} row groups"
         f" ({data_mib:.0f} MiB encoded, {patches_mib:.0f} MiB as patches)",
