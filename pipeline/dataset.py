@@ -1,10 +1,10 @@
 """`build_dataset(cfg, split)`: a streaming Ray Dataset of uint8 patches and labels.
 
-The driver plans read units (a Parquet row group of ~8 MB, a WebDataset tar, a chunk of
-image files), each epoch in a new random order for training, rows within a unit too; one
-Ray task per unit reads, decodes, crops, flips and patchifies it at an explicit CPU
-fraction, and yields it `decode_batch_size` rows at a time. Consumers iterate with a local
-shuffle buffer and normalise on the device.
+The driver plans read units (`pipeline.readers`: a Parquet row group of ~8 MB, a WebDataset
+tar, a chunk of image files), each epoch in a new random order for training, rows within a
+unit too; one Ray task per unit reads, decodes, crops, flips and patchifies it at an
+explicit CPU fraction, and yields it `decode_batch_size` rows at a time. Consumers iterate
+with a local shuffle buffer and normalise on the device.
 
 Why not `ray.data.read_parquet` + `map_batches`: on Ray 2.60 it packs row groups into
 128 MB read units (one task decoded a whole 60 MB shard while the other core idled) and
@@ -14,25 +14,21 @@ small node (measured: a 2-core pipeline hung).
 
 from __future__ import annotations
 
-import posixpath
-import tarfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray.data
 import torch
 
 from pipeline.config import DataConfig
 from pipeline.prepare import prepare
-from pipeline.sources import IMAGE_EXTENSIONS, Source, SourceError, data_home, resolve_source
+from pipeline.readers import Unit, batches, plan_units, read_unit
+from pipeline.sources import Source, SourceError, data_home, resolve_source
 from pipeline.transforms import preprocess_batch
 
-FILES_PER_UNIT = 256  # image-folder files read by one task
 # A validation split whose patches fit in this many bytes is read once by each training
 # worker, which keeps its batches (jobs/train.CachedBatches): it is deterministic, so
 # evaluations after the first need no Ray Data execution.
@@ -73,108 +69,6 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo(source, source.class_names, rows)
 
 
-# Planning: read units, on the driver ----------------------------------------------------
-
-
-def _parquet_units(source: Source, files: list[str]) -> list[dict[str, Any]]:
-    """One unit per row group; counts come from the manifest, else from the footers."""
-    known = {}
-    if source.manifest is not None:
-        for split in source.manifest["splits"].values():
-            for shard in split["shards"]:
-                known[posixpath.join(source.root, shard["file"])] = shard.get("row_groups")
-    units = []
-    for path in files:
-        try:
-            pf = pq.ParquetFile(path, filesystem=source.filesystem) if not known.get(path) else None
-        except OSError as e:
-            raise SourceError(f"cannot read shard {path}: {e}") from e
-        if pf is not None:
-            names = pf.schema_arrow.names
-            missing = [c for c in ("image", "label") if c not in names]
-            if missing:
-                raise SourceError(f"shard {path} has no column(s) {missing}; it has {names}")
-        groups = known.get(path) or pf.metadata.num_row_groups
-        units += [{"path": path, "row_group": g, "files": []} for g in range(groups)]
-    return units
-
-
-def plan_units(source: Source, files: list[str]) -> list[dict[str, Any]]:
-    if source.kind in ("vitray", "hf_parquet"):
-        return _parquet_units(source, files)
-    if source.kind == "webdataset":
-        return [{"path": path, "row_group": -1, "files": []} for path in files]
-    chunks = [files[i : i + FILES_PER_UNIT] for i in range(0, len(files), FILES_PER_UNIT)]
-    return [{"path": "", "row_group": -1, "files": chunk} for chunk in chunks]
-
-
-# Reading: one unit, inside a Ray task ---------------------------------------------------
-
-
-def _read_parquet_unit(fs: pafs.FileSystem, path: str, row_group: int) -> dict[str, np.ndarray]:
-    pf = pq.ParquetFile(path, filesystem=fs)
-    columns = [c for c in ("id", "image", "label") if c in pf.schema_arrow.names]
-    table = pf.read_row_group(row_group, columns=columns)
-    images = table.column("image").to_pylist()  # bytes, or HF's {bytes, path} structs
-    rows = {
-        "image": np.array(images + [None], dtype=object)[:-1],  # keep dicts as objects
-        "label": table.column("label").to_numpy(),
-    }
-    if "id" in columns:
-        rows["id"] = table.column("id").to_numpy(zero_copy_only=False)
-    else:
-        rows["id"] = np.array([i.get("path") if isinstance(i, dict) else None for i in images])
-    rows["path"] = np.full(len(images), path, dtype=object)
-    rows["row"] = np.arange(len(images))
-    return rows
-
-
-def _read_webdataset_unit(fs: pafs.FileSystem, path: str) -> dict[str, np.ndarray]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile():
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-    keys = [k for k, s in samples.items() if "cls" in s]
-    images = [next((samples[k][e] for e in IMAGE_EXTENSIONS if e in samples[k]), b"") for k in keys]
-    return {
-        "image": np.array(images + [None], dtype=object)[:-1],
-        "label": np.array([int(samples[k]["cls"].decode().strip()) for k in keys], dtype=np.int64),
-        "id": np.array(keys, dtype=object),
-        "path": np.full(len(keys), path, dtype=object),
-    }
-
-
-def _read_folder_unit(
-    fs: pafs.FileSystem, root: str, files: list[str], classes: list[str]
-) -> dict[str, np.ndarray]:
-    index = {name: i for i, name in enumerate(classes)}
-    rel = [posixpath.relpath(f, root) for f in files]
-    images = []
-    for f in files:
-        try:
-            with fs.open_input_stream(f) as stream:
-                images.append(stream.read())
-        except OSError:
-            images.append(b"")  # counted as a bad image downstream
-    return {
-        "image": np.array(images + [None], dtype=object)[:-1],
-        "label": np.array([index[r.split("/")[0]] for r in rel], dtype=np.int64),
-        "id": np.array(rel, dtype=object),
-    }
-
-
-def read_unit(unit: dict[str, Any], source: Source) -> dict[str, np.ndarray]:
-    """Rows {image (encoded), label, id[, path, row]} of one read unit."""
-    fs = source.filesystem
-    if source.kind in ("vitray", "hf_parquet"):
-        return _read_parquet_unit(fs, unit["path"], int(unit["row_group"]))
-    if source.kind == "webdataset":
-        return _read_webdataset_unit(fs, unit["path"])
-    return _read_folder_unit(fs, source.root, list(unit["files"]), source.class_names or [])
-
-
 def load_units(
     batch: dict[str, np.ndarray], source: Source, chunk_rows: int, **kwargs: Any
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -184,13 +78,12 @@ def load_units(
     # decode tasks use (measured 5x slower at 0.5 CPU per task on 2 cores).
     torch.set_num_threads(1)
     for i in range(len(batch["path"])):
-        unit = {key: batch[key][i] for key in ("path", "row_group", "files")}
-        rows = read_unit(unit, source)
+        path, group, files = (batch[key][i] for key in ("path", "row_group", "files"))
+        rows = read_unit(source, Unit(path=str(path), row_group=int(group), files=list(files)))
         if kwargs["train"]:  # a new row order every epoch, free: the unit is in memory
             order = np.random.default_rng().permutation(len(rows["label"]))
             rows = {key: column[order] for key, column in rows.items()}
-        for start in range(0, len(rows["label"]), chunk_rows):
-            chunk = {key: column[start : start + chunk_rows] for key, column in rows.items()}
+        for chunk in batches(rows, chunk_rows):
             yield preprocess_batch(chunk, **kwargs)
 
 

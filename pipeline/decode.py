@@ -23,9 +23,7 @@ class BadImage(ValueError):
 
 
 def image_bytes(value: Any) -> bytes:
-    """Raw bytes from our `image` column or from HF's `{bytes, path}` struct."""
-    if isinstance(value, dict):
-        value = value.get("bytes")
+    """The bytes of an `image` cell as `pipeline.readers` returns it (None: missing)."""
     if value is None:
         raise BadImage("no image bytes")
     return bytes(value)

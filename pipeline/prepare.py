@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import random
 import shutil
 import sys
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -24,8 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.builtin import Item
-from pipeline.decode import BadImage, load, open_image
-from pipeline.sources import MANIFEST, SourceError, source_items
+from pipeline.decode import BadImage, image_bytes, load, open_image
+from pipeline.readers import plan_units, read_unit
+from pipeline.sources import (
+    MANIFEST,
+    Source,
+    SourceError,
+    builtin_items,
+    resolve_source,
+    split_of_path,
+)
 
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
 ROW_GROUP_BYTES = 8 * 2**20  # the unit of parallel reading and decoding (~250 photos)
@@ -137,6 +146,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_items(spec: str, seed: int) -> tuple[Iterable[Item], int | None, list[str] | None, str]:
+    """(items, their count if known, class names, kind). Sources are read unit by unit by
+    `pipeline.readers`, as streaming reads them. Built-ins and folders come sorted by class:
+    they are shuffled with `seed`, so that shards mix classes."""
+    if spec.startswith("builtin:"):
+        items, classes = builtin_items(spec)
+        random.Random(seed).shuffle(items)
+        return items, len(items), classes, "builtin"
+    source = resolve_source(spec)
+    if source.kind == "vitray":
+        raise SourceError(f"{spec} is already a vitray dataset; train on it directly")
+    files = list(source.files)
+    if source.kind == "folder":
+        random.Random(seed).shuffle(files)
+    count = len(files) if source.kind == "folder" else None
+    return _unit_items(source, files), count, source.class_names, source.kind
+
+
+def _unit_items(source: Source, files: list[str]) -> Iterator[Item]:
+    for unit in plan_units(source, files):
+        rows = read_unit(source, unit)
+        # a Parquet file or tar named for a split keeps it; folder files get one by hash
+        split = split_of_path(unit["path"], source.root) if unit["path"] else None
+        for i, data in enumerate(rows["image"]):
+            # Parquet rows without an id (or a Hugging Face path) are named FILE:ROW
+            item_id = rows["id"][i] or f"{posixpath.basename(unit['path'])}:{rows['row'][i]}"
+            yield Item(str(item_id), int(rows["label"][i]), split, lambda d=data: d)
+
+
 def assign_split(item: Item, val_fraction: float, seed: int) -> str:
     """The item's own split, else a stable hash of its id: the same on every re-run."""
     if item.split:
@@ -148,7 +186,7 @@ def assign_split(item: Item, val_fraction: float, seed: int) -> str:
 def check_image(item: Item) -> tuple[Item, bytes, str | None]:
     """Read and fully decode one image (at 1/8 scale for JPEG: the whole stream is parsed)."""
     try:
-        data = item.read()
+        data = image_bytes(item.read())
         load(open_image(data), min_size=(1, 1))
         return item, data, None
     except BadImage as e:
@@ -194,17 +232,14 @@ def prepare(
                 "refusing to mix them: choose another directory or pass --overwrite"
             )
         raise SourceError(f"{out} is not empty and not a vitray dataset; pass --overwrite")
-    items, class_names, kind = source_items(spec)
-    if isinstance(items, list):  # shuffle so shards mix classes (folders come sorted)
-        items = list(items)
-        random.Random(seed).shuffle(items)
+    items, count, class_names, kind = source_items(spec, seed)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         writers: dict[str, ShardWriter] = {}
         skipped, max_label = [], -1
-        bar = Progress(f"prepare {spec}", len(items) if isinstance(items, list) else None, progress)
+        bar = Progress(f"prepare {spec}", count, progress)
         for item, data, error in _checked(items, workers=max(2, os.cpu_count() or 2)):
             if error is None and class_names is not None and not 0 <= item.label < len(class_names):
                 error = f"label {item.label} outside [0, {len(class_names)})"

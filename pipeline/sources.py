@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -22,7 +20,6 @@ import pyarrow.parquet as pq
 from pipeline.builtin import DIGIT_CLASSES, PHOTO_CLASSES, Item, digits_items, photos_items
 
 MANIFEST = "manifest.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 SPLIT_ALIASES = {
     "train": "train",
     "val": "val",
@@ -165,87 +162,6 @@ def resolve_source(spec: str) -> Source:
     raise SourceError(
         f"{spec} holds no manifest.json, .parquet, .tar or class subfolders of images"
     )
-
-
-# Items for `vitray prepare`, read without Ray -----------------------------------------------
-
-
-def _read(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def folder_items(source: Source) -> list[Item]:
-    index = {name: i for i, name in enumerate(source.class_names or [])}
-    items = []
-    for path in source.files:
-        rel = posixpath.relpath(path, source.root)
-        label = index[rel.split("/")[0]]
-        items.append(Item(rel, label, None, lambda p=path: _read(source.filesystem, p)))
-    return items
-
-
-def hf_parquet_items(source: Source) -> Iterator[Item]:
-    for path in source.files:
-        pf = pq.ParquetFile(path, filesystem=source.filesystem)
-        names = pf.schema_arrow.names
-        if "image" not in names or "label" not in names:
-            raise SourceError(f"{path} has no image/label columns (it has {names})")
-        split = split_of_path(path, source.root)
-        row = 0
-        for batch in pf.iter_batches(columns=["image", "label"], batch_size=256):
-            for image, label in zip(
-                batch.column("image").to_pylist(), batch.column("label").to_pylist(), strict=True
-            ):
-                data = image.get("bytes") if isinstance(image, dict) else image
-                name = image.get("path") if isinstance(image, dict) else None
-                item_id = name or f"{posixpath.basename(path)}:{row}"
-                yield Item(item_id, int(label), split, lambda d=data: d or b"")
-                row += 1
-
-
-def webdataset_items(source: Source) -> Iterator[Item]:
-    for path in source.files:
-        split = split_of_path(path, source.root)
-        with (
-            source.filesystem.open_input_stream(path) as stream,
-            tarfile.open(fileobj=stream, mode="r|*") as tar,
-        ):
-            sample: dict[str, bytes] = {}
-            key = None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, _, ext = member.name.partition(".")
-                if key is not None and k != key:
-                    yield from _wds_item(key, sample, split)
-                    sample = {}
-                key = k
-                sample[ext.lower()] = tar.extractfile(member).read()
-            if key is not None:
-                yield from _wds_item(key, sample, split)
-
-
-def _wds_item(key: str, sample: dict[str, bytes], split: str | None) -> Iterator[Item]:
-    image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-    if image is None or "cls" not in sample:
-        return
-    yield Item(key, int(sample["cls"].decode().strip()), split, lambda d=image: d)
-
-
-def source_items(spec: str) -> tuple[Iterator[Item] | list[Item], list[str] | None, str]:
-    """(items, class names, kind) for `prepare`."""
-    if spec.startswith("builtin:"):
-        items, classes = builtin_items(spec)
-        return items, classes, "builtin"
-    source = resolve_source(spec)
-    if source.kind == "folder":
-        return folder_items(source), source.class_names, "folder"
-    if source.kind == "hf_parquet":
-        return hf_parquet_items(source), source.class_names, "hf_parquet"
-    if source.kind == "webdataset":
-        return webdataset_items(source), None, "webdataset"
-    raise SourceError(f"{spec} is already a vitray dataset; train on it directly")
 
 
 def data_home() -> Path:

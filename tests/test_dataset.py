@@ -14,6 +14,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset
 from pipeline.prepare import prepare
+from pipeline.readers import plan_units, read_unit
 from pipeline.sources import SourceError, resolve_source
 
 
@@ -101,8 +102,9 @@ def test_bad_rows_in_a_shard_are_counted_not_fatal(ray_local, tmp_path, awkward_
         collect(build_dataset(strict, "train", 16))
 
 
-def test_hugging_face_parquet_as_downloaded(ray_local, tmp_path):
-    names = ["apple", "pear", "plum"]
+def write_hf_parquet(path, images: list[dict], names: list[str], **kwargs) -> None:
+    """A Parquet file as Hugging Face `datasets` writes one: {bytes, path} image structs,
+    a ClassLabel label and the features in the schema metadata."""
     meta = {
         "info": {
             "features": {
@@ -118,12 +120,23 @@ def test_hugging_face_parquet_as_downloaded(ray_local, tmp_path):
         ],
         metadata={"huggingface": json.dumps(meta)},
     )
+    labels = [i % len(names) for i in range(len(images))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image": images, "label": labels}, schema=schema), path, **kwargs)
+
+
+def by_id(out: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """id -> (label, ok, patches as bytes)."""
+    rows = zip(out["id"], out["label"], out["ok"], out["patches"], strict=True)
+    return {i: (label, ok, patches.tobytes()) for i, label, ok, patches in rows}
+
+
+def test_hugging_face_parquet_as_downloaded(ray_local, tmp_path):
+    names = ["apple", "pear", "plum"]
     data = tmp_path / "hf" / "data"
-    data.mkdir(parents=True)
     for split, n in (("train", 9), ("test", 3)):
         rows = [{"bytes": jpeg(i), "path": f"{split}_{i}.jpg"} for i in range(n)]
-        table = pa.table({"image": rows, "label": [i % 3 for i in range(n)]}, schema=schema)
-        pq.write_table(table, data / f"{split}-00000-of-00001.parquet")
+        write_hf_parquet(data / f"{split}-00000-of-00001.parquet", rows, names)
     cfg = DataConfig(dataset=str(tmp_path / "hf"), image_size=32)
     assert describe_dataset(cfg).class_names == names
     train = collect(build_dataset(cfg, "train", 16, keep_ids=True))
@@ -147,6 +160,81 @@ def test_webdataset_tars(ray_local, tmp_path):
     assert resolve_source(str(root)).kind == "webdataset"
     out = collect(build_dataset(cfg, "train", 16))
     assert len(out["label"]) == 8 and sorted(out["label"].tolist()) == [0] * 4 + [1] * 4
+
+
+def test_hugging_face_rows_are_the_same_for_prepare_and_streaming(ray_local, tmp_path):
+    """One reader unpacks the {bytes, path} struct for both: ids are the paths, else
+    FILE:ROW with rows counted from the start of the file across row groups; a row without
+    bytes is a bad image, named by that row in strict mode."""
+    rows = [{"bytes": jpeg(i, (64 + 8 * i, 80)), "path": None} for i in range(6)]
+    rows.append({"bytes": None, "path": "gone.jpg"})
+    write_hf_parquet(tmp_path / "hf" / "val.parquet", rows, ["a", "b"], row_group_size=3)
+    source = resolve_source(str(tmp_path / "hf"))
+    units = plan_units(source, source.files)
+    read = [read_unit(source, unit) for unit in units]
+    assert [unit["row_group"] for unit in units] == [0, 1, 2]
+    assert [r["row"].tolist() for r in read] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [image for r in read for image in r["image"]] == [r["bytes"] for r in rows]
+    assert [i for r in read for i in r["id"]] == [None] * 6 + ["gone.jpg"]
+
+    manifest = prepare(str(tmp_path / "hf"), tmp_path / "out", progress=False)
+    assert manifest["skipped"] == [{"id": "gone.jpg", "reason": "no image bytes"}]
+    cfg = DataConfig(dataset=str(tmp_path / "hf"), image_size=32)
+    streamed = collect(build_dataset(cfg, "val", 16))
+    assert len(streamed["ok"]) == 7 and streamed["ok"].sum() == 6
+    prepared = cfg.model_copy(update={"dataset": str(tmp_path / "out")})
+    good = {f"val.parquet:{i}" for i in range(6)}
+    assert set(by_id(collect(build_dataset(prepared, "val", 16, keep_ids=True)))) == good
+    with pytest.raises(Exception, match=r"val\.parquet, row 6, id 'gone\.jpg'"):
+        collect(build_dataset(cfg.model_copy(update={"strict": True}), "val", 16))
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_webdataset_keys_follow_webdataset_and_prepare_reads_as_streaming(ray_local, tmp_path):
+    """Key: the member path up to the first dot of its base name, directories included; a
+    sample: consecutive members with that key. Prepare and streaming read the same rows."""
+    images = [jpeg(i, (64 + 8 * i, 80)) for i in range(5)]
+    (tmp_path / "wds").mkdir()
+    write_tar(
+        tmp_path / "wds" / "val-000000.tar",
+        [
+            ("./cat/0.jpg", images[0]),
+            ("./cat/0.cls", b"0"),
+            ("./dog/0.jpg", images[1]),  # the same base name in another directory
+            ("./dog/0.meta.json", b"{}"),  # extension meta.json: not read
+            ("./dog/0.cls", b"1"),
+            ("./v1.0/cat/1.JPG", images[2]),  # a dot in a directory; extensions lowercased
+            ("./v1.0/cat/1.cls", b"0"),
+            ("./README", b"no dot: not a sample member"),
+            ("./cat/2.jpg", images[3]),  # not consecutive: an unlabelled sample (dropped) ...
+            ("./cat/5.jpg", images[4]),
+            ("./cat/5.cls", b"1"),
+            ("./cat/2.cls", b"0"),  # ... and a labelled one without an image (bad)
+        ],
+    )
+    source = resolve_source(str(tmp_path / "wds"))
+    [unit] = plan_units(source, source.files)
+    rows = read_unit(source, unit)
+    ids = ["./cat/0", "./dog/0", "./v1.0/cat/1", "./cat/5", "./cat/2"]
+    assert rows["id"].tolist() == ids and rows["label"].tolist() == [0, 1, 0, 1, 0]
+    assert rows["image"].tolist() == [*images[:3], images[4], None]
+
+    manifest = prepare(str(tmp_path / "wds"), tmp_path / "out", progress=False)
+    assert manifest["skipped"] == [{"id": "./cat/2", "reason": "no image bytes"}]
+    cfg = DataConfig(dataset=str(tmp_path / "wds"), image_size=32)
+    streamed = by_id(collect(build_dataset(cfg, "val", 16, keep_ids=True)))
+    prepared = cfg.model_copy(update={"dataset": str(tmp_path / "out")})
+    assert by_id(collect(build_dataset(prepared, "val", 16, keep_ids=True))) == {
+        key: row for key, row in streamed.items() if key != "./cat/2"
+    }
+    assert set(streamed) == set(ids) and not streamed["./cat/2"][1]
 
 
 def test_image_folder(ray_local, tmp_path, awkward_images):

@@ -1,7 +1,8 @@
 """`vitray bench data`: images/s through decode + crop + flip + patchify, four ways, one run.
 
 1. the Ray Data pipeline (`build_dataset`), iterated as a train worker does;
-2. a torch DataLoader with one worker per core over the same row groups and transform code;
+2. a torch DataLoader with one worker per core over the same row groups, read by the same
+   reader (`pipeline.readers`), and the same transform code;
 3. our transform kernel in one plain process;
 4. torchvision's standard training transform in one plain process (decode_jpeg +
    RandomResizedCrop + flip): the per-core anchor users know;
@@ -28,43 +29,37 @@ from typing import Any
 
 import numpy as np
 import psutil
-import pyarrow.parquet as pq
 import torch
 
 from jobs.bench.common import write_result
 from jobs.raynode import set_node_env
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, describe_dataset, plan_units, quiet_progress
+from pipeline.dataset import build_dataset, describe_dataset, quiet_progress
 from pipeline.prepare import prepare
-from pipeline.sources import data_home
+from pipeline.readers import Unit, batches, plan_units, read_unit
+from pipeline.sources import Source, data_home
 from pipeline.transforms import preprocess_batch
 
-RowGroup = tuple[str, int]  # (shard path, row group index)
 
-
-def unit_batches(units: list[RowGroup], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    for path, group in units:
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(
-            batch_size, row_groups=[group], columns=["image", "label"]
-        ):
-            yield {
-                "image": batch.column("image").to_numpy(zero_copy_only=False),
-                "label": batch.column("label").to_numpy(),
-            }
+def unit_batches(
+    source: Source, units: list[Unit], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of `units`, read as the Ray tasks read them, `batch_size` at a time."""
+    for unit in units:
+        yield from batches(read_unit(source, unit), batch_size)
 
 
 class RowGroupStream(torch.utils.data.IterableDataset):
     """The DataLoader baseline: worker k takes row groups k, k+W, ... (the read units of
     Ray Data too: by whole shards, one shard kept one worker idle) and runs our kernel."""
 
-    def __init__(self, units: list[RowGroup], cfg: DataConfig, batch_size: int) -> None:
-        self.units, self.cfg, self.batch_size = units, cfg, batch_size
+    def __init__(self, source: Source, units: list[Unit], cfg: DataConfig, batch_size: int) -> None:
+        self.source, self.units, self.cfg, self.batch_size = source, units, cfg, batch_size
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         info = torch.utils.data.get_worker_info()
         units = self.units[info.id :: info.num_workers] if info else self.units
-        for batch in unit_batches(units, self.batch_size):
+        for batch in unit_batches(self.source, units, self.batch_size):
             yield preprocess_batch(batch, self.cfg, 16, train=True)
 
 
@@ -73,7 +68,7 @@ def rate(images: int, seconds: float) -> float:
 
 
 def bench_kernel_vs_torchvision(
-    units: list[RowGroup], cfg: DataConfig, batch: int
+    source: Source, units: list[Unit], cfg: DataConfig, batch: int
 ) -> tuple[float, float]:
     """Both transforms on every batch, in alternating order: (kernel, torchvision) img/s."""
     from torchvision.io import decode_jpeg
@@ -91,7 +86,7 @@ def bench_kernel_vs_torchvision(
         preprocess_batch(b, cfg, 16, train=True)
 
     seconds, n = {kernel: 0.0, torchvision: 0.0}, 0
-    for i, b in enumerate(unit_batches(units, batch)):
+    for i, b in enumerate(unit_batches(source, units, batch)):
         for fn in (kernel, torchvision) if i % 2 == 0 else (torchvision, kernel):
             start = time.perf_counter()
             fn(b)
@@ -100,28 +95,38 @@ def bench_kernel_vs_torchvision(
     return rate(n, seconds[kernel]), rate(n, seconds[torchvision])
 
 
-def _kernel_pass(units: list[RowGroup], cfg: DataConfig, batch: int) -> tuple[int, float]:
+def _kernel_pass(
+    source: Source, units: list[Unit], cfg: DataConfig, batch: int
+) -> tuple[int, float]:
     torch.set_num_threads(1)
     start, n = time.perf_counter(), 0
-    for b in unit_batches(units, batch):
+    for b in unit_batches(source, units, batch):
         preprocess_batch(b, cfg, 16, train=True)
         n += len(b["label"])
     return n, time.perf_counter() - start
 
 
-def bench_kernel_parallel(units: list[RowGroup], cfg: DataConfig, batch: int, cores: int) -> float:
+def bench_kernel_parallel(
+    source: Source, units: list[Unit], cfg: DataConfig, batch: int, cores: int
+) -> float:
     """Our kernel in `cores` plain processes at once, each over all row groups: what the cores
     deliver together. Shared or hyperthreaded cores give less than cores x one core, and no
     loader can beat this number."""
     context = multiprocessing.get_context("fork")  # before Ray starts; as DataLoader does
     with ProcessPoolExecutor(cores, mp_context=context) as pool:
-        passes = list(pool.map(_kernel_pass, [units] * cores, [cfg] * cores, [batch] * cores))
+        args = ([source] * cores, [units] * cores, [cfg] * cores, [batch] * cores)
+        passes = list(pool.map(_kernel_pass, *args))
     return rate(sum(n for n, _ in passes), max(seconds for _, seconds in passes))
 
 
-def bench_dataloader(units: list[RowGroup], cfg: DataConfig, batch: int, workers: int) -> float:
+def bench_dataloader(
+    source: Source, units: list[Unit], cfg: DataConfig, batch: int, workers: int
+) -> float:
     loader = torch.utils.data.DataLoader(
-        RowGroupStream(units, cfg, batch), batch_size=None, num_workers=workers, prefetch_factor=4
+        RowGroupStream(source, units, cfg, batch),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4,
     )
     start, n = time.perf_counter(), 0
     for b in loader:
@@ -208,16 +213,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = info.source.split_files("train")
     data_mib = sum(os.path.getsize(f) for f in files) / 2**20
     patches_mib = info.split_rows["train"] * args.size * args.size * 3 / 2**20
-    units = [(unit["path"], unit["row_group"]) for unit in plan_units(info.source, files)]
+    source = info.source
+    units = plan_units(source, files)
     print(
         f"{info.split_rows['train']} train images in {len(files)} shards, {len(units)} row groups"
         f" ({data_mib:.0f} MiB encoded, {patches_mib:.0f} MiB as patches)",
         flush=True,
     )
     torch.set_num_threads(1)  # kernel and torchvision are per-core numbers
-    kernel, tv = bench_kernel_vs_torchvision(units, cfg, args.batch)
+    kernel, tv = bench_kernel_vs_torchvision(source, units, cfg, args.batch)
     print(f"kernel: {kernel} img/s, torchvision: {tv} img/s (interleaved)", flush=True)
-    parallel = bench_kernel_parallel(units, cfg, args.batch, cores)
+    parallel = bench_kernel_parallel(source, units, cfg, args.batch, cores)
     print(f"kernel in {cores} processes at once: {parallel} img/s", flush=True)
     with local_ray(cores):  # Ray's default object store, as a training job gets it
         ds = quiet_progress(build_dataset(cfg, "train", 16))
@@ -225,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ray data warm-up epoch: {warmup} img/s", flush=True)
         ray_rates, dl_rates = [], []
         for epoch in range(args.epochs):
-            dl_rates.append(bench_dataloader(units, cfg, args.batch, cores))
+            dl_rates.append(bench_dataloader(source, units, cfg, args.batch, cores))
             ray_rates.append(ray_epoch(ds, args.batch))
             print(
                 f"epoch {epoch + 1}: ray data {ray_rates[-1]} img/s, "
