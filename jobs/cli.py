@@ -9,90 +9,34 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-
-def convert_command(args: argparse.Namespace) -> None:
-    from jobs import convert
-
-    if bool(args.source) == bool(args.target):
-        raise SystemExit("vitray convert: give exactly one of --from or --to")
-    if args.source:
-        model = convert.import_weights(args.source, Path(args.input), Path(args.output))
-        print(
-            f"wrote {args.output}: {args.source} -> vitray, {model.num_params() / 1e6:.2f} M "
-            f"params, image size {model.config.image_size}"
-        )
-    else:
-        out = convert.export_weights(args.target, Path(args.input), Path(args.output))
-        print(f"wrote {out}: vitray -> {args.target}")
-
-
-def prepare_command(args: argparse.Namespace) -> None:
-    from pipeline.prepare import prepare
-
-    prepare(
-        args.source,
-        args.out,
-        shard_size=args.shard_size,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        strict=args.strict,
-        overwrite=args.overwrite,
-    )
-
-
-def convert_arguments(p: argparse.ArgumentParser) -> None:
-    from jobs.convert import SOURCES, TARGETS
-
-    p.add_argument("--from", dest="source", choices=SOURCES, help="import this format")
-    p.add_argument("--to", dest="target", choices=TARGETS, help="export to this format")
-    p.add_argument("input", help="weights file or directory to read")
-    p.add_argument("output", help="where to write")
-
-
-def prepare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SRC")
-    p.add_argument("out", metavar="OUT", help="local output directory")
-    p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="fraction held out as 'val' where the source has no splits",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and the row order")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad image")
-    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
-
-
-# name -> (module, help, description). A module defines add_arguments(parser) and
-# run(args); "module:prefix" takes prefix_arguments / prefix_command instead. Only the
-# chosen command's module is imported: `vitray --help` does not wait for torch and Ray.
+# name -> (module, help, description). Each module under jobs/commands defines
+# add_arguments(parser) and run(args). Only the chosen command's module is imported:
+# `vitray --help` does not wait for torch and Ray.
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
-    "info": ("jobs.info", "config, parameters and GFLOPs of a preset or checkpoint", None),
+    "info": ("jobs.commands.info", "config, parameters and GFLOPs of a preset or checkpoint", None),
     "convert": (
-        "jobs.cli:convert",
+        "jobs.commands.convert",
         "convert weights between timm/HF/torchvision/JAX and vitray checkpoints",
         "--from FORMAT IN OUT_DIR imports foreign weights into a vitray checkpoint directory; "
         "--to FORMAT CHECKPOINT OUT exports one (a directory for timm and hf, an .npz for jax).",
     ),
     "prepare": (
-        "jobs.cli:prepare",
+        "jobs.commands.prepare",
         "write images as Parquet shards of their original bytes + manifest.json",
         "SRC is an image folder (one subfolder per class), Hugging Face image Parquet, "
         "WebDataset .tar shards, builtin:digits or builtin:photos?n=N. Every image is decoded "
         "once to check it; bad files are skipped and listed in the manifest.",
     ),
     "pretrain": (
-        "jobs.pretrain",
+        "jobs.commands.pretrain",
         "distributed ViT training on Ray Train, tracked in MLflow",
         "Validate the config, build the Ray datasets, train with TorchTrainer. Re-running with "
         "the same run.name resumes from its latest checkpoint.",
     ),
     "finetune": (
-        "jobs.pretrain",
+        "jobs.commands.pretrain",
         "fine-tune a checkpoint at a new resolution (posemb interpolated, new head)",
         "Start from init.checkpoint (a vitray checkpoint directory, runs:/..., "
         "models:/NAME/VERSION or models:/NAME@ALIAS, timm:PATH, hf:PATH, torchvision:PATH, "
@@ -100,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "checkpoint to MLflow, then train as pretrain does.",
     ),
     "tune": (
-        "jobs.tune",
+        "jobs.commands.tune",
         "a Ray Tune search of fine-tunes (ASHA), best model registered in MLflow",
         "Sample the config keys in tune.space (loguniform, uniform, randint, choice, grid), "
         "run each trial as a full training run, stop weak ones early (ASHA), log a parent "
@@ -108,42 +52,42 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "tune.register_as@tune.alias. Re-running the same command resumes the search.",
     ),
     "demo": (
-        "jobs.demo",
+        "jobs.commands.demo",
         "prepare digits, pretrain at 16 px, tune fine-tunes at 32 px, register the best",
         "The paper's recipe end to end on scikit-learn's real digits with a local Ray and the "
         "local MLflow store (or MLFLOW_TRACKING_URI): what `make demo` runs.",
     ),
     "visualize": (
-        "jobs.visualize",
+        "jobs.commands.visualize",
         "the paper's figures for a checkpoint: E's filters, posemb similarity, attention",
         "Principal components of the patch embedding, position-embedding similarity, and with "
         "--data mean attention distance per head and attention rollout on real images. PNGs "
         "under --out; with --mlflow-run also logged to that run.",
     ),
     "evaluate": (
-        "jobs.evaluate",
+        "jobs.commands.evaluate",
         "top-1/top-5, per-class accuracy and a confusion matrix, logged to MLflow",
         "Score a checkpoint on a split of a dataset (eval transforms at the checkpoint's image "
         "size); log the metrics and the confusion-matrix figure to --mlflow-run, or to a new "
         "run in --experiment.",
     ),
     "predict": (
-        "jobs.predict",
+        "jobs.commands.predict",
         "batch inference on Ray Data: Parquet with id, top-k labels and scores",
         "Read, decode and patchify on Ray Data tasks, classify on an actor pool (a GPU per "
         "actor when the cluster has GPUs), write Parquet. Images that do not decode are "
         "written with ok=false and counted, not fatal.",
     ),
     "submit": (
-        "jobs.submit:submit",
+        "jobs.commands.submit",
         "run a vitray command as a Ray Job on a cluster, stream its logs",
         "vitray submit [--address URL] [--no-wait] -- pretrain --config ... ships this project "
         "(or uses --image), streams the job's logs, exits with its status and prints the "
         "MLflow run it logged to.",
     ),
-    "jobs": ("jobs.submit:jobs", "list, status, logs [--follow], stop Ray Jobs", None),
+    "jobs": ("jobs.commands.jobs", "list, status, logs [--follow], stop Ray Jobs", None),
     "cluster": (
-        "jobs.cluster",
+        "jobs.commands.cluster",
         "start/stop a local multi-node Ray cluster + MLflow server on 127.0.0.1",
         "vitray cluster local up [--workers N] [--cpus C]: a Ray head and N worker nodes "
         "(dashboard and job server included) and an MLflow server (SQLite, local artifacts), "
@@ -159,12 +103,9 @@ BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
-def entry_points(spec: str) -> tuple[Callable[..., None], Callable[..., Any]]:
-    """(add_arguments, run) of a "module" or "module:prefix" spec."""
-    module_name, _, prefix = spec.partition(":")
+def entry_points(module_name: str) -> tuple[Callable[..., None], Callable[..., Any]]:
+    """(add_arguments, run) of a command module."""
     module = importlib.import_module(module_name)
-    if prefix:
-        return getattr(module, f"{prefix}_arguments"), getattr(module, f"{prefix}_command")
     return module.add_arguments, module.run
 
 
@@ -172,10 +113,10 @@ def add_commands(
     sub: Any, table: dict[str, tuple[str, str, str | None]], chosen: str | None
 ) -> None:
     """One subparser per entry; only the chosen one imports its module for its options."""
-    for name, (spec, help, description) in table.items():
+    for name, (module, help, description) in table.items():
         parser = sub.add_parser(name, help=help, description=description or help)
         if name == chosen:
-            arguments, run = entry_points(spec)
+            arguments, run = entry_points(module)
             arguments(parser)
             parser.set_defaults(func=run)
 

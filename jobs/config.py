@@ -6,6 +6,7 @@ parsed as YAML); `smoke: true` shrinks the run to a minute on a CPU.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ from pydantic import (
 
 from pipeline.config import DataConfig
 from vit import ViTConfig
+
+CONFIGS = Path(__file__).parent / "configs"  # the shipped YAML job configs
 
 
 class Section(BaseModel):
@@ -259,3 +262,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --set: the options of every job command."""
+    parser.add_argument("--config", required=True, help="a YAML file, e.g. jobs/configs/...")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable); values are YAML",
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -66,4 +66,15 @@ class DataConfig(BaseModel):
             (self.image_size, self.image_size)
             if isinstance(self.image_size, int)
             else tuple(self.image_size)
+        )
+
+    @classmethod
+    def for_checkpoint(cls, dataset: str, model: dict[str, Any], **settings: Any) -> DataConfig:
+        """The eval-side data config that feeds a checkpoint: its image size and channels
+        (`model`: the checkpoint config's "model" section), plus any other `settings`."""
+        return cls(
+            dataset=dataset,
+            image_size=tuple(model["image_size"]),
+            channels=model["in_chans"],
+            **settings,
         )

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.raynode import set_node_env
+from jobs.cluster.raynode import set_node_env
 
 CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
@@ -100,7 +100,7 @@ def pretrained(ray_local, digits_dir) -> Path:
     loop every job runs, without Ray Train's start-up; no MLflow). Batch 64 at lr 1e-3:
     measured val ~0.89; batch 32 at the demo's 3e-3 sat near chance for 6 epochs."""
     from jobs.config import load_config
-    from jobs.inprocess import train_in_process
+    from jobs.training.inprocess import train_in_process
 
     cfg = load_config(
         CONFIGS / "demo-pretrain.yaml",

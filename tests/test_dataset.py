@@ -63,7 +63,7 @@ def test_decode_tasks_stream_blocks_of_decode_batch_size_rows(ray_local, digits)
 
 
 def test_evaluation_batches_of_a_cached_split_come_from_one_pass(ray_local, digits):
-    from jobs.train import CachedBatches
+    from jobs.training.loop import CachedBatches
 
     cfg = DataConfig(dataset=str(digits), image_size=16, eval_crop_fraction=1.0)
     val = build_dataset(cfg, "val", 4).materialize()

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.config import load_config
-from jobs.evaluate import predict_split
-from jobs.pretrain import fit
+from jobs.training.evaluation import predict_split
+from jobs.training.fit import fit
 from vit import load_checkpoint, read_checkpoint_meta, resize_pos_embed
 from vit.resize import INTERPOLATION_PRESETS
 
@@ -81,7 +81,7 @@ def test_finetune_from_an_mlflow_uri_and_from_timm_weights(pretrained, digits_di
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
-    from jobs.checkpoints import fetch_checkpoint
+    from jobs.tracking.checkpoints import fetch_checkpoint
 
     uri_dir = fetch_checkpoint(f"runs:/{logged_run(mlflow_server)}/checkpoint/final", mlflow_server)
     assert (uri_dir / "model.safetensors").is_file()

@@ -10,9 +10,9 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz
 from transformers import ViTConfig as HFConfig
 from transformers import ViTForImageClassification
 
-from jobs.convert import export_weights
 from vit import ViT, ViTConfig, patchify, save_checkpoint
 from vit.checkpoint import CheckpointMismatchError
+from vit.convert import export_weights
 from vit.interop import (
     from_hf,
     from_jax_npz,

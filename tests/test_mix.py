@@ -1,6 +1,6 @@
 import torch
 
-from jobs.mix import mix_batch, soft_targets
+from jobs.training.mix import mix_batch, soft_targets
 
 
 def test_soft_targets_are_smoothed_distributions():

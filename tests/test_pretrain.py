@@ -9,7 +9,7 @@ import torch
 from conftest import free_port
 
 from jobs.config import load_config
-from jobs.pretrain import check_capacity, fit
+from jobs.training.fit import check_capacity, fit
 from vit import load_checkpoint
 
 DEMO = Path(__file__).parent.parent / "jobs" / "configs" / "demo-pretrain.yaml"
@@ -137,7 +137,7 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(ray_local, mlflow
     not crash the rerun: it logs to a new run of this store and says so."""
     from mlflow import MlflowClient
 
-    from jobs.tracking import open_run
+    from jobs.tracking.runs import open_run
 
     run_dir = tmp_path / "runs" / "elsewhere"
     (run_dir / "checkpoint_000001").mkdir(parents=True)

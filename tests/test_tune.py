@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from jobs.config import load_config
-from jobs.tune import TRIAL_RUN_KEY, SearchStopped, Watchdog, search, select_best
+from jobs.training.search import TRIAL_RUN_KEY, SearchStopped, Watchdog, search, select_best
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -68,7 +68,7 @@ def test_two_trial_search_nests_runs_registers_best_and_reloads(
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
-    from jobs.checkpoints import load_any
+    from jobs.tracking.checkpoints import load_any
 
     path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "two", register_as="dg")
     outcome = search(load_config(path))
@@ -123,7 +123,7 @@ def test_a_trial_that_runs_again_continues_its_nested_run(digits_dir, mlflow_ser
     its run by name under the parent instead of leaving a first one RUNNING forever."""
     from mlflow import MlflowClient
 
-    from jobs.tune import open_trial_run
+    from jobs.training.search import open_trial_run
 
     cfg = load_config(search_config(tmp_path, digits_dir / "digits", mlflow_server, "again"))
     client = MlflowClient(mlflow_server)

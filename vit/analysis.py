@@ -1,5 +1,5 @@
 """What a trained ViT has learned, as arrays (the paper's Figures 6 and 7); plotting lives in
-jobs/plots.py. Every function takes tensors from a `ViT` and returns plain tensors.
+jobs/tracking/plots.py. Every function takes tensors from a `ViT` and returns plain tensors.
 """
 
 from __future__ import annotations

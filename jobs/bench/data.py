@@ -32,7 +32,7 @@ import psutil
 import torch
 
 from jobs.bench.common import write_result
-from jobs.raynode import set_node_env
+from jobs.cluster.raynode import set_node_env
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset, quiet_progress
 from pipeline.prepare import prepare

@@ -17,13 +17,11 @@ from typing import Any
 import torch
 
 from jobs.bench.common import write_result
-from jobs.config import load_config
-from jobs.finetune_init import Start, resized_start
-from jobs.inprocess import train_in_process
+from jobs.config import CONFIGS, load_config
+from jobs.training.inprocess import train_in_process
+from jobs.training.start import Start, resized_start
 from pipeline.dataset import describe_dataset, ensure_prepared
 from vit import ViT
-
-CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def with_fresh_posemb(start: Start, seed: int) -> Start:

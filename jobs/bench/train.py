@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from jobs.bench.common import write_result
-from jobs.config import load_config
-from jobs.pretrain import DEFAULT_CONFIG, fit
+from jobs.config import CONFIGS, load_config
+from jobs.training.fit import fit
 from vit import ViT
 
 
@@ -68,10 +68,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             "mlflow.experiment=bench",
         ]
-        live = fit(load_config(DEFAULT_CONFIG, [*sets, "run.name=live"]))
-        memory = fit(load_config(DEFAULT_CONFIG, [*sets, "run.name=memory"]), materialize=True)
+        live = fit(load_config(CONFIGS / "demo-pretrain.yaml", [*sets, "run.name=live"]))
+        memory = fit(
+            load_config(CONFIGS / "demo-pretrain.yaml", [*sets, "run.name=memory"]),
+            materialize=True,
+        )
         live_img_s, memory_img_s = median_rate(live), median_rate(memory)
-    cfg = load_config(DEFAULT_CONFIG, sets)
+    cfg = load_config(CONFIGS / "demo-pretrain.yaml", sets)
     torch.set_num_threads(args.workers)
     plain_img_s = plain_loop(cfg, 8, max(5, args.steps // 4))
     step_ray = args.batch / memory_img_s

@@ -1,4 +1,4 @@
-"""`vitray pretrain --config ...`: distributed ViT training on Ray Train, tracked in MLflow.
+"""One training run (pretrain or fine-tune) on Ray Train, tracked in MLflow.
 
 Driver side, in Ray's example style: validate the config, check MLflow, build the
 datasets, compute the per-worker batch, then one TorchTrainer. Re-running the same command
@@ -7,7 +7,6 @@ with the same `run.name` resumes from the latest checkpoint and continues its ML
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +14,15 @@ from typing import Any
 
 import yaml
 
-from jobs.config import JobConfig, load_config
-from jobs.finetune_init import Start, log_start, resized_start
-from jobs.mlflow_model import log_vit_model
-from jobs.raynode import ensure_ray
-from jobs.tracking import check_reachable, open_run, tracking_uri
-from jobs.train import train_loop_per_worker
-from jobs.visualize import log_figures
+from jobs.cluster.raynode import ensure_ray
+from jobs.config import JobConfig
+from jobs.tracking.figures import log_figures
+from jobs.tracking.model import log_vit_model
+from jobs.tracking.runs import check_reachable, open_run, tracking_uri
+from jobs.training.loop import train_loop_per_worker
+from jobs.training.start import Start, log_start, resized_start
 from pipeline.dataset import build_dataset, describe_dataset, quiet_progress
 from vit import ViTConfig
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo-pretrain.yaml"
 
 
 @dataclass
@@ -232,33 +229,3 @@ def log_outcome(
                 before = start.before if start else None
                 log_figures(d, cfg.data, run_id, uri, Path(out), before=before)
         client.set_tag(run_id, "best_val_top1", f"{metrics.get('val_top1', 0):.4f}")
-
-
-def summary(outcome: Outcome) -> None:
-    metrics = outcome.result.metrics or {}
-    print(
-        f"done: val top-1 {metrics.get('val_top1', float('nan')):.4f}, "
-        f"checkpoint {outcome.result.checkpoint.path if outcome.result.checkpoint else None}"
-    )
-    if outcome.mlflow_run_id:
-        print(f"MLflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
-
-
-def run(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.set)
-    kind = args.command
-    if kind == "finetune" and not cfg.init.checkpoint:
-        raise ValueError("finetune needs init.checkpoint (--set init.checkpoint=REF)")
-    print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
-    summary(fit(cfg, kind))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="a YAML file, e.g. jobs/configs/...")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key (repeatable); values are YAML",
-    )

@@ -8,9 +8,9 @@ from typing import Any
 
 import yaml
 
-from jobs import plots
-from jobs.evaluate import evaluate_checkpoint
-from jobs.mlflow_model import log_vit_model
+from jobs.tracking import plots
+from jobs.tracking.model import log_vit_model
+from jobs.training.evaluation import evaluate_checkpoint
 
 
 def trial_rows(outcome: Any) -> list[dict[str, Any]]:

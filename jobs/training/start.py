@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from jobs.checkpoints import fetch_checkpoint
 from jobs.config import JobConfig
+from jobs.tracking.checkpoints import fetch_checkpoint
 from vit import ViTConfig, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from vit.checkpoint import WEIGHTS_FILE
 

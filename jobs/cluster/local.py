@@ -8,7 +8,6 @@ stops exactly those processes, by their ids, and checks that they are gone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -24,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from jobs.raynode import node_env
+from jobs.cluster.raynode import node_env
 
 DEFAULT_STATE = Path(".vitray") / "cluster"
 
@@ -212,32 +211,3 @@ def down(state_dir: Path) -> None:
     remove_dirs(state.get("temp_dirs", []))
     state_file.unlink()
     print(f"stopped {len(state['pids'])} process group(s) started by `up`")
-
-
-def run(args: argparse.Namespace) -> None:
-    state_dir = Path(args.state)
-    if args.action == "down":
-        down(state_dir)
-        return
-    state = up(state_dir, args.workers, args.cpus, mlflow=not args.no_mlflow)
-    print(f"Ray: head + {args.workers} worker node(s) at {state['ray_address']}")
-    print(f"  dashboard and job server: {state['dashboard']}")
-    if "mlflow" in state:
-        print(f"  MLflow server:            {state['mlflow']}")
-    print("use it (token auth is on; the token is in the state directory):")
-    for key, value in auth_env(state_dir).items():
-        print(f"  export {key}={value}")
-    print(f"  export RAY_ADDRESS={state['dashboard']}")
-    if "mlflow" in state:
-        print(f"  export MLFLOW_TRACKING_URI={state['mlflow']}")
-    print("  vitray submit -- pretrain --config jobs/configs/demo-pretrain.yaml")
-    print(f"stop it: vitray cluster local down --state {state_dir}")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("where", choices=["local"], help="only `local` (this machine) for now")
-    parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--workers", type=int, default=1, help="worker nodes beside the head")
-    parser.add_argument("--cpus", type=int, default=1, help="CPUs each node offers")
-    parser.add_argument("--no-mlflow", action="store_true", help="no MLflow server")
-    parser.add_argument("--state", default=str(DEFAULT_STATE), help="where up records its pids")

@@ -1,87 +1,31 @@
-"""Accuracy of a checkpoint on a split, streamed through the same Ray Data pipeline."""
+"""`vitray evaluate CHECKPOINT --data ...`: accuracy, per-class accuracy and a confusion
+matrix, streamed through the training pipeline's eval transforms, logged to MLflow."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from jobs.config import MlflowSection
+from jobs.tracking import plots
+from jobs.tracking.checkpoints import fetch_checkpoint
+from jobs.tracking.runs import tracking_uri
+from jobs.training.evaluation import accuracy, confusion, predict_split
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, quiet_progress
-from vit import ViT, load_checkpoint, read_checkpoint_meta
-
-
-def predict_split(
-    model: ViT, data: DataConfig, split: str, batch_size: int = 256, pre_logits: bool = False
-) -> dict[str, torch.Tensor]:
-    """Logits (or pre-logits features) and labels of every good row of `split` (eval
-    transforms), in this process."""
-    ds = quiet_progress(
-        build_dataset(data, split, model.config.patch_size, model.config.num_classes)
-    )
-    logits, labels, skipped = [], [], 0
-    model.eval()
-    with torch.no_grad():
-        for b in ds.iter_torch_batches(batch_size=batch_size):
-            ok = b["ok"]
-            skipped += int((~ok).sum())
-            if ok.any():
-                features = model.forward_features(b["patches"][ok])
-                logits.append(model.forward_head(features, pre_logits=pre_logits))
-                labels.append(b["label"][ok])
-    return {
-        "logits": torch.cat(logits) if logits else torch.empty(0),
-        "labels": torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
-        "skipped": torch.tensor(skipped),
-    }
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    if not len(labels):
-        return float("nan")
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return float((top == labels[:, None]).any(dim=1).float().mean())
-
-
-def evaluate_checkpoint(checkpoint_dir: str | Path, data: DataConfig, split: str) -> dict[str, Any]:
-    """top-1/top-5 of a checkpoint at the data config's image size (posemb resized if needed)."""
-    model = load_checkpoint(checkpoint_dir, image_size=data.size_hw)
-    out = predict_split(model, data, split)
-    return {
-        f"{split}_top1": accuracy(out["logits"], out["labels"], 1),
-        f"{split}_top5": accuracy(out["logits"], out["labels"], 5),
-        f"{split}_images": len(out["labels"]),
-        f"{split}_skipped": int(out["skipped"]),
-    }
-
-
-def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(true, predicted) counts."""
-    index = labels * num_classes + logits.argmax(dim=1)
-    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+from pipeline.dataset import ensure_prepared
+from vit import load_checkpoint, read_checkpoint_meta
 
 
 def run(args: argparse.Namespace) -> None:
     """`vitray evaluate`: accuracy, per-class accuracy and the confusion matrix, in MLflow."""
     from mlflow import MlflowClient
 
-    from jobs import plots
-    from jobs.checkpoints import fetch_checkpoint
-    from jobs.config import MlflowSection
-    from jobs.tracking import tracking_uri
-    from pipeline.dataset import ensure_prepared
-
     uri = args.tracking_uri or tracking_uri(MlflowSection())
     checkpoint = fetch_checkpoint(args.checkpoint, uri)
     meta = read_checkpoint_meta(checkpoint)
     model = load_checkpoint(checkpoint)
-    data = DataConfig(
-        dataset=ensure_prepared(args.data),
-        image_size=tuple(meta["model"]["image_size"]),
-        channels=meta["model"]["in_chans"],
-        eval_crop_fraction=args.eval_crop_fraction,
+    data = DataConfig.for_checkpoint(
+        ensure_prepared(args.data), meta["model"], eval_crop_fraction=args.eval_crop_fraction
     )
     out = predict_split(model, data, args.split)
     n = model.config.num_classes

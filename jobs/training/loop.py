@@ -3,7 +3,7 @@
 `run_training` takes a `Runner`, the few things that differ between where it runs: Ray
 Train calls `train_loop_per_worker(config)` on each worker (datasets built on the driver,
 one shard per worker, DDP); a single-worker Tune trial runs the loop in the trial itself
-(see jobs/tune.py). Rank 0 alone logs metrics to MLflow and writes checkpoints.
+(see jobs/training/search.py). Rank 0 alone logs metrics to MLflow and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from jobs.config import JobConfig, TrainSection
-from jobs.mix import mix_batch
+from jobs.training.mix import mix_batch
 from pipeline.dataset import fits_in_cache
 from vit import ViT, ViTConfig, save_checkpoint
 from vit.checkpoint import WEIGHTS_FILE, load_state_dict_checked

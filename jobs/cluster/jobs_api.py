@@ -9,7 +9,6 @@ already holds it. Ray's token auth stays on: the client sends the token Ray find
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 EXCLUDES = [
     ".venv",
     ".git",
@@ -114,45 +113,3 @@ def submit(
         print(f"job {job_id} {status.lower()}: {info.message}", file=sys.stderr)
         return 1
     return 0
-
-
-def jobs_command(args: argparse.Namespace) -> None:
-    jobs = client(args.address)
-    if args.action == "list":
-        for job in jobs.list_jobs():
-            print(f"{job.submission_id}  {job.status}  {job.entrypoint}")
-        return
-    if not args.job_id:
-        raise ValueError(f"vitray jobs {args.action} needs a job id")
-    if args.action == "status":
-        info = jobs.get_job_info(args.job_id)
-        print(f"{args.job_id}: {info.status} {info.message or ''}".rstrip())
-    elif args.action == "logs":
-        if args.follow:
-            asyncio.run(stream_logs(jobs, args.job_id))
-        else:
-            print(jobs.get_job_logs(args.job_id), end="")
-    elif args.action == "stop":
-        stopped = jobs.stop_job(args.job_id)
-        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
-
-
-def submit_command(args: argparse.Namespace) -> None:
-    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
-    raise SystemExit(submit(command, args.address, wait=not args.no_wait, image=args.image))
-
-
-def submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="the Ray dashboard URL (default: RAY_ADDRESS)")
-    parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    parser.add_argument("--image", help="a container image holding vitray (else ship the code)")
-    parser.add_argument(
-        "command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="a vitray command"
-    )
-
-
-def jobs_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["list", "status", "logs", "stop"])
-    parser.add_argument("job_id", nargs="?", help="a submission id (raysubmit_...)")
-    parser.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-    parser.add_argument("--address", help="the Ray dashboard URL (default: RAY_ADDRESS)")

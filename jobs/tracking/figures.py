@@ -4,16 +4,13 @@ files and (optionally) artifacts of an MLflow run. `pretrain`/`finetune` call
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from jobs import plots
-from jobs.checkpoints import fetch_checkpoint
-from jobs.tracking import tracking_uri
+from jobs.tracking import plots
 from pipeline.config import DataConfig
-from vit import ViT, load_checkpoint, read_checkpoint_meta
+from vit import ViT, load_checkpoint
 from vit.analysis import (
     attention_rollout,
     embedding_filters,
@@ -95,42 +92,3 @@ def log_figures(
         for path in written:
             client.log_artifact(run_id, str(path), "figures")
     return written
-
-
-def run(args: argparse.Namespace) -> None:
-    from pipeline.dataset import ensure_prepared
-
-    uri = args.tracking_uri or tracking_uri_default()
-    checkpoint = fetch_checkpoint(args.checkpoint, uri)
-    data = None
-    if args.data:
-        size = read_checkpoint_meta(checkpoint)["model"]["image_size"]
-        channels = read_checkpoint_meta(checkpoint)["model"]["in_chans"]
-        data = DataConfig(
-            dataset=ensure_prepared(args.data),
-            image_size=tuple(size),
-            channels=channels,
-            eval_crop_fraction=args.eval_crop_fraction,
-        )
-    written = log_figures(checkpoint, data, args.mlflow_run, uri, Path(args.out))
-    for path in written:
-        print(f"wrote {path}")
-    if args.mlflow_run:
-        print(f"logged {len(written)} figures to MLflow run {args.mlflow_run} (figures/)")
-
-
-def tracking_uri_default() -> str:
-    from jobs.config import MlflowSection
-
-    return tracking_uri(MlflowSection())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint directory, runs:/..., models:/...")
-    parser.add_argument("--data", help="dataset for the attention figures (e.g. builtin:digits)")
-    parser.add_argument("--out", default="figures", help="output directory (default figures/)")
-    parser.add_argument("--mlflow-run", metavar="RUN_ID", help="also log the PNGs to this run")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
-    parser.add_argument(
-        "--eval-crop-fraction", type=float, default=1.0, help="eval center crop (default 1.0)"
-    )

@@ -1,7 +1,7 @@
 """The training loop in this process, without Ray Train: benchmarks and quick experiments.
 
 The data still streams through Ray Data (a local Ray is started when none is running); the
-loop is the one every job runs (jobs/train.py), on one device, reporting to a list.
+loop is the one every job runs (jobs/training/loop.py), on one device, reporting to a list.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
+from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig
-from jobs.finetune_init import Start
-from jobs.pretrain import build_datasets, make_plan
-from jobs.raynode import ensure_ray
-from jobs.train import Runner, run_training
+from jobs.training.fit import build_datasets, make_plan
+from jobs.training.loop import Runner, run_training
+from jobs.training.start import Start
 
 
 def train_in_process(

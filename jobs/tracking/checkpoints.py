@@ -38,7 +38,7 @@ def fetch_checkpoint(ref: str, tracking_uri: str | None = None, workdir: str | N
         return find_checkpoint_dir(Path(local))
     fmt, sep, path = ref.partition(":")
     if sep and fmt in FOREIGN_FORMATS:
-        from jobs.convert import import_weights
+        from vit.convert import import_weights
 
         out = Path(workdir) / "converted"
         import_weights(fmt, Path(path), out)

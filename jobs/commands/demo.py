@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from jobs.config import load_config
-from jobs.pretrain import fit
-from jobs.raynode import ensure_ray
-from jobs.tracking import tracking_uri
-from jobs.tune import search
+from jobs.cluster.raynode import ensure_ray
+from jobs.config import CONFIGS, load_config
+from jobs.tracking.runs import tracking_uri
+from jobs.training.fit import fit
+from jobs.training.search import search
 from pipeline.dataset import ensure_prepared
-
-CONFIGS = Path(__file__).parent / "configs"
 
 
 def ui_command(uri: str) -> str:

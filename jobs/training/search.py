@@ -1,6 +1,6 @@
-"""`vitray tune --config ...`: a Ray Tune search over fine-tunes (or pretraining runs).
+"""A Ray Tune search over fine-tunes (or pretraining runs).
 
-Each trial is a full training run of the shared loop (jobs/train.py). A single-worker
+Each trial is a full training run of the shared loop (jobs/training/loop.py). A single-worker
 trial runs the loop in the trial itself: on Ray 2.60, trials that build a TorchTrainer and
 get stopped early by ASHA leak their worker resources and the next trial waits forever
 (FIELD-NOTES), while plain function trials release everything when stopped. A trial that
@@ -15,18 +15,18 @@ running trial goes silent, and names that trial.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ray.tune import Callback, Stopper
 
-from jobs.config import JobConfig, load_config, with_values
-from jobs.pretrain import (
+from jobs.cluster.raynode import ensure_ray
+from jobs.config import JobConfig, with_values
+from jobs.tracking.runs import check_reachable, log_config_params, open_run, tracking_uri
+from jobs.training.fit import (
     Plan,
     build_datasets,
     build_trainer,
@@ -35,10 +35,7 @@ from jobs.pretrain import (
     storage_dir,
     worker_resources,
 )
-from jobs.pretrain import add_arguments as job_arguments
-from jobs.raynode import ensure_ray
-from jobs.tracking import check_reachable, log_config_params, open_run, tracking_uri
-from jobs.train import Runner, run_training
+from jobs.training.loop import Runner, run_training
 from pipeline.dataset import ensure_prepared
 
 TRIAL_RUN_KEY = "mlflow_run_id"  # reported by every trial, so the driver can find its run
@@ -275,7 +272,7 @@ def search(cfg: JobConfig) -> SearchOutcome:
     check_capacity(cfg)  # one trial must fit, or the search waits forever
     parent_id = open_run(cfg, uri, run_dir, "tune") if cfg.mlflow.enabled else None
     if parent_id and plan.start is not None:
-        from jobs.finetune_init import log_start
+        from jobs.training.start import log_start
 
         log_start(plan.start, parent_id, uri)
     trainable = tune.with_resources(
@@ -359,22 +356,7 @@ def finish(
     if dog.reason:
         print(f"search stopped early: {dog.reason}; best of the trials so far", flush=True)
     if parent_id:
-        from jobs.search_report import log_search
+        from jobs.tracking.search_report import log_search
 
         log_search(outcome, plan)
     return outcome
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of every job: --config and --set; the search is the config's tune:."""
-    job_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.set)
-    print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
-    outcome = search(cfg)
-    print(f"best {cfg.tune.metric}: {outcome.best_metric:.4f} (MLflow run {outcome.best_run_id})")
-    if outcome.registered is not None:
-        v = outcome.registered
-        print(f"registered models:/{v.name}/{v.version} (alias @{cfg.tune.alias})")

@@ -8,14 +8,13 @@ reported, not fatal).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from jobs.checkpoints import fetch_checkpoint
+from jobs.tracking.checkpoints import fetch_checkpoint
 from vit import ViT, ViTConfig, load_checkpoint, read_checkpoint_meta
 
 
@@ -73,7 +72,7 @@ def predict(
     """Write predictions for every image of `split` under `output`; returns counts."""
     import ray
 
-    from jobs.raynode import ensure_ray
+    from jobs.cluster.raynode import ensure_ray
     from pipeline.dataset import build_dataset
 
     directory = fetch_checkpoint(checkpoint, uri)
@@ -99,31 +98,3 @@ def predict(
     counts = {"images": int(len(written)), "bad": int((~written).sum())}
     print(f"wrote {counts['images']} predictions to {output}; {counts['bad']} bad image(s)")
     return counts
-
-
-def run(args: argparse.Namespace) -> None:
-    from pipeline.config import DataConfig
-    from pipeline.dataset import ensure_prepared
-
-    directory = fetch_checkpoint(args.checkpoint)
-    meta = read_checkpoint_meta(directory)["model"]
-    data = DataConfig(
-        dataset=ensure_prepared(args.input),
-        image_size=tuple(meta["image_size"]),
-        channels=meta["in_chans"],
-        eval_crop_fraction=args.eval_crop_fraction,
-        cpus_per_task=args.cpus_per_task,
-    )
-    predict(str(directory), data, args.output, args.split, args.top_k, args.batch_size, args.actors)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint directory, runs:/..., models:/...")
-    parser.add_argument("--input", required=True, help="shards, an image folder, builtin:...")
-    parser.add_argument("--output", required=True, help="directory for the Parquet files")
-    parser.add_argument("--split", default="all", help="a split name, or all (default)")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--actors", type=int, default=1, help="model replicas (one GPU each)")
-    parser.add_argument("--cpus-per-task", type=float, default=1.0, help="decode task CPUs")
-    parser.add_argument("--eval-crop-fraction", type=float, default=0.875)

@@ -1,0 +1,35 @@
+"""`vitray prepare SRC OUT`: images as Parquet shards of their original bytes."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.prepare import prepare
+
+
+def run(args: argparse.Namespace) -> None:
+
+    prepare(
+        args.source,
+        args.out,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        strict=args.strict,
+        overwrite=args.overwrite,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("out", metavar="OUT", help="local output directory")
+    p.add_argument("--shard-size", default="256MB", help="target shard size (default 256MB)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction held out as 'val' where the source has no splits",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the row order")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad image")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")

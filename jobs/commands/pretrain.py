@@ -1,0 +1,33 @@
+"""`vitray pretrain|finetune --config ...`: one training run on Ray Train (jobs.training.fit)."""
+
+from __future__ import annotations
+
+import argparse
+
+import yaml
+
+from jobs.config import add_config_arguments, load_config
+from jobs.training.fit import Outcome, fit
+
+
+def summary(outcome: Outcome) -> None:
+    metrics = outcome.result.metrics or {}
+    print(
+        f"done: val top-1 {metrics.get('val_top1', float('nan')):.4f}, "
+        f"checkpoint {outcome.result.checkpoint.path if outcome.result.checkpoint else None}"
+    )
+    if outcome.mlflow_run_id:
+        print(f"MLflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.set)
+    kind = args.command
+    if kind == "finetune" and not cfg.init.checkpoint:
+        raise ValueError("finetune needs init.checkpoint (--set init.checkpoint=REF)")
+    print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
+    summary(fit(cfg, kind))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
