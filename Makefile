@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-fast lint format clean
 
 # The demo needs only the package; tests and lint add the dev extras (pytest, ruff, timm,
 # transformers, optuna) on top.
@@ -23,8 +23,13 @@ $(DEV_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/vitray demo
 
+# The full suite, end-to-end runs on real Ray and MLflow included: what CI runs.
 test: $(DEV_STAMP) lint
 	$(BIN)/pytest -q --durations=15 tests
+
+# Everything but tests/e2e: no Ray Train job, no MLflow server, a few minutes on 2 cores.
+test-fast: $(DEV_STAMP) lint
+	$(BIN)/pytest -q --durations=10 tests --ignore=tests/e2e
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check vit pipeline jobs tests

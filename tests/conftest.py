@@ -1,29 +1,35 @@
-"""Shared fixtures: a real local Ray, and real image bytes of every awkward kind."""
+"""Shared fixtures: the test session's environment, a real local Ray, a real MLflow server,
+prepared digits, a pretrained model, and real image bytes of every awkward kind."""
 
 from __future__ import annotations
 
-import io
 import os
-import socket
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.cluster.raynode import set_node_env
+from jobs.cluster.raynode import node_env
+from jobs.config import CONFIGS
 
-CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
-os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-# The session's Ray below, set up as `vitray` sets up a local one; set before Ray starts so
-# that its processes inherit it.
-set_node_env(2)
+from helpers import decompression_bomb_png, encode, free_port, photo
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_env():
+    """The environment of every Ray this session starts, set up as `vitray` sets up a local
+    one (before Ray starts, so that its processes inherit it), and undone at the end."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_DISABLE_USAGE_STATS", "1")
+        for key, value in node_env(2).items():
+            if key not in os.environ:
+                mp.setenv(key, value)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +40,6 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -117,34 +117,6 @@ def pretrained(ray_local, digits_dir) -> Path:
     out = digits_dir / "pretrained"
     train_in_process(cfg, keep=out)
     return out
-
-
-def photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> np.ndarray:
-    """A real photo crop (scikit-learn's sample images), (H, W, 3) uint8."""
-    from sklearn.datasets import load_sample_images
-
-    img = load_sample_images().images[seed % 2]
-    w, h = size
-    return np.asarray(Image.fromarray(img).resize((w, h)))
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def decompression_bomb_png() -> bytes:
-    """A tiny PNG whose header declares 100000 x 100000 pixels."""
-    raw = zlib.compress(b"\x00" * 16)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import torch
 
 from jobs.bench.common import write_result
 from jobs.config import CONFIGS, load_config
+from jobs.tracking.tracker import MlflowTracker
 from jobs.training.inprocess import train_in_process
 from jobs.training.start import Start, resized_start
 from pipeline.dataset import describe_dataset, ensure_prepared
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             [*tune_sets, f"init.checkpoint={Path(tmp) / 'pretrained'}"],
         )
         info = describe_dataset(ft_cfg.data)
-        start = resized_start(ft_cfg, len(info.class_names), info.class_names, "", f"{tmp}/ft")
+        fetch = MlflowTracker(ft_cfg.mlflow).fetch_checkpoint
+        start = resized_start(ft_cfg, info.class_names, fetch, f"{tmp}/ft")
         finals: dict[str, list[float]] = {"interpolated": [], "reinit_posemb": [], "scratch": []}
         for seed in range(args.seeds):
             cfg = ft_cfg.model_copy(

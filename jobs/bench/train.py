@@ -20,17 +20,16 @@ import torch.nn.functional as F
 
 from jobs.bench.common import write_result
 from jobs.config import CONFIGS, load_config
+from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import fit
 from vit import ViT
 
 
-def median_rate(outcome: Any) -> float:
+def median_rate(outcome: Any, uri: str) -> float:
     """Median images/s over the run's reports (the first window holds the warm-up)."""
     from mlflow import MlflowClient
 
-    history = MlflowClient(outcome.tracking_uri).get_metric_history(
-        outcome.mlflow_run_id, "images_per_s"
-    )
+    history = MlflowClient(uri).get_metric_history(outcome.mlflow_run_id, "images_per_s")
     return statistics.median(m.value for m in history[1:] or history)
 
 
@@ -68,12 +67,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
             "mlflow.experiment=bench",
         ]
-        live = fit(load_config(CONFIGS / "demo-pretrain.yaml", [*sets, "run.name=live"]))
-        memory = fit(
-            load_config(CONFIGS / "demo-pretrain.yaml", [*sets, "run.name=memory"]),
-            materialize=True,
-        )
-        live_img_s, memory_img_s = median_rate(live), median_rate(memory)
+        live_cfg = load_config(CONFIGS / "demo-pretrain.yaml", [*sets, "run.name=live"])
+        tracker = MlflowTracker(live_cfg.mlflow)
+        live = fit(live_cfg, tracker)
+        memory_cfg = load_config(CONFIGS / "demo-pretrain.yaml", [*sets, "run.name=memory"])
+        memory = fit(memory_cfg, tracker, materialize=True)
+        live_img_s = median_rate(live, tracker.uri)
+        memory_img_s = median_rate(memory, tracker.uri)
     cfg = load_config(CONFIGS / "demo-pretrain.yaml", sets)
     torch.set_num_threads(args.workers)
     plain_img_s = plain_loop(cfg, 8, max(5, args.steps // 4))

@@ -13,7 +13,8 @@ import time
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import CONFIGS, load_config
-from jobs.tracking.runs import tracking_uri
+from jobs.tracking import runs
+from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import fit
 from jobs.training.search import search
 from pipeline.dataset import ensure_prepared
@@ -31,8 +32,6 @@ def run_link(uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from mlflow import MlflowClient
-
     started = time.monotonic()
     dataset = ensure_prepared("builtin:digits")
     ensure_ray()
@@ -41,24 +40,23 @@ def run(args: argparse.Namespace) -> None:
     pretrain_cfg = load_config(
         CONFIGS / "demo-pretrain.yaml", [f"run.name=demo-pretrain-{stamp}", *common]
     )
-    pretrained = fit(pretrain_cfg)
+    pretrained = fit(pretrain_cfg, MlflowTracker(pretrain_cfg.mlflow))
     source = f"runs:/{pretrained.mlflow_run_id}/checkpoint/best"
     tune_cfg = load_config(
         CONFIGS / "demo-tune.yaml",
         [f"run.name=demo-tune-{stamp}", f"init.checkpoint={source}", *common],
     )
-    tuned = search(tune_cfg)
+    tracker = MlflowTracker(tune_cfg.mlflow)
+    tuned = search(tune_cfg, tracker)
 
-    uri = tracking_uri(tuned.config.mlflow)
-    client = MlflowClient(uri)
-    best = client.get_run(tuned.best_run_id)
-    experiment = best.info.experiment_id
+    uri = tracker.uri
+    experiment, best_metrics = runs.experiment_and_metrics(uri, tuned.best_run_id)
     minutes = (time.monotonic() - started) / 60
     print(f"\nvitray demo finished in {minutes:.1f} min")
     print(f"  pretrain 16 px   val top-1 {pretrained.result.metrics['val_top1']:.4f}")
     pick = tuned.config.tune.select
     print(f"  fine-tune 32 px  val top-1 {tuned.best_metric:.4f} (the search's pick: {pick})")
-    print(f"  test top-1       {best.data.metrics.get('test_top1', float('nan')):.4f}")
+    print(f"  test top-1       {best_metrics.get('test_top1', float('nan')):.4f}")
     if tuned.registered is not None:
         v = tuned.registered
         print(f"  registered       models:/{v.name}/{v.version} (@{tuned.config.tune.alias})")

@@ -9,8 +9,8 @@ from pathlib import Path
 from jobs.config import MlflowSection
 from jobs.tracking import plots
 from jobs.tracking.checkpoints import fetch_checkpoint
-from jobs.tracking.runs import tracking_uri
-from jobs.training.evaluation import accuracy, confusion, predict_split
+from jobs.tracking.runs import log_evaluation, new_run, tracking_uri
+from jobs.training.evaluation import confusion, predict_split, split_scores
 from pipeline.config import DataConfig
 from pipeline.dataset import ensure_prepared
 from vit import load_checkpoint, read_checkpoint_meta
@@ -18,8 +18,6 @@ from vit import load_checkpoint, read_checkpoint_meta
 
 def run(args: argparse.Namespace) -> None:
     """`vitray evaluate`: accuracy, per-class accuracy and the confusion matrix, in MLflow."""
-    from mlflow import MlflowClient
-
     uri = args.tracking_uri or tracking_uri(MlflowSection())
     checkpoint = fetch_checkpoint(args.checkpoint, uri)
     meta = read_checkpoint_meta(checkpoint)
@@ -32,38 +30,21 @@ def run(args: argparse.Namespace) -> None:
     names = meta.get("class_names") or [str(i) for i in range(n)]
     matrix = confusion(out["logits"], out["labels"], n)
     per_class = (matrix.diag() / matrix.sum(dim=1).clamp_min(1)).tolist()
-    metrics = {
-        f"{args.split}_top1": accuracy(out["logits"], out["labels"], 1),
-        f"{args.split}_top5": accuracy(out["logits"], out["labels"], 5),
-        f"{args.split}_images": float(len(out["labels"])),
-        f"{args.split}_skipped": float(out["skipped"]),
-    }
+    metrics = split_scores(out, args.split)
     for key, value in metrics.items():
         print(f"{key:>16} {value:.4f}" if value <= 1 else f"{key:>16} {value:.0f}")
     for name, acc in zip(names, per_class, strict=True):
         print(f"  class {name:>12}: {acc:.4f}")
-
-    client = MlflowClient(uri)
-    run_id = args.mlflow_run
-    if run_id is None:
-        experiment = client.get_experiment_by_name(args.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else client.create_experiment(args.experiment)
-        )
-        run_id = client.create_run(
-            experiment_id,
-            run_name=f"evaluate {Path(str(checkpoint)).name}",
-            tags={"vitray.kind": "evaluate", "vitray.checkpoint": args.checkpoint},
-        ).info.run_id
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
-    for name, acc in zip(names, per_class, strict=True):
-        client.log_metric(run_id, f"{args.split}_acc_class_{name}", acc)
-    fig = plots.confusion_matrix(matrix.numpy(), names)
-    client.log_figure(run_id, fig, f"evaluation/{args.split}_confusion_matrix.png")
-    plots.close(fig)
-    if args.mlflow_run is None:
-        client.set_terminated(run_id, "FINISHED")
+        metrics[f"{args.split}_acc_class_{name}"] = acc
+    run_id = args.mlflow_run or new_run(
+        uri,
+        args.experiment,
+        f"evaluate {Path(str(checkpoint)).name}",
+        {"vitray.kind": "evaluate", "vitray.checkpoint": args.checkpoint},
+    )
+    figure = plots.confusion_matrix(matrix.numpy(), names)
+    figures = {f"evaluation/{args.split}_confusion_matrix.png": figure}
+    log_evaluation(uri, run_id, metrics, figures, finish=args.mlflow_run is None)
     print(f"logged to MLflow run {run_id} at {uri}")
 
 

@@ -7,17 +7,18 @@ import argparse
 import yaml
 
 from jobs.config import add_config_arguments, load_config
+from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
 
 
-def summary(outcome: Outcome) -> None:
+def summary(outcome: Outcome, uri: str) -> None:
     metrics = outcome.result.metrics or {}
     print(
         f"done: val top-1 {metrics.get('val_top1', float('nan')):.4f}, "
         f"checkpoint {outcome.result.checkpoint.path if outcome.result.checkpoint else None}"
     )
     if outcome.mlflow_run_id:
-        print(f"MLflow run {outcome.mlflow_run_id} at {outcome.tracking_uri}")
+        print(f"MLflow run {outcome.mlflow_run_id} at {uri}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -26,7 +27,8 @@ def run(args: argparse.Namespace) -> None:
     if kind == "finetune" and not cfg.init.checkpoint:
         raise ValueError("finetune needs init.checkpoint (--set init.checkpoint=REF)")
     print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
-    summary(fit(cfg, kind))
+    tracker = MlflowTracker(cfg.mlflow)
+    summary(fit(cfg, tracker, kind), tracker.uri)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

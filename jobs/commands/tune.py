@@ -7,6 +7,7 @@ import argparse
 import yaml
 
 from jobs.config import add_config_arguments, load_config
+from jobs.tracking.tracker import MlflowTracker
 from jobs.training.search import search
 
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
-    outcome = search(cfg)
+    outcome = search(cfg, MlflowTracker(cfg.mlflow))
     print(f"best {cfg.tune.metric}: {outcome.best_metric:.4f} (MLflow run {outcome.best_run_id})")
     if outcome.registered is not None:
         v = outcome.registered

@@ -6,6 +6,7 @@ import os
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from jobs.config import JobConfig, MlflowSection, flatten
 
@@ -123,3 +124,65 @@ def log_config_params(client, run_id: str, cfg: JobConfig) -> None:
     params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
+
+
+def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) -> str:
+    """The trial's nested run: the one of this name under the parent when the trial runs
+    again (resumed, or restarted before its first checkpoint), else a new one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_id).info.experiment_id
+    found = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+        f"and attributes.run_name = '{trial_name}'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment,
+        run_name=trial_name,
+        tags={"mlflow.parentRunId": parent_id, "vitray.kind": "tune-trial"},
+    )
+    log_config_params(client, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def new_run(uri: str, experiment: str, name: str, tags: dict[str, str]) -> str:
+    """A new run in `experiment` (created if missing)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def log_evaluation(
+    uri: str, run_id: str, metrics: dict[str, float], figures: dict[str, Any], finish: bool
+) -> str:
+    """Metrics and matplotlib figures (artifact path -> Figure, closed here) to `run_id`;
+    `finish` ends the run."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking import plots
+
+    client = MlflowClient(uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for path, figure in figures.items():
+        client.log_figure(run_id, figure, path)
+        plots.close(figure)
+    if finish:
+        client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def experiment_and_metrics(uri: str, run_id: str) -> tuple[str, dict[str, float]]:
+    """A run's experiment id and latest metrics."""
+    from mlflow import MlflowClient
+
+    run = MlflowClient(uri).get_run(run_id)
+    return run.info.experiment_id, run.data.metrics

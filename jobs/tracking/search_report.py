@@ -4,16 +4,18 @@ the best checkpoint registered in the MLflow Model Registry and scored on the te
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from jobs.tracking import plots
 from jobs.tracking.model import log_vit_model
-from jobs.training.evaluation import evaluate_checkpoint
+
+if TYPE_CHECKING:
+    from jobs.training.search import SearchOutcome
 
 
-def trial_rows(outcome: Any) -> list[dict[str, Any]]:
+def trial_rows(outcome: SearchOutcome) -> list[dict[str, Any]]:
     """One row per trial: its sample, best metric, epochs reached, run id, fate."""
     cfg, metric = outcome.config, outcome.config.tune.metric
     rows = []
@@ -48,26 +50,22 @@ def close_trial_runs(client: Any, rows: list[dict[str, Any]]) -> None:
             client.set_terminated(row["run_id"], status[row["fate"]])
 
 
-def register_best(outcome: Any, plan: Any) -> None:
+def register_best(outcome: SearchOutcome, scores: dict[str, float], uri: str) -> None:
     """The best checkpoint as an MLflow model of the best trial's run, registered and
     aliased; its test accuracy logged on that run (and the parent)."""
     import mlflow
     from mlflow import MlflowClient
 
-    cfg, client = outcome.config, MlflowClient(outcome.tracking_uri)
+    cfg, client = outcome.config, MlflowClient(uri)
     run_id = outcome.best_run_id
     with outcome.best_checkpoint.as_directory() as d:
-        scores = {}
-        if "test" in plan.meta.get("splits", ()):
-            scores = evaluate_checkpoint(d, cfg.data, "test")
-            print(f"test top-1 of the best checkpoint: {scores['test_top1']:.4f}", flush=True)
         preprocessing = {
             "image_size": list(cfg.data.size_hw),
             "channels": cfg.data.channels,
             "eval_crop_fraction": cfg.data.eval_crop_fraction,
             "resize": "antialiased bilinear, shorter side, then center crop",
         }
-        mlflow.set_tracking_uri(outcome.tracking_uri)
+        mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
             client.log_artifacts(run_id, d, "checkpoint/best")
             model_uri = log_vit_model(d, preprocessing=preprocessing)
@@ -89,12 +87,12 @@ def register_best(outcome: Any, plan: Any) -> None:
     print(f"registered models:/{version.name}/{version.version} as @{cfg.tune.alias}", flush=True)
 
 
-def log_search(outcome: Any, plan: Any) -> None:
+def log_search(outcome: SearchOutcome, scores: dict[str, float], uri: str) -> None:
     """Everything the parent run shows for the search, then the registration."""
     from mlflow import MlflowClient
 
     cfg, parent = outcome.config, outcome.parent_run_id
-    client = MlflowClient(outcome.tracking_uri)
+    client = MlflowClient(uri)
     metric = cfg.tune.metric
     rows = trial_rows(outcome)
     close_trial_runs(client, rows)
@@ -114,5 +112,5 @@ def log_search(outcome: Any, plan: Any) -> None:
     if outcome.stopped_because:
         client.set_tag(parent, "vitray.tune.stopped_because", outcome.stopped_because)
     if outcome.best_run_id:
-        register_best(outcome, plan)
+        register_best(outcome, scores, uri)
     client.set_terminated(parent, "FINISHED")

@@ -37,23 +37,30 @@ def predict_split(
     }
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    if not len(labels):
-        return float("nan")
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return float((top == labels[:, None]).any(dim=1).float().mean())
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[float]:
+    """How many rows have their label among the top k logits, for each k (k is capped at
+    the number of classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return [float(hits[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def split_scores(out: dict[str, torch.Tensor], split: str) -> dict[str, float]:
+    """top-1/top-5 accuracy and row counts of `predict_split`'s output."""
+    n = len(out["labels"])
+    top1, top5 = topk_correct(out["logits"], out["labels"], (1, 5)) if n else (0.0, 0.0)
+    return {
+        f"{split}_top1": top1 / n if n else float("nan"),
+        f"{split}_top5": top5 / n if n else float("nan"),
+        f"{split}_images": float(n),
+        f"{split}_skipped": float(out["skipped"]),
+    }
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data: DataConfig, split: str) -> dict[str, Any]:
     """top-1/top-5 of a checkpoint at the data config's image size (posemb resized if needed)."""
     model = load_checkpoint(checkpoint_dir, image_size=data.size_hw)
-    out = predict_split(model, data, split)
-    return {
-        f"{split}_top1": accuracy(out["logits"], out["labels"], 1),
-        f"{split}_top5": accuracy(out["logits"], out["labels"], 5),
-        f"{split}_images": len(out["labels"]),
-        f"{split}_skipped": int(out["skipped"]),
-    }
+    return split_scores(predict_split(model, data, split), split)
 
 
 def confusion(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -7,7 +7,6 @@ loop is the one every job runs (jobs/training/loop.py), on one device, reporting
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,31 +14,32 @@ import torch
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig
-from jobs.training.fit import build_datasets, make_plan
+from jobs.training.fit import build_datasets
 from jobs.training.loop import Runner, run_training
+from jobs.training.plan import make_plan
 from jobs.training.start import Start
 
 
 def train_in_process(
     cfg: JobConfig, start: Start | None = None, keep: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Train `cfg` here; returns every per-epoch report (val_top1 included). `keep`: where
-    the last epoch's checkpoint is copied."""
+    """Train `cfg` here, untracked, from `start` (a fine-tune's resized checkpoint) when
+    given; returns every per-epoch report (val_top1 included). `keep`: where the last
+    epoch's checkpoint is copied."""
     ensure_ray()
-    with tempfile.TemporaryDirectory() as workdir:
-        plan = make_plan(cfg, uri="", workdir=workdir, start=start)
-        plan.meta["init_weights"] = plan.start.state if plan.start else None
-        datasets = build_datasets(cfg, plan)
-        reports: list[dict[str, Any]] = []
-        runner = Runner(
-            rank=0,
-            device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-            train=datasets["train"],
-            val=datasets["val"],
-            report=lambda metrics, checkpoint: reports.append(metrics),
-            make_checkpoint=lambda d: keep and shutil.copytree(d, keep, dirs_exist_ok=True),
-            checkpoint=None,
-            epoch_reports_only=True,
-        )
-        run_training({"job": cfg.model_dump(mode="json"), "meta": plan.meta}, runner)
+    plan, start = make_plan(cfg, start=start)
+    plan = plan.replace(init_weights=start.state if start else None)
+    datasets = build_datasets(cfg, plan)
+    reports: list[dict[str, Any]] = []
+    runner = Runner(
+        rank=0,
+        device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+        train=datasets["train"],
+        val=datasets["val"],
+        report=lambda metrics, checkpoint: reports.append(metrics),
+        make_checkpoint=lambda d: keep and shutil.copytree(d, keep, dirs_exist_ok=True),
+        checkpoint=None,
+        epoch_reports_only=True,
+    )
+    run_training({"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()}, runner)
     return reports

@@ -1,14 +1,14 @@
 """A Ray Tune search over fine-tunes (or pretraining runs).
 
-Each trial is a full training run of the shared loop (jobs/training/loop.py). A single-worker
-trial runs the loop in the trial itself: on Ray 2.60, trials that build a TorchTrainer and
-get stopped early by ASHA leak their worker resources and the next trial waits forever
-(FIELD-NOTES), while plain function trials release everything when stopped. A trial that
-asks for several workers builds a TorchTrainer whose workers are counted in the trial's
-resources. Ray Data tasks of a trial run inside the trial's placement group, in a bundle
-of their own, so data and training never wait on each other.
+Each trial is a full training run of the shared loop (jobs/training/loop.py). A
+single-worker trial runs the loop in the trial itself: on Ray 2.60, trials that build a
+TorchTrainer and get stopped early by ASHA leak their worker resources and the next trial
+waits forever (docs/design.md#tune-trials), while plain function trials release everything
+when stopped. A trial that asks for several workers builds a TorchTrainer whose workers are
+counted in the trial's resources. Ray Data tasks of a trial run inside the trial's placement
+group, in a bundle of their own, so data and training never wait on each other.
 
-MLflow: one parent run for the search, one nested run per trial, the chosen checkpoint
+Tracking: one parent run for the search, one nested run per trial, the chosen checkpoint
 registered with an alias. A watchdog stops the search when its time budget is spent or a
 running trial goes silent, and names that trial.
 """
@@ -16,6 +16,7 @@ running trial goes silent, and names that trial.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +26,12 @@ from ray.tune import Callback, Stopper
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig, with_values
-from jobs.tracking.runs import check_reachable, log_config_params, open_run, tracking_uri
-from jobs.training.fit import (
-    Plan,
-    build_datasets,
-    build_trainer,
-    check_capacity,
-    make_plan,
-    storage_dir,
-    worker_resources,
-)
+from jobs.training.capacity import check_capacity, worker_resources
+from jobs.training.evaluation import evaluate_checkpoint
+from jobs.training.fit import build_datasets, build_trainer, storage_dir
 from jobs.training.loop import Runner, run_training
+from jobs.training.plan import TrainPlan, make_plan
+from jobs.training.tracker import Tracker
 from pipeline.dataset import ensure_prepared
 
 TRIAL_RUN_KEY = "mlflow_run_id"  # reported by every trial, so the driver can find its run
@@ -131,31 +127,9 @@ class SearchStopped(RuntimeError):
     """The watchdog stopped the search: a trial stalled."""
 
 
-def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) -> str:
-    """The trial's nested run: the one of this name under the parent when the trial runs
-    again (resumed, or restarted before its first checkpoint), else a new one."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_run(parent_id).info.experiment_id
-    found = client.search_runs(
-        [experiment],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
-        f"and attributes.run_name = '{trial_name}'",
-        max_results=1,
-    )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(
-        experiment,
-        run_name=trial_name,
-        tags={"mlflow.parentRunId": parent_id, "vitray.kind": "tune-trial"},
-    )
-    log_config_params(client, run.info.run_id, cfg)
-    return run.info.run_id
-
-
-def run_trial(sample: dict[str, Any], base: dict, parent_id: str | None, uri: str, start) -> None:
+def run_trial(
+    sample: dict[str, Any], base: dict, parent_id: str | None, tracker: Tracker, start
+) -> None:
     """One Tune trial: the base config with this trial's sample, trained to the end or
     until the scheduler stops it."""
     import torch
@@ -167,17 +141,18 @@ def run_trial(sample: dict[str, Any], base: dict, parent_id: str | None, uri: st
     logging.getLogger("ray.train").setLevel(cfg.run.ray_train_log_level)
     context = tune.get_context()
     checkpoint = tune.get_checkpoint()
-    plan = make_plan(cfg, uri, workdir="", start=start)
+    plan, start = make_plan(cfg, start=start)
     run_id = None
     if parent_id:
-        run_id = open_trial_run(cfg, uri, parent_id, context.get_trial_name())
-    plan.meta.update(mlflow_run_id=run_id, init_weights=start.state if start else None)
+        run_id = tracker.open_trial_run(cfg, parent_id, context.get_trial_name())
+    plan = plan.replace(mlflow_run_id=run_id, init_weights=start.state if start else None)
     datasets = build_datasets(cfg, plan)
     if cfg.scaling.num_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         cfg = with_values(cfg, {"run.name": f"{cfg.run.name}/{context.get_trial_id()}"})
-        build_trainer(cfg, plan, datasets, callbacks=[TuneReportCallback()]).fit()
+        metrics = tracker.metrics(run_id)
+        build_trainer(cfg, plan, datasets, metrics, callbacks=[TuneReportCallback()]).fit()
         return
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     runner = Runner(
@@ -190,10 +165,11 @@ def run_trial(sample: dict[str, Any], base: dict, parent_id: str | None, uri: st
         ),
         make_checkpoint=tune.Checkpoint.from_directory,
         checkpoint=checkpoint,
+        metrics=tracker.metrics(run_id),
         epoch_reports_only=True,
     )
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    run_training({"job": cfg.model_dump(mode="json"), "meta": plan.meta}, runner)
+    run_training({"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()}, runner)
 
 
 def build_tuner(cfg: JobConfig, trainable: Any) -> Any:
@@ -252,36 +228,32 @@ class SearchOutcome:
     best_checkpoint: Any
     best_metric: float
     stopped_because: str | None
-    tracking_uri: str
     registered: Any = None  # mlflow ModelVersion
 
 
-def search(cfg: JobConfig) -> SearchOutcome:
+def search(cfg: JobConfig, tracker: Tracker) -> SearchOutcome:
     """Run (or resume) the search in `cfg.tune`; returns the best trial and its run."""
     from ray import tune
 
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: name at least one config key to search")
-    uri = tracking_uri(cfg.mlflow)
-    if cfg.mlflow.enabled:
-        check_reachable(uri)
+    tracker.check()
     cfg = with_values(cfg, {"data.dataset": absolute(ensure_prepared(cfg.data.dataset))})
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
-    plan = make_plan(cfg, uri, workdir=f"{run_dir}-init" if "://" not in run_dir else "")
+    workdir = f"{run_dir}-init" if "://" not in run_dir else tempfile.mkdtemp()
+    plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
     ensure_ray()
     check_capacity(cfg)  # one trial must fit, or the search waits forever
-    parent_id = open_run(cfg, uri, run_dir, "tune") if cfg.mlflow.enabled else None
-    if parent_id and plan.start is not None:
-        from jobs.training.start import log_start
-
-        log_start(plan.start, parent_id, uri)
+    parent_id = tracker.open_run(cfg, run_dir, "tune")
+    if parent_id and start is not None:
+        tracker.log_start(start, parent_id)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
             base=cfg.model_dump(mode="json"),
             parent_id=parent_id,
-            uri=uri,
-            start=plan.start,  # in the object store once, shared by every trial
+            tracker=tracker,
+            start=start,  # in the object store once, shared by every trial
         ),
         trial_resources(cfg),
     )
@@ -308,7 +280,7 @@ def search(cfg: JobConfig) -> SearchOutcome:
             f"interrupted with {len(unfinished)} trial(s) unfinished; run the same command "
             "again to resume the search"
         )
-    return finish(cfg, plan, results, parent_id, uri, WATCHDOG)
+    return finish(cfg, plan, results, parent_id, tracker, WATCHDOG)
 
 
 def select_best(finished: list, metric: str, mode: str, select: str) -> tuple[Any, Any, float]:
@@ -335,28 +307,37 @@ def select_best(finished: list, metric: str, mode: str, select: str) -> tuple[An
 
 
 def finish(
-    cfg: JobConfig, plan: Plan, results: Any, parent_id: str | None, uri: str, dog: Watchdog
+    cfg: JobConfig,
+    plan: TrainPlan,
+    results: Any,
+    parent_id: str | None,
+    tracker: Tracker,
+    dog: Watchdog,
 ) -> SearchOutcome:
     t = cfg.tune
     finished = [r for r in results if r.metrics and t.metric in r.metrics]
     if dog.stalled:
         if parent_id:
-            from mlflow import MlflowClient
-
-            MlflowClient(uri).set_tag(parent_id, "vitray.tune.stopped_because", dog.reason)
-            MlflowClient(uri).set_terminated(parent_id, "FAILED")
+            tracker.fail_search(parent_id, dog.reason)
         raise SearchStopped(f"the search stopped: {dog.reason}")
     if not finished:
         errors = [str(r.error) for r in results if r.error]
         raise RuntimeError(f"no trial reported {t.metric}; errors: {errors[:3]}")
     best, checkpoint, value = select_best(finished, t.metric, t.mode, t.select)
     outcome = SearchOutcome(
-        cfg, results, parent_id, best.metrics.get(TRIAL_RUN_KEY), checkpoint, value, dog.reason, uri
+        cfg, results, parent_id, best.metrics.get(TRIAL_RUN_KEY), checkpoint, value, dog.reason
     )
     if dog.reason:
         print(f"search stopped early: {dog.reason}; best of the trials so far", flush=True)
     if parent_id:
-        from jobs.tracking.search_report import log_search
-
-        log_search(outcome, plan)
+        logged = outcome.best_run_id and "test" in plan.splits
+        tracker.log_search(outcome, test_scores(cfg, checkpoint) if logged else {})
     return outcome
+
+
+def test_scores(cfg: JobConfig, checkpoint: Any) -> dict[str, float]:
+    """The chosen checkpoint scored on the held-out test split."""
+    with checkpoint.as_directory() as d:
+        scores = evaluate_checkpoint(d, cfg.data, "test")
+    print(f"test top-1 of the best checkpoint: {scores['test_top1']:.4f}", flush=True)
+    return scores

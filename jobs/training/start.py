@@ -8,6 +8,7 @@ MLflow before training, tagged with where it came from, so the start is inspecta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.config import JobConfig
-from jobs.tracking.checkpoints import fetch_checkpoint
 from vit import ViTConfig, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from vit.checkpoint import WEIGHTS_FILE
-
-INIT_ARTIFACT = "init_checkpoint"
 
 
 @dataclass
@@ -36,10 +34,15 @@ def grid_text(config: ViTConfig) -> str:
 
 
 def resized_start(
-    cfg: JobConfig, num_classes: int, class_names: list[str] | None, uri: str, workdir: str
+    cfg: JobConfig,
+    class_names: list[str],
+    fetch: Callable[[str, str], Path],
+    workdir: str,
 ) -> Start:
-    """Fetch `init.checkpoint`, resize it to `data.image_size`, fit the head to the data."""
-    source_dir = fetch_checkpoint(cfg.init.checkpoint, uri, f"{workdir}/source")
+    """Fetch `init.checkpoint` (`fetch(ref, directory)` makes it a local checkpoint), resize
+    it to `data.image_size`, fit the head to the data's classes."""
+    num_classes = len(class_names)
+    source_dir = fetch(cfg.init.checkpoint, f"{workdir}/source")
     source_meta = read_checkpoint_meta(source_dir)
     source = ViTConfig.from_dict(source_meta["model"])
     cfg.check_patch(source.patch_size)
@@ -75,15 +78,3 @@ def resized_start(
     source_posemb = load_file(source_dir / WEIGHTS_FILE).get("pos_embed")
     before = (source_posemb, source.grid_size) if source_posemb is not None else None
     return Start(config, model.state_dict(), Path(directory), tags, before)
-
-
-def log_start(start: Start, run_id: str, uri: str) -> None:
-    """The resized checkpoint as its own artifact, once per run (not again on resume)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    if client.get_run(run_id).data.tags.get("vitray.init.source"):
-        return
-    client.log_artifacts(run_id, str(start.directory), INIT_ARTIFACT)
-    for key, value in start.tags.items():
-        client.set_tag(run_id, key, value)

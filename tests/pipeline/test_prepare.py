@@ -2,12 +2,13 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, photo
 from PIL import Image
 
 from pipeline.decode import BadImage
 from pipeline.prepare import parse_size, prepare
 from pipeline.sources import SourceError
+
+from helpers import encode, photo
 
 
 def make_folder(root, awkward_images, per_class=6):

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict
 from jobs.cli import COMMANDS
 from jobs.config import load_config
 
-ROOT = Path(__file__).parent.parent
+from helpers import ROOT
+
 INFRA = ROOT / "infra"
 MANIFESTS = sorted(INFRA.rglob("*.yaml"))
 IMAGE = re.search(r"-t (\S+) \.", (INFRA / "docker" / "Dockerfile").read_text()).group(1)

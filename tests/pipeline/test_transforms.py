@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from conftest import encode, photo
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -11,6 +10,8 @@ from pipeline.transforms import (
     random_resized_crop_box,
 )
 from vit import patchify
+
+from helpers import encode, photo
 
 
 def test_random_resized_crop_boxes_stay_inside_and_vary():

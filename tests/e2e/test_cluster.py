@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-ROOT = Path(__file__).parent.parent
+from helpers import ROOT
+
 pytestmark = pytest.mark.slow
 
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs.config import load_config
+from jobs.config import CONFIGS, load_config
 from jobs.training.evaluation import predict_split
-from jobs.training.fit import fit
 from vit import load_checkpoint, read_checkpoint_meta, resize_pos_embed
 from vit.resize import INTERPOLATION_PRESETS
 
-CONFIGS = Path(__file__).parent.parent / "jobs" / "configs"
+from helpers import tracked_fit
+
 pytestmark = pytest.mark.slow
 
 
@@ -42,7 +42,7 @@ def test_finetune_at_32px_resizes_posemb_new_head_and_learns(pretrained, digits_
     )
     start_model = load_checkpoint(pretrained, image_size=32)
     probe = linear_probe_accuracy(start_model, cfg.data)
-    outcome = fit(cfg, kind="finetune")
+    outcome = tracked_fit(cfg, kind="finetune")
     tuned = outcome.result.metrics["val_top1"]
     # The paper's claim at toy scale: fine-tuning the whole model at the new resolution
     # beats a linear probe on its frozen features. Measured in one process from a val-0.73
@@ -113,4 +113,4 @@ def test_bad_init_checkpoint_is_a_clear_error(digits_dir):
         ["init.checkpoint=/nowhere/at/all", f"data.dataset={digits_dir / 'digits'}"],
     )
     with pytest.raises(FileNotFoundError, match="not a vitray checkpoint"):
-        fit(cfg, kind="finetune")
+        tracked_fit(cfg, kind="finetune")

@@ -2,12 +2,13 @@ import io
 
 import numpy as np
 import pytest
-from conftest import encode, photo
 from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.decode import BadImage, image_bytes, jpeg_size, open_image, pixels, to_rgb
 from pipeline.transforms import crop_image
+
+from helpers import encode, photo
 
 
 @pytest.mark.parametrize("train", [True, False])

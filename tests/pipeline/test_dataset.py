@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, photo
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -16,6 +15,8 @@ from pipeline.dataset import build_dataset, describe_dataset
 from pipeline.prepare import prepare
 from pipeline.readers import plan_units, read_unit
 from pipeline.sources import SourceError, resolve_source
+
+from helpers import encode, photo
 
 
 def collect(ds) -> dict[str, np.ndarray]:

@@ -1,15 +1,13 @@
-from pathlib import Path
-
 import pytest
 
 from jobs.cli import BENCHMARKS, COMMANDS, main
-from jobs.config import ConfigError, load_config
+from jobs.config import CONFIGS, ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
-DEMO = Path(__file__).parent.parent / "jobs" / "configs" / "demo-pretrain.yaml"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+DEMO = CONFIGS / "demo-pretrain.yaml"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_configs_validate_and_say_what_they_are(path):
     finetune = "init:" in path.read_text()  # needs the checkpoint given on the command line
     if finetune:

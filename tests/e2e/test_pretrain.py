@@ -2,17 +2,17 @@
 server on 127.0.0.1 with SQLite, real digits shards. Slow: marked, still run in CI."""
 
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
 
-from jobs.config import load_config
-from jobs.training.fit import check_capacity, fit
+from jobs.config import CONFIGS, load_config
+from jobs.training.capacity import check_capacity
 from vit import load_checkpoint
 
-DEMO = Path(__file__).parent.parent / "jobs" / "configs" / "demo-pretrain.yaml"
+from helpers import free_port, tracked_fit
+
+DEMO = CONFIGS / "demo-pretrain.yaml"
 pytestmark = pytest.mark.slow
 
 
@@ -35,7 +35,7 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
 
     tmp = digits_dir / "run"
     tmp.mkdir()
-    outcome = fit(config(tmp, mlflow_server, **{"train.max_steps": 250, "run.name": "two"}))
+    outcome = tracked_fit(config(tmp, mlflow_server, **{"train.max_steps": 250, "run.name": "two"}))
     metrics = outcome.result.metrics
     assert metrics["step"] == 250 and metrics["val_top1"] > 0.25  # chance is 0.1
     client = MlflowClient(mlflow_server)
@@ -63,7 +63,7 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
 def test_unreachable_tracking_server_fails_at_start(tmp_path):
     cfg = config(tmp_path, f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionError, match="not reachable"):
-        fit(cfg)
+        tracked_fit(cfg)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_a_job_the_cluster_cannot_hold_fails_before_any_run(
     tmp.mkdir()
     cfg = config(tmp, f"sqlite:///{tmp}/mlflow.db", **sets)
     with pytest.raises(ValueError, match=message):
-        fit(cfg)
+        tracked_fit(cfg)
     assert not (tmp / "mlflow.db").exists()  # no MLflow run was opened
     check_capacity(config(tmp, "", **sets, **{"scaling.autoscaling": True}))
 
@@ -99,7 +99,7 @@ def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
     tmp.mkdir()
     cfg = config(tmp, mlflow_server, **{"train.max_steps": 60, "run.name": "kill"})
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(done=fit(cfg)))
+    thread = threading.Thread(target=lambda: outcome.update(done=tracked_fit(cfg)))
     thread.start()
     run_dir = tmp / "runs" / "kill"
     deadline = time.time() + 300
@@ -123,7 +123,7 @@ def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
     finished_at = time.time() * 1000
-    again = fit(config(tmp, mlflow_server, **{"train.max_steps": 70, "run.name": "kill"}))
+    again = tracked_fit(config(tmp, mlflow_server, **{"train.max_steps": 70, "run.name": "kill"}))
     assert again.result.metrics["step"] == 70
     assert again.mlflow_run_id == first.mlflow_run_id
     history = client.get_metric_history(first.mlflow_run_id, "loss")

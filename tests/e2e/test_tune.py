@@ -17,10 +17,11 @@ import torch
 import yaml
 
 from jobs.config import load_config
-from jobs.training.search import TRIAL_RUN_KEY, SearchStopped, Watchdog, search, select_best
+from jobs.training.search import TRIAL_RUN_KEY, SearchStopped, Watchdog, select_best
+
+from helpers import ROOT, tracked_search
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parent.parent
 
 
 def search_config(tmp: Path, digits: Path, uri: str, name: str, epochs: int = 3, **tune) -> Path:
@@ -71,7 +72,7 @@ def test_two_trial_search_nests_runs_registers_best_and_reloads(
     from jobs.tracking.checkpoints import load_any
 
     path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "two", register_as="dg")
-    outcome = search(load_config(path))
+    outcome = tracked_search(load_config(path))
     client = MlflowClient(mlflow_server)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -101,15 +102,16 @@ def test_two_trial_search_nests_runs_registers_best_and_reloads(
 
 
 def test_four_trial_asha_searches_never_hang(ray_local, digits_dir, mlflow_server, tmp_path):
-    """The FIELD-NOTES hang: trials stopped early kept their resources and the next trial
-    waited forever. Three searches in a row, each must finish well inside its budget."""
+    """The hang of docs/design.md#tune-trials: trials stopped early kept their resources and
+    the next trial waited forever. Three searches in a row, each must finish well inside its
+    budget."""
     stopped = 0
     for i in range(3):
         path = search_config(
             tmp_path, digits_dir / "digits", mlflow_server, f"asha{i}", epochs=2, num_samples=4
         )  # 2 epochs, an ASHA rung at 1: a trial behind the leaders there stops
         started = time.monotonic()
-        outcome = search(load_config(path, [f"train.seed={i}"]))
+        outcome = tracked_search(load_config(path, [f"train.seed={i}"]))
         assert outcome.stopped_because is None
         assert time.monotonic() - started < 400
         fates = [r.metrics.get("epoch", 0) for r in outcome.results]
@@ -123,7 +125,7 @@ def test_a_trial_that_runs_again_continues_its_nested_run(digits_dir, mlflow_ser
     its run by name under the parent instead of leaving a first one RUNNING forever."""
     from mlflow import MlflowClient
 
-    from jobs.training.search import open_trial_run
+    from jobs.tracking.runs import open_trial_run
 
     cfg = load_config(search_config(tmp_path, digits_dir / "digits", mlflow_server, "again"))
     client = MlflowClient(mlflow_server)
@@ -187,7 +189,7 @@ def test_watchdog_names_a_stalled_trial_and_stops_the_search(
 ):
     path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "stall", stall_timeout_s=1)
     with pytest.raises(SearchStopped, match=r"trial \w+ .*reported nothing for"):
-        search(load_config(path))
+        tracked_search(load_config(path))
 
 
 @dataclass

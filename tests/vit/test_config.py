@@ -50,7 +50,8 @@ def test_unknown_keys_and_presets_are_errors():
 
 
 def test_flops_match_published_numbers():
-    # Published forward GFLOPs at 224 (FIELD-NOTES): Ti/16 2.5, S/16 9.2, B/16 35.2; B/16@384 111.
+    # Published forward GFLOPs at 224: Ti/16 2.5, S/16 9.2, B/16 35.2; B/16@384 111
+    # (docs/design.md#published-reference-numbers).
     gflops = {
         name: forward_flops(ViTConfig.from_preset(name)) / 1e9 for name in ("ti/16", "s/16", "b/16")
     }

@@ -1,0 +1,124 @@
+"""MLflow behind the training drivers' `Tracker` interface (jobs/training/tracker.py).
+
+Commands build one `MlflowTracker(cfg.mlflow)` and hand it to `fit` or `search`; with
+`mlflow.enabled: false` it opens no run and logs nothing, but still resolves checkpoint
+references (`runs:/...`, `models:/...`) against the configured store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from jobs.config import JobConfig, MlflowSection
+from jobs.tracking import runs, search_report
+from jobs.tracking.checkpoints import fetch_checkpoint
+from jobs.tracking.figures import log_figures
+from jobs.tracking.model import log_vit_model
+
+if TYPE_CHECKING:
+    from jobs.training.search import SearchOutcome
+    from jobs.training.start import Start
+
+INIT_ARTIFACT = "init_checkpoint"
+
+
+class MlflowMetrics:
+    """Rank 0's metrics, logged to one run; the client is made where it is first used (on
+    a Ray Train worker), so the object pickles."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id, self.client = uri, run_id, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "client": None}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        if self.client is None:
+            self.client = MlflowClient(self.uri)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+class MlflowTracker:
+    def __init__(self, section: MlflowSection) -> None:
+        self.uri = runs.tracking_uri(section)
+        self.enabled = section.enabled
+
+    def check(self) -> None:
+        if self.enabled:
+            runs.check_reachable(self.uri)
+
+    def fetch_checkpoint(self, ref: str, workdir: str) -> Path:
+        return fetch_checkpoint(ref, self.uri, workdir)
+
+    def open_run(self, cfg: JobConfig, run_dir: str, kind: str) -> str | None:
+        return runs.open_run(cfg, self.uri, run_dir, kind) if self.enabled else None
+
+    def open_trial_run(self, cfg: JobConfig, parent_id: str, trial_name: str) -> str:
+        return runs.open_trial_run(cfg, self.uri, parent_id, trial_name)
+
+    def metrics(self, run_id: str | None) -> MlflowMetrics | None:
+        return MlflowMetrics(self.uri, run_id) if run_id else None
+
+    @contextlib.contextmanager
+    def active(self, run_id: str) -> Iterator[None]:
+        """System metrics of this node while training; the run marked FAILED if training
+        raises, FINISHED after the outcome is logged."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+            yield
+
+    def log_start(self, start: Start, run_id: str) -> None:
+        """The resized checkpoint as its own artifact, once per run (not again on resume)."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        if client.get_run(run_id).data.tags.get("vitray.init.source"):
+            return
+        client.log_artifacts(run_id, str(start.directory), INIT_ARTIFACT)
+        for key, value in start.tags.items():
+            client.set_tag(run_id, key, value)
+
+    def log_outcome(self, cfg: JobConfig, result: Any, run_id: str, start: Start | None) -> None:
+        """The resolved config, the final and the best checkpoints, and the figures of the
+        best (a fine-tune's posemb similarity before and after the resize)."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                client.log_artifacts(run_id, d, "checkpoint/final")
+        best = sorted(result.best_checkpoints, key=lambda cm: cm[1].get("val_top1", 0))
+        if best:
+            checkpoint, metrics = best[-1]
+            with checkpoint.as_directory() as d:
+                client.log_artifacts(run_id, d, "checkpoint/best")
+                log_vit_model(d)  # the best checkpoint, ready for the model registry
+                with tempfile.TemporaryDirectory() as out:
+                    before = start.before if start else None
+                    log_figures(d, cfg.data, run_id, self.uri, Path(out), before=before)
+            client.set_tag(run_id, "best_val_top1", f"{metrics.get('val_top1', 0):.4f}")
+
+    def fail_search(self, parent_id: str, reason: str) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.uri)
+        client.set_tag(parent_id, "vitray.tune.stopped_because", reason)
+        client.set_terminated(parent_id, "FAILED")
+
+    def log_search(self, outcome: SearchOutcome, test_scores: dict[str, float]) -> None:
+        search_report.log_search(outcome, test_scores, self.uri)

@@ -1,0 +1,99 @@
+"""Reports: each rank's sums over a window of steps, all-reduced at report time into the
+metrics Ray (or Tune) receives; rank 0 also prints one progress line and logs the metrics
+through the sink it was handed."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from jobs.training.tracker import MetricsSink
+
+
+def all_sum(values: list[float]) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class Reporter:
+    """The window since the last report (loss, images, skipped rows, time spent waiting
+    for data), the report schedule, and rank 0's outputs."""
+
+    def __init__(
+        self,
+        rank: int,
+        micro_batch: int,
+        steps_per_epoch: int,
+        total_steps: int,
+        report_every: int,
+        sink: MetricsSink | None,
+        start_step: int,
+    ) -> None:
+        self.rank, self.micro_batch, self.sink = rank, micro_batch, sink
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.report_every = report_every
+        self.run_start, self.start_step = time.perf_counter(), start_step
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = self.images = self.skipped = self.wait = 0.0
+        self.window_start = time.perf_counter()
+
+    def next_batch(self, batches: Any) -> dict[str, torch.Tensor] | None:
+        """The next micro-batch, or None at the end of the epoch; the wait is counted."""
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        self.wait += time.perf_counter() - t0
+        return batch
+
+    def end_of_epoch(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 or step == self.total_steps
+
+    def due(self, step: int) -> bool:
+        return step % self.report_every == 0 or self.end_of_epoch(step)
+
+    def metrics(self, step: int, lr: float) -> dict[str, float]:
+        """The window's metrics, summed over every rank (a collective: all ranks call it)."""
+        elapsed = time.perf_counter() - self.window_start
+        loss_total, images_total, skipped_total = all_sum(
+            [self.loss_sum, self.images, self.skipped]
+        )
+        return {
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            "loss": loss_total / max(images_total / self.micro_batch, 1),
+            "lr": lr,
+            "images_per_s": images_total / elapsed,
+            "data_wait_fraction": self.wait / elapsed,
+            "skipped_images": skipped_total,
+        }
+
+    def publish(self, metrics: dict[str, float], step: int) -> None:
+        """Rank 0: the metrics to the sink, and one progress line."""
+        if self.rank != 0:
+            return
+        if self.sink is not None:
+            self.sink.log(metrics, step)
+        rate = (step - self.start_step) / (time.perf_counter() - self.run_start)
+        eta = format_eta((self.total_steps - step) / max(rate, 1e-9))
+        extra = f" val_top1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else ""
+        # Not print(): Ray Train 2.60 patches it in its workers to log the line and also
+        # print it, so every line showed twice.
+        sys.stdout.write(
+            f"step {step}/{self.total_steps} epoch {metrics['epoch']:.2f} "
+            f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"{metrics['images_per_s']:.0f} img/s ETA {eta}{extra}\n"
+        )
+        sys.stdout.flush()
