@@ -9,7 +9,7 @@ from typing import Any
 
 # Widths, depths, heads and MLP sizes: ViT paper Table 1 (B, L, H); Ti and S from
 # DeiT / "How to train your ViT" (Steiner et al. 2021). `micro` is ours: the CPU demo model
-# (FIELD-NOTES: 97.5% on digits at 16 px, 98.3% after fine-tuning at 32 px).
+# (its digits results: docs/design.md#model-presets-and-the-digits-recipe).
 VARIANTS: dict[str, dict[str, Any]] = {
     "micro": dict(dim=64, depth=4, num_heads=4, mlp_ratio=2.0, image_size=16),
     "ti": dict(dim=192, depth=12, num_heads=3, mlp_ratio=4.0),
