@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -141,8 +141,11 @@ class TuneSection(Section):
             kind, args = next(iter(dist.items()))
             if not isinstance(args, list) or not args:
                 raise ValueError(f"{key}: {kind} takes a list")
-            if kind in ("loguniform", "uniform", "randint") and len(args) != 2:
-                raise ValueError(f"{key}: {kind} takes [low, high]")
+            if kind in ("loguniform", "uniform", "randint"):
+                if len(args) != 2 or not args[0] < args[1] + (kind == "randint"):
+                    raise ValueError(f"{key}: {kind} takes [low, high] with low < high")
+                if kind == "loguniform" and args[0] <= 0:
+                    raise ValueError(f"{key}: loguniform needs low > 0")
         return space
 
 
@@ -163,6 +166,14 @@ class JobConfig(Section):
             raise ValueError("set model.preset (pretraining) or init.checkpoint (fine-tuning)")
         if self.model.preset:
             self.check_patch(self.vit_config(num_classes=1).patch_size)  # raises on bad keys
+        for key in self.tune.space:
+            if not known_key(type(self), key):
+                raise ValueError(f"tune.space: {key} is not a config key")
+        if self.tune.scheduler == "asha" and self.tune.grace_period > self.train.epochs:
+            raise ValueError(
+                f"tune.grace_period {self.tune.grace_period} is above train.epochs "
+                f"{self.train.epochs}: ASHA could never stop a trial early"
+            )
         per_step = self.scaling.num_workers * self.train.grad_accum
         if self.train.batch_size % per_step:
             raise ValueError(
@@ -205,6 +216,22 @@ class JobConfig(Section):
                 "scaling": self.scaling.model_copy(update={"use_gpu": False}),
             }
         )
+
+
+def known_key(section: type[BaseModel], dotted: str) -> bool:
+    """Whether `dotted` names a field of the schema (anything under a free-form dict, such
+    as model.overrides, counts)."""
+    head, _, rest = dotted.partition(".")
+    field = section.model_fields.get(head)
+    if field is None:
+        return False
+    kind = field.annotation
+    models = [
+        t for t in get_args(kind) or (kind,) if isinstance(t, type) and issubclass(t, BaseModel)
+    ]
+    if models:  # a section, or an optional one
+        return bool(rest) and known_key(models[0], rest)
+    return not rest or get_origin(kind) is dict
 
 
 class ConfigError(ValueError):

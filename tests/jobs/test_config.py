@@ -38,6 +38,33 @@ def test_bad_configs_name_the_key(override, message):
         load_config(DEMO, [override])
 
 
+TUNE = CONFIGS / "demo-tune.yaml"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("tune.grace_period=11", "tune.grace_period 11 is above train.epochs 10"),
+        ("tune.space={train.lrr: {uniform: [0.1, 0.2]}}", "train.lrr is not a config key"),
+        ("tune.space={data.image_size.h: {choice: [16]}}", "data.image_size.h is not a config"),
+        ("tune.space={train.lr: {loguniform: [0, 0.1]}}", "loguniform needs low > 0"),
+        ("tune.space={train.lr: {uniform: [0.2, 0.1]}}", "low < high"),
+    ],
+)
+def test_bad_searches_name_the_key_before_ray_starts(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TUNE, ["init.checkpoint=runs/x", "train.epochs=10", override])
+
+
+def test_search_space_keys_reach_into_optional_sections_and_free_dicts():
+    space = (
+        "tune.space={data.randaugment.magnitude: {randint: [1, 9]}, "
+        "model.overrides.drop_path: {uniform: [0.0, 0.2]}}"
+    )
+    cfg = load_config(TUNE, ["init.checkpoint=runs/x", space])
+    assert set(cfg.tune.space) == {"data.randaugment.magnitude", "model.overrides.drop_path"}
+
+
 def test_cli_exits_2_before_ray_starts(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", "--config", str(DEMO), "--set", "train.epochs=0"])
