@@ -1,9 +1,10 @@
 """`vitray submit -- COMMAND ...` and `vitray jobs ...`: vitray commands as Ray Jobs.
 
 The Jobs API (Ray's dashboard, `RAY_ADDRESS` or `--address`) runs the command on the
-cluster's head node. The runtime environment ships this project (the working directory,
-minus the virtualenv, data, runs and stores) unless `--image` names a container image that
-already holds it. Ray's token auth stays on: the client sends the token Ray finds in
+cluster's head node. The job's directory holds the project's packages (an allowlist: no
+virtualenv, data, runs, stores or secrets) and the files the command names, so a config in
+the user's own directory works; `--image` names a container image that holds the code
+instead. Ray's token auth stays on: the client sends the token Ray finds in
 `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token.
 """
 
@@ -13,27 +14,17 @@ import asyncio
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 PROJECT = Path(__file__).resolve().parents[2]
-EXCLUDES = [
-    ".venv",
-    ".git",
-    ".vitray",
-    "data",
-    "runs",
-    "mlruns",
-    "mlartifacts",
-    "mlflow.db",
-    "bench-results",
-    "*.egg-info",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-]
+PACKAGES = ("vit", "pipeline", "jobs")  # what a job needs of the project: its code, no more
+INPUTS = "inputs"  # where the files a command names travel, inside the job's directory
+CONFIG_PATHS = ("data.dataset", "init.checkpoint", "run.storage_path")
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
@@ -54,11 +45,79 @@ def client(address: str | None) -> Any:
         raise ConnectionError(f"cannot reach the Ray job server at {address}: {e}") from e
 
 
-def runtime_env(image: str | None) -> dict[str, Any]:
+def runtime_env(image: str | None, working_dir: Path | None) -> dict[str, Any]:
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     if image:
         return {"image_uri": image, "env_vars": env_vars}
-    return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env_vars}
+    return {"working_dir": str(working_dir), "env_vars": env_vars}
+
+
+def client_path(value: str) -> str:
+    """A path as the client meant it: relative paths made absolute against its cwd. URIs,
+    MLflow references and `builtin:` datasets are left alone; `FORMAT:PATH` weights keep
+    their format."""
+    if "://" in value or value.startswith(("runs:/", "models:/", "builtin:")):
+        return value
+    fmt, sep, path = value.partition(":")
+    if sep and fmt in ("timm", "hf", "torchvision", "jax"):
+        return f"{fmt}:{Path(path).expanduser().resolve()}"
+    return str(Path(value).expanduser().resolve())
+
+
+def resolved_config(path: str, overrides: list[str]) -> str:
+    """The job's config as YAML, read and validated here (a bad key fails before anything
+    is submitted), with its local paths made absolute."""
+    import yaml
+
+    from jobs.config import load_config, with_values
+
+    cfg = load_config(path, overrides)
+    tree = cfg.model_dump(mode="json")
+    paths = {}
+    for key in CONFIG_PATHS:
+        section, field = key.split(".")
+        if tree[section][field]:
+            paths[key] = client_path(tree[section][field])
+    return yaml.safe_dump(with_values(cfg, paths).model_dump(mode="json"), sort_keys=False)
+
+
+def stage(command: list[str], directory: Path) -> list[str]:
+    """Write into `directory` the project's packages and the files `command` names; return
+    the command rewritten to read them there. A `--config` is resolved with its `--set`
+    overrides into one file; any other argument naming a local file travels as it is, and
+    one naming a local directory is made absolute."""
+    args, overrides, config = [], [], None
+    words = iter(command)
+    for word in words:
+        if word == "--config":
+            config = next(words, None)
+        elif word == "--set":
+            overrides.append(next(words, ""))
+        else:
+            args.append(word)
+    resolved = resolved_config(config, overrides) if config is not None else None
+    for package in PACKAGES:
+        shutil.copytree(
+            PROJECT / package, directory / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    (directory / INPUTS).mkdir()
+    if resolved is not None:
+        (directory / INPUTS / "config.yaml").write_text(resolved)
+        args += ["--config", f"{INPUTS}/config.yaml"]
+    else:
+        args += [w for item in overrides for w in ("--set", item)]
+    staged = []
+    for i, word in enumerate(args):
+        local = Path(word).expanduser()
+        if i == 0 or word.startswith("-") or not local.exists() or word.startswith(INPUTS):
+            staged.append(word)
+        elif local.is_dir():
+            staged.append(str(local.resolve()))
+        else:
+            target = directory / INPUTS / f"{i}-{local.name}"
+            shutil.copyfile(local, target)
+            staged.append(f"{INPUTS}/{target.name}")
+    return staged
 
 
 async def stream_logs(jobs: Any, job_id: str) -> str:
@@ -96,8 +155,11 @@ def submit(
     if not command:
         raise ValueError("nothing to submit: vitray submit -- pretrain --config ...")
     jobs = client(address)
-    entrypoint = shlex.join(["python", "-m", "jobs.cli", *command])
-    job_id = submit_when_ready(jobs, entrypoint, runtime_env(image))
+    with tempfile.TemporaryDirectory(prefix="vitray-job-") as tmp:
+        if not image:  # an image holds the code, and the command names files in it
+            command = stage(command, Path(tmp))
+        entrypoint = shlex.join(["python", "-m", "jobs.cli", *command])
+        job_id = submit_when_ready(jobs, entrypoint, runtime_env(image, Path(tmp)))
     print(f"submitted {job_id}: {entrypoint}", flush=True)
     if not wait:
         print(f"follow it: vitray jobs logs {job_id} --follow")

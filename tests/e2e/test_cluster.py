@@ -5,6 +5,7 @@ Slow: marked, still run in CI."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +13,21 @@ from pathlib import Path
 import psutil
 import pytest
 
+from jobs.config import CONFIGS
+
 from helpers import ROOT
 
 pytestmark = pytest.mark.slow
 
 
-def vitray(*args: str, timeout: float = 900, **env_vars: str) -> subprocess.CompletedProcess:
+def vitray(
+    *args: str, timeout: float = 900, cwd: Path = ROOT, **env_vars: str
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1", **env_vars}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "jobs.cli", *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -86,11 +91,13 @@ def test_up_serves_ray_and_mlflow_on_localhost_only(local_cluster):
 
 
 def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, digits_dir, tmp_path):
+    """Submitted from the user's own directory, with the user's own config file."""
     from mlflow import MlflowClient
 
+    shutil.copy(CONFIGS / "demo-pretrain.yaml", tmp_path / "my.yaml")
     run = vitray(
         "submit", "--address", local_cluster["dashboard"], "--",
-        "pretrain", "--config", "jobs/configs/demo-pretrain.yaml",
+        "pretrain", "--config", "my.yaml",
         "--set", f"data.dataset={digits_dir / 'digits'}",
         "--set", "train.max_steps=10",
         "--set", "scaling.placement_strategy=SPREAD",
@@ -98,6 +105,7 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
         "--set", f"run.storage_path={tmp_path / 'runs'}",
         "--set", f"mlflow.tracking_uri={local_cluster['mlflow']}",
         "--set", "mlflow.experiment=cluster-test",
+        cwd=tmp_path,
         **local_cluster["env"],
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
@@ -129,8 +137,19 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
 def test_a_failing_job_makes_submit_exit_nonzero_with_its_error(local_cluster):
     run = vitray(
         "submit", "--address", local_cluster["dashboard"], "--",
-        "pretrain", "--config", "jobs/configs/demo-pretrain.yaml", "--set", "train.lrr=1",
+        "pretrain", "--config", "jobs/configs/demo-pretrain.yaml",
+        "--set", "data.dataset=/nonexistent/dataset",
         **local_cluster["env"],
     )  # fmt: skip
     assert run.returncode == 1
-    assert "train.lrr" in run.stdout and "FAILED" in run.stdout
+    assert "/nonexistent/dataset" in run.stdout and "FAILED" in run.stdout
+
+
+def test_a_bad_config_exits_2_before_anything_is_submitted(local_cluster):
+    run = vitray(
+        "submit", "--address", local_cluster["dashboard"], "--",
+        "pretrain", "--config", "jobs/configs/demo-pretrain.yaml", "--set", "train.lrr=1",
+        **local_cluster["env"],
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "train.lrr" in run.stderr and "submitted" not in run.stdout
