@@ -69,9 +69,13 @@ def make_plan(
         if fetch is None:
             raise ValueError("init.checkpoint needs a checkpoint resolver")
         start = resized_start(cfg, info.class_names, fetch, workdir)
+    empty = [split for split in ("train", "val") if info.split_rows.get(split) == 0]
+    if empty:
+        raise ValueError(f"{cfg.data.dataset}: the {empty[0]} split has no rows")
     rows = info.split_rows.get("train")
     if not rows:
         raise ValueError(f"{cfg.data.dataset}: the train split size is unknown")
+    check_rows_per_worker(cfg, rows)
     steps_per_epoch = max(
         1, rows // cfg.scaling.num_workers // cfg.micro_batch // cfg.train.grad_accum
     )
@@ -88,3 +92,17 @@ def make_plan(
         total_steps=total_steps,
     )
     return plan, start
+
+
+def check_rows_per_worker(cfg: JobConfig, rows: int) -> None:
+    """Every worker must get at least one micro-batch an epoch (batches drop their ragged
+    end), or training would wait for data that never comes."""
+    workers, micro = cfg.scaling.num_workers, cfg.micro_batch
+    if rows // workers < micro:
+        raise ValueError(
+            f"{cfg.data.dataset}: {rows} train rows over {workers} worker(s) make "
+            f"{rows // workers} per worker, fewer than one micro-batch of {micro} "
+            f"(train.batch_size {cfg.train.batch_size} / scaling.num_workers {workers} / "
+            f"train.grad_accum {cfg.train.grad_accum}): lower train.batch_size or "
+            "scaling.num_workers, or add data"
+        )
