@@ -26,11 +26,6 @@ def ui_command(uri: str) -> str:
     return f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
-def run_link(uri: str, experiment_id: str, run_id: str) -> str:
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     dataset = ensure_prepared("builtin:digits")
@@ -60,9 +55,10 @@ def run(args: argparse.Namespace) -> None:
     if tuned.registered is not None:
         v = tuned.registered
         print(f"  registered       models:/{v.name}/{v.version} (@{tuned.config.tune.alias})")
-    print(f"  pretrain run     {run_link(uri, experiment, pretrained.mlflow_run_id)}")
-    print(f"  search run       {run_link(uri, experiment, tuned.parent_run_id)}")
-    print(f"  best trial run   {run_link(uri, experiment, tuned.best_run_id)}")
+    print(f"  experiment       {runs.experiment_url(uri, experiment)}")
+    print(f"  pretrain run     {runs.run_url(uri, experiment, pretrained.mlflow_run_id)}")
+    print(f"  search run       {runs.run_url(uri, experiment, tuned.parent_run_id)}")
+    print(f"  best trial run   {runs.run_url(uri, experiment, tuned.best_run_id)}")
     print(f"open the MLflow UI: {ui_command(uri)}")
 
 

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import posixpath
+import shlex
 import subprocess
+import sys
+import warnings
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from jobs.config import JobConfig, MlflowSection, flatten
+from pipeline.config import DataConfig
+from pipeline.dataset import describe_dataset
 
 RUN_DIR_TAG = "vitray.run_dir"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description
+# MLflow 3 opens an experiment in its GenAI view unless it is marked as model development,
+# and a link opens the Model training view only with this query.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+TRAINING_VIEW = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 
 def tracking_uri(section: MlflowSection) -> str:
@@ -77,15 +91,12 @@ def run_exists(client, run_id: str) -> bool:
         return False
 
 
-def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
+def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str, split_rows: dict[str, int]) -> str:
     """The MLflow run of this `run.name`: the unfinished one it left, or a new one."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(cfg.mlflow.experiment)
-    )
+    experiment_id = experiment_id_of(client, cfg.mlflow.experiment)
     run_id = checkpointed_run_id(run_dir)
     if run_id is not None and not run_exists(client, run_id):
         print(
@@ -111,9 +122,12 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str) -> str:
         "git_commit": git_commit(),
         **cluster_tags(),
         "mlflow.runName": cfg.run.name,
+        DESCRIPTION_TAG: f"`{command_line()}`",
     }
     run = client.create_run(experiment_id, tags=tags, run_name=cfg.run.name)
     log_config_params(client, run.info.run_id, cfg)
+    log_dataset(client, run.info.run_id, cfg.data, split_rows)
+    print(f"MLflow run: {run_url(uri, experiment_id, run.info.run_id)}", flush=True)
     return run.info.run_id
 
 
@@ -126,7 +140,9 @@ def log_config_params(client, run_id: str, cfg: JobConfig) -> None:
         client.log_batch(run_id, params=params[i : i + 100])
 
 
-def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) -> str:
+def open_trial_run(
+    cfg: JobConfig, uri: str, parent_id: str, trial_name: str, split_rows: dict[str, int]
+) -> str:
     """The trial's nested run: the one of this name under the parent when the trial runs
     again (resumed, or restarted before its first checkpoint), else a new one."""
     from mlflow import MlflowClient
@@ -144,20 +160,25 @@ def open_trial_run(cfg: JobConfig, uri: str, parent_id: str, trial_name: str) ->
     run = client.create_run(
         experiment,
         run_name=trial_name,
-        tags={"mlflow.parentRunId": parent_id, "vitray.kind": "tune-trial"},
+        tags={
+            "mlflow.parentRunId": parent_id,
+            "vitray.kind": "tune-trial",
+            DESCRIPTION_TAG: f"Trial {trial_name} of the search in run {parent_id}.",
+        },
     )
     log_config_params(client, run.info.run_id, cfg)
+    log_dataset(client, run.info.run_id, cfg.data, split_rows)
     return run.info.run_id
 
 
 def new_run(uri: str, experiment: str, name: str, tags: dict[str, str]) -> str:
-    """A new run in `experiment` (created if missing)."""
+    """A new run in `experiment` (created if missing), described by the command line."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    tags = {DESCRIPTION_TAG: f"`{command_line()}`", **tags}
+    run = client.create_run(experiment_id_of(client, experiment), run_name=name, tags=tags)
+    return run.info.run_id
 
 
 def log_evaluation(
@@ -186,3 +207,72 @@ def experiment_and_metrics(uri: str, run_id: str) -> tuple[str, dict[str, float]
 
     run = MlflowClient(uri).get_run(run_id)
     return run.info.experiment_id, run.data.metrics
+
+
+def command_line() -> str:
+    """How this process was started, as a user would type it."""
+    return shlex.join(["vitray", *sys.argv[1:]])
+
+
+def experiment_id_of(client: Any, name: str) -> str:
+    """The experiment `name` (created if missing), marked as model development unless it
+    says otherwise."""
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    key, value = EXPERIMENT_KIND
+    if found is None or key not in found.tags:
+        client.set_experiment_tag(experiment_id, key, value)
+    return experiment_id
+
+
+def ui_base(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}?{TRAINING_VIEW}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
+def dataset_input(data: DataConfig, split_rows: dict[str, int]) -> Any:
+    """The run's images as an MLflow dataset: its name, where it lives, a digest of what is
+    there (the manifest, else the file listing) and the rows of each split as its profile."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    info = describe_dataset(data)
+    root = info.source.root
+    location = data.dataset if "://" in data.dataset else root
+    listing = json.dumps(info.source.manifest or info.source.files, sort_keys=True)
+    name = data.dataset.removeprefix("builtin:") if data.dataset.startswith("builtin:") else None
+
+    class ImageDataset(MetaDataset):
+        @property
+        def profile(self) -> dict[str, int]:
+            return {
+                "num_rows": sum(split_rows.values()),
+                **{f"{k}_rows": v for k, v in split_rows.items()},
+            }
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    with warnings.catch_warnings():  # MLflow 3 registers its local-path source twice
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        source = resolve_dataset_source(location)
+    return ImageDataset(
+        source=source,
+        name=name or posixpath.basename(root.rstrip("/")),
+        digest=hashlib.sha256(listing.encode()).hexdigest()[:16],
+    )
+
+
+def log_dataset(client: Any, run_id: str, data: DataConfig, split_rows: dict[str, int]) -> None:
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = dataset_input(data, split_rows)._to_mlflow_entity()
+    context = InputTag(key="mlflow.data.context", value="training")
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=[context])])

@@ -81,6 +81,13 @@ def register_best(outcome: SearchOutcome, scores: dict[str, float], uri: str) ->
         cfg.tune.register_as,
         tags={f"best_{cfg.tune.metric}": f"{outcome.best_metric:.4f}", "source_run": run_id},
     )
+    scored = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith(("top1", "top5")))
+    description = (
+        f"The search's pick ({cfg.tune.select}): {cfg.tune.metric} {outcome.best_metric:.4f}"
+        + (f", {scored}" if scored else "")
+        + f". Source run {run_id}, trial of search run {outcome.parent_run_id}."
+    )
+    client.update_model_version(version.name, version.version, description=description)
     client.set_registered_model_alias(cfg.tune.register_as, cfg.tune.alias, version.version)
     client.set_tag(outcome.parent_run_id, "registered_model", f"{version.name}/{version.version}")
     outcome.registered = version

@@ -62,11 +62,17 @@ class MlflowTracker:
     def fetch_checkpoint(self, ref: str, workdir: str) -> Path:
         return fetch_checkpoint(ref, self.uri, workdir)
 
-    def open_run(self, cfg: JobConfig, run_dir: str, kind: str) -> str | None:
-        return runs.open_run(cfg, self.uri, run_dir, kind) if self.enabled else None
+    def open_run(
+        self, cfg: JobConfig, run_dir: str, kind: str, split_rows: dict[str, int]
+    ) -> str | None:
+        if not self.enabled:
+            return None
+        return runs.open_run(cfg, self.uri, run_dir, kind, split_rows)
 
-    def open_trial_run(self, cfg: JobConfig, parent_id: str, trial_name: str) -> str:
-        return runs.open_trial_run(cfg, self.uri, parent_id, trial_name)
+    def open_trial_run(
+        self, cfg: JobConfig, parent_id: str, trial_name: str, split_rows: dict[str, int]
+    ) -> str:
+        return runs.open_trial_run(cfg, self.uri, parent_id, trial_name, split_rows)
 
     def metrics(self, run_id: str | None) -> MlflowMetrics | None:
         return MlflowMetrics(self.uri, run_id) if run_id else None

@@ -100,7 +100,7 @@ def fit(
     ensure_ray()
     check_capacity(cfg)
     datasets = build_datasets(cfg, plan, materialize)
-    run_id = tracker.open_run(cfg, run_dir, kind)
+    run_id = tracker.open_run(cfg, run_dir, kind, plan.split_rows)
     plan = plan.replace(mlflow_run_id=run_id)
     if start is not None:
         plan = plan.replace(init_weights=ray.put(start.state))

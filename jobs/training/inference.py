@@ -81,9 +81,8 @@ def predict(
     ensure_ray()
     weights = ray.put((model.config.to_dict(), model.state_dict(), class_names))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    ds = build_dataset(
-        data, split, model.config.patch_size, model.config.num_classes, keep_ids=True
-    )
+    # The source's own labels are passed through, never checked against the model's classes.
+    ds = build_dataset(data, split, model.config.patch_size, keep_ids=True)
     predictions = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"weights": weights, "top_k": top_k},

@@ -22,9 +22,7 @@ from vit import ViTConfig
 class TrainPlan:
     vit: ViTConfig  # the architecture trained (a fine-tune's: the resized checkpoint's)
     class_names: tuple[str, ...]
-    train_rows: int
-    val_rows: int | None
-    splits: tuple[str, ...]
+    split_rows: dict[str, int]  # rows of every split the dataset has
     steps_per_epoch: int
     total_steps: int
     mlflow_run_id: str | None = None  # rank 0 logs to it; stored in every checkpoint
@@ -33,6 +31,14 @@ class TrainPlan:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def train_rows(self) -> int:
+        return self.split_rows["train"]
+
+    @property
+    def val_rows(self) -> int | None:
+        return self.split_rows.get("val")
 
     def replace(self, **changes: Any) -> TrainPlan:
         return dataclasses.replace(self, **changes)
@@ -49,7 +55,6 @@ class TrainPlan:
                 **d,
                 "vit": ViTConfig.from_dict(d["vit"]),
                 "class_names": tuple(d["class_names"]),
-                "splits": tuple(d["splits"]),
             }
         )
 
@@ -85,9 +90,7 @@ def make_plan(
     plan = TrainPlan(
         vit=start.config if start is not None else cfg.vit_config(len(info.class_names)),
         class_names=tuple(info.class_names),
-        train_rows=rows,
-        val_rows=info.split_rows.get("val"),
-        splits=tuple(sorted(info.split_rows)),
+        split_rows=dict(info.split_rows),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
     )

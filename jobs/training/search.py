@@ -144,7 +144,7 @@ def run_trial(
     plan, start = make_plan(cfg, start=start)
     run_id = None
     if parent_id:
-        run_id = tracker.open_trial_run(cfg, parent_id, context.get_trial_name())
+        run_id = tracker.open_trial_run(cfg, parent_id, context.get_trial_name(), plan.split_rows)
     plan = plan.replace(mlflow_run_id=run_id, init_weights=start.state if start else None)
     datasets = build_datasets(cfg, plan)
     if cfg.scaling.num_workers > 1:
@@ -244,7 +244,7 @@ def search(cfg: JobConfig, tracker: Tracker) -> SearchOutcome:
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
     ensure_ray()
     check_capacity(cfg)  # one trial must fit, or the search waits forever
-    parent_id = tracker.open_run(cfg, run_dir, "tune")
+    parent_id = tracker.open_run(cfg, run_dir, "tune", plan.split_rows)
     if parent_id and start is not None:
         tracker.log_start(start, parent_id)
     trainable = tune.with_resources(
@@ -330,7 +330,7 @@ def finish(
     if dog.reason:
         print(f"search stopped early: {dog.reason}; best of the trials so far", flush=True)
     if parent_id:
-        logged = outcome.best_run_id and "test" in plan.splits
+        logged = outcome.best_run_id and "test" in plan.split_rows
         tracker.log_search(outcome, test_scores(cfg, checkpoint) if logged else {})
     return outcome
 

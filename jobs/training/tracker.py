@@ -28,11 +28,15 @@ class Tracker(Protocol):
     def fetch_checkpoint(self, ref: str, workdir: str) -> Path:
         """A local vitray checkpoint directory for any reference a user may give."""
 
-    def open_run(self, cfg: JobConfig, run_dir: str, kind: str) -> str | None:
-        """The run of `run.name` (the unfinished one it left, or a new one); None when
-        tracking is off."""
+    def open_run(
+        self, cfg: JobConfig, run_dir: str, kind: str, split_rows: dict[str, int]
+    ) -> str | None:
+        """The run of `run.name` (the unfinished one it left, or a new one, which records
+        the dataset and its split sizes); None when tracking is off."""
 
-    def open_trial_run(self, cfg: JobConfig, parent_id: str, trial_name: str) -> str:
+    def open_trial_run(
+        self, cfg: JobConfig, parent_id: str, trial_name: str, split_rows: dict[str, int]
+    ) -> str:
         """A search trial's nested run under `parent_id`."""
 
     def metrics(self, run_id: str | None) -> MetricsSink | None:

@@ -89,6 +89,9 @@ def test_predict_writes_topk_parquet_and_reports_bad_images(
         target = folder / ("good" if usable else "bad")
         target.mkdir(parents=True, exist_ok=True)
         (target / f"{i:02d}-{name}.png").write_bytes(data)
+    for c in range(12):  # more class folders than the model has classes: still predicted
+        (folder / f"extra{c:02d}").mkdir()
+        (folder / f"extra{c:02d}" / "x.png").write_bytes(awkward_images["jpeg"][0])
     out = tmp_path / "predictions"
     main(
         [
@@ -106,8 +109,8 @@ def test_predict_writes_topk_parquet_and_reports_bad_images(
     )
     table = pq.read_table(out).to_pandas()
     usable = sum(u for _, u in awkward_images.values())
-    assert len(table) == len(awkward_images)
-    assert int(table["ok"].sum()) == usable
+    assert len(table) == len(awkward_images) + 12
+    assert int(table["ok"].sum()) == usable + 12
     good = table[table["ok"]]
     assert all(len(labels) == 3 for labels in good["top_labels"])
     assert all(set(labels) <= set("0123456789") for labels in good["top_labels"])

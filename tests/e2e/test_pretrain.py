@@ -1,6 +1,7 @@
 """`vitray pretrain` end to end: real local Ray (2 CPU workers, gloo DDP), a real MLflow
 server on 127.0.0.1 with SQLite, real digits shards. Slow: marked, still run in CI."""
 
+import json
 import time
 
 import pytest
@@ -44,6 +45,13 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
     assert run.data.params["train.batch_size"] == "64"
     assert run.data.tags["ray.nodes"] == "1" and run.data.tags["gpu_type"] == "none"
     assert any(key.startswith("system/") for key in run.data.metrics)  # CPU, memory, ...
+    (used,) = run.inputs.dataset_inputs  # the data, as the run page and runs table show it
+    assert used.dataset.name == "digits" and json.loads(used.dataset.profile) == {
+        "num_rows": 1797, "train_rows": 1257, "val_rows": 180, "test_rows": 360
+    }  # fmt: skip
+    assert run.data.tags["mlflow.note.content"].startswith("`vitray")  # the command line
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert len(losses) >= 10 and losses[-1] < losses[0]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint/final")}
@@ -143,7 +151,7 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(ray_local, mlflow
     (run_dir / "checkpoint_000001").mkdir(parents=True)
     torch.save({"mlflow_run_id": "0" * 32}, run_dir / "checkpoint_000001" / "train_state.pt")
     cfg = config(tmp_path, mlflow_server, **{"run.name": "elsewhere"})
-    run_id = open_run(cfg, mlflow_server, str(run_dir), "pretrain")
+    run_id = open_run(cfg, mlflow_server, str(run_dir), "pretrain", {"train": 1257, "val": 180})
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run_id != "0" * 32 and run.info.status == "RUNNING"
     assert run.data.params["train.batch_size"] == "64"  # a new run, with its config

@@ -89,6 +89,7 @@ def test_two_trial_search_nests_runs_registers_best_and_reloads(
 
     version = client.get_model_version_by_alias("dg", "champion")
     assert version.version == outcome.registered.version
+    assert outcome.best_run_id in version.description and "test_top1" in version.description
     best_run = client.get_run(outcome.best_run_id)
     assert best_run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
     assert 0 <= best_run.data.metrics["test_top1"] <= 1  # scored on the held-out split
@@ -130,9 +131,10 @@ def test_a_trial_that_runs_again_continues_its_nested_run(digits_dir, mlflow_ser
     cfg = load_config(search_config(tmp_path, digits_dir / "digits", mlflow_server, "again"))
     client = MlflowClient(mlflow_server)
     parent = client.create_run(client.create_experiment("trial-runs-again")).info.run_id
-    first = open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00000")
-    assert open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00000") == first
-    other = open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00001")
+    rows = {"train": 1257, "val": 180}
+    first = open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00000", rows)
+    assert open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00000", rows) == first
+    other = open_trial_run(cfg, mlflow_server, parent, "run_trial_a_00001", rows)
     assert other != first and {r.info.run_id for r in children(client, parent)} == {first, other}
 
 

@@ -51,9 +51,7 @@ def plan_for(cfg, train_rows: int) -> TrainPlan:
     return TrainPlan(
         vit=cfg.vit_config(2),
         class_names=("dark", "bright"),
-        train_rows=train_rows,
-        val_rows=32,
-        splits=("train", "val"),
+        split_rows={"train": train_rows, "val": 32},
         steps_per_epoch=steps,
         total_steps=steps * cfg.train.epochs,
     )
@@ -118,7 +116,9 @@ def test_grad_accum_steps_over_micro_batches_and_partial_tail():
 
 def test_an_epoch_without_a_batch_is_an_error_not_a_loop():
     cfg = job(**{"train.batch_size": 16})
-    plan = plan_for(cfg, 64).replace(train_rows=8, steps_per_epoch=1, total_steps=5)
+    plan = plan_for(cfg, 64).replace(
+        split_rows={"train": 8, "val": 32}, steps_per_epoch=1, total_steps=5
+    )
     runner = runner_for(plan, [])
     runner.train = separable_shard(plan.vit, 8, seed=0)  # fewer rows than one micro-batch
     with pytest.raises(RuntimeError, match="yielded no batch of 16 rows"):
