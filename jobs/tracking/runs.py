@@ -9,8 +9,8 @@ import posixpath
 import shlex
 import subprocess
 import sys
-import warnings
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
