@@ -25,8 +25,8 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.prepare import prepare
-from pipeline.readers import Unit, batches, plan_units, read_unit
-from pipeline.sources import Source, SourceError, data_home, resolve_source
+from pipeline.readers import Unit, batches, count_rows, open_source, plan_units, read_unit
+from pipeline.sources import Source, SourceError, data_home
 from pipeline.transforms import preprocess_batch
 
 # A validation split whose patches fit in this many bytes is read once by each training
@@ -37,10 +37,12 @@ CACHE_EVAL_BYTES = 64 * 2**20
 
 @dataclass
 class DatasetInfo:
-    """What a trainer needs to know before streaming: classes and split sizes (if known)."""
+    """What a trainer needs to know before streaming, from metadata only."""
 
     source: Source
-    class_names: list[str] | None
+    class_names: list[str] | None  # None: unknown (a WebDataset, a Parquet label without names)
+    # rows of each split there is (a row may still be a bad image); a split without files is
+    # absent, one whose size needs reading every file (WebDataset) too
     split_rows: dict[str, int]
 
 
@@ -62,11 +64,11 @@ def check_sizes(cfg: DataConfig, patch_size: int) -> None:
 
 
 def describe_dataset(cfg: DataConfig) -> DatasetInfo:
-    source = resolve_source(ensure_prepared(cfg.dataset))
-    rows = {}
-    if source.manifest is not None:
-        rows = {name: s["rows"] for name, s in source.manifest["splits"].items()}
-    return DatasetInfo(source, source.class_names, rows)
+    """Classes and split sizes from metadata only: a manifest, Parquet footers, a listing."""
+    source = open_source(ensure_prepared(cfg.dataset))
+    rows = {split: count_rows(source, source.split_files(split)) for split in source.split_names()}
+    known = {split: n for split, n in rows.items() if n is not None}
+    return DatasetInfo(source, source.class_names, known)
 
 
 def load_units(

@@ -26,14 +26,12 @@ import pyarrow.parquet as pq
 
 from pipeline.builtin import Item
 from pipeline.decode import BadImage, image_bytes, load, open_image
-from pipeline.readers import plan_units, read_unit
+from pipeline.readers import open_source, plan_units, read_unit
 from pipeline.sources import (
     MANIFEST,
     Source,
     SourceError,
     builtin_items,
-    resolve_source,
-    split_of_path,
 )
 
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
@@ -154,7 +152,7 @@ def source_items(spec: str, seed: int) -> tuple[Iterable[Item], int | None, list
         items, classes = builtin_items(spec)
         random.Random(seed).shuffle(items)
         return items, len(items), classes, "builtin"
-    source = resolve_source(spec)
+    source = open_source(spec)
     if source.kind == "vitray":
         raise SourceError(f"{spec} is already a vitray dataset; train on it directly")
     files = list(source.files)
@@ -168,7 +166,7 @@ def _unit_items(source: Source, files: list[str]) -> Iterator[Item]:
     for unit in plan_units(source, files):
         rows = read_unit(source, unit)
         # a Parquet file or tar named for a split keeps it; folder files get one by hash
-        split = split_of_path(unit["path"], source.root) if unit["path"] else None
+        split = source.split_of(unit["path"]) if unit["path"] else None
         for i, data in enumerate(rows["image"]):
             # Parquet rows without an id (or a Hugging Face path) are named FILE:ROW
             item_id = rows["id"][i] or f"{posixpath.basename(unit['path'])}:{rows['row'][i]}"

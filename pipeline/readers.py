@@ -10,6 +10,7 @@ image struct is unpacked here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import re
 import tarfile
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sources import Source, SourceError
+from pipeline.sources import Source, SourceError, resolve_source
 
 Rows = dict[str, np.ndarray]
 FILES_PER_UNIT = 256  # image-folder files read by one task
@@ -51,29 +52,50 @@ def object_array(values: list) -> np.ndarray:
 # Parquet: vitray shards and Hugging Face downloads ------------------------------------------
 
 
-def parquet_units(source: Source, files: list[str]) -> list[Unit]:
-    """One unit per row group; counts come from the manifest, else from the footers, whose
-    columns are checked here, on the driver, before any task runs."""
+def footer(source: Source, path: str) -> pq.FileMetaData:
+    """A Parquet file's footer (metadata only), its columns checked."""
+    try:
+        meta = pq.read_metadata(path, filesystem=source.filesystem)
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"cannot read Parquet file {path}: {e}") from e
+    names = meta.schema.to_arrow_schema().names
+    missing = [c for c in ("image", "label") if c not in names]
+    if missing:
+        raise SourceError(f"shard {path} has no column(s) {missing}; it has {names}")
+    return meta
+
+
+def open_parquet(source: Source) -> Source:
+    """Rows and row groups of every file: from the manifest, else from the footers, read
+    here, on the driver, before any task runs."""
     known = {}
-    if source.manifest is not None:
-        for split in source.manifest["splits"].values():
-            for shard in split["shards"]:
-                known[posixpath.join(source.root, shard["file"])] = shard.get("row_groups")
-    units = []
-    for path in files:
-        groups = known.get(path)
-        if not groups:
-            try:
-                pf = pq.ParquetFile(path, filesystem=source.filesystem)
-            except OSError as e:
-                raise SourceError(f"cannot read shard {path}: {e}") from e
-            names = pf.schema_arrow.names
-            missing = [c for c in ("image", "label") if c not in names]
-            if missing:
-                raise SourceError(f"shard {path} has no column(s) {missing}; it has {names}")
-            groups = pf.metadata.num_row_groups
-        units += [Unit(path=path, row_group=g, files=[]) for g in range(groups)]
-    return units
+    for split in (source.manifest or {"splits": {}})["splits"].values():
+        for shard in split["shards"]:
+            if "row_groups" in shard:
+                path = posixpath.join(source.root, shard["file"])
+                known[path] = (shard["rows"], shard["row_groups"])
+    for path in source.split_files("all"):
+        if path not in known:
+            meta = footer(source, path)
+            known[path] = (meta.num_rows, meta.num_row_groups)
+    return dataclasses.replace(
+        source,
+        rows={path: rows for path, (rows, _) in known.items()},
+        row_groups={path: groups for path, (_, groups) in known.items()},
+    )
+
+
+def parquet_units(source: Source, files: list[str]) -> list[Unit]:
+    """One unit per row group."""
+    return [
+        Unit(path=path, row_group=g, files=[])
+        for path in files
+        for g in range(source.row_groups[path])
+    ]
+
+
+def parquet_rows(source: Source, files: list[str]) -> int:
+    return sum(source.rows[path] for path in files)
 
 
 def read_parquet(source: Source, unit: Unit) -> Rows:
@@ -170,18 +192,31 @@ def read_folder(source: Source, unit: Unit) -> Rows:
 
 
 class Reader(NamedTuple):
-    """How one kind of source is planned and read."""
+    """How one kind of source is opened, counted, planned and read."""
 
+    open: Callable[[Source], Source]
+    rows: Callable[[Source, list[str]], int | None]  # None: unknown without reading
     units: Callable[[Source, list[str]], list[Unit]]
     read: Callable[[Source, Unit], Rows]
 
 
 READERS = {
-    "vitray": Reader(parquet_units, read_parquet),
-    "hf_parquet": Reader(parquet_units, read_parquet),
-    "webdataset": Reader(tar_units, read_tar),
-    "folder": Reader(folder_units, read_folder),
+    "vitray": Reader(open_parquet, parquet_rows, parquet_units, read_parquet),
+    "hf_parquet": Reader(open_parquet, parquet_rows, parquet_units, read_parquet),
+    "webdataset": Reader(lambda s: s, lambda s, files: None, tar_units, read_tar),
+    "folder": Reader(lambda s: s, lambda s, files: len(files), folder_units, read_folder),
 }
+
+
+def open_source(spec: str) -> Source:
+    """`resolve_source`, then what the source's reader learns on the driver."""
+    source = resolve_source(spec)
+    return READERS[source.kind].open(source)
+
+
+def count_rows(source: Source, files: list[str]) -> int | None:
+    """The rows of `files`, from metadata only; None where that needs reading them."""
+    return READERS[source.kind].rows(source, files)
 
 
 def plan_units(source: Source, files: list[str]) -> list[Unit]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -20,13 +21,15 @@ import pyarrow.parquet as pq
 from pipeline.builtin import DIGIT_CLASSES, PHOTO_CLASSES, Item, digits_items, photos_items
 
 MANIFEST = "manifest.json"
+# Hugging Face `datasets`' split keywords (datasets.data_files.SPLIT_KEYWORDS) -> our names
 SPLIT_ALIASES = {
-    "train": "train",
-    "val": "val",
-    "validation": "val",
-    "valid": "val",
-    "test": "test",
+    **dict.fromkeys(("train", "training"), "train"),
+    **dict.fromkeys(("validation", "valid", "dev", "val"), "val"),
+    **dict.fromkeys(("test", "testing", "eval", "evaluation"), "test"),
 }
+# `push_to_hub`'s shard names, data/<split>-00000-of-00002.parquet: any split name
+HF_SHARD = re.compile(r"^(\w+(?:\.\w+)*)-\d{5}-of-\d{5}")
+NON_WORD = re.compile(r"[-._ 0-9]+")  # what separates a split keyword in a name (datasets)
 
 
 class SourceError(ValueError):
@@ -42,40 +45,58 @@ class Source:
     files: list[str] = field(default_factory=list)  # data files under root, sorted
     manifest: dict | None = None
     spec: str = ""
+    # Parquet only, filled when the source is opened (pipeline.readers.open_source): rows and
+    # row groups of each file, from the manifest or the footers
+    rows: dict[str, int] = field(default_factory=dict)
+    row_groups: dict[str, int] = field(default_factory=dict)
+
+    def split_of(self, path: str) -> str | None:
+        """The split a data file is named for (an image folder's subfolders are classes)."""
+        return None if self.kind == "folder" else split_of_path(path, self.root)
+
+    def split_names(self) -> list[str]:
+        """The manifest's splits, else those named in file paths (untagged files: train)."""
+        if self.manifest is not None:
+            return sorted(self.manifest["splits"])
+        return sorted({self.split_of(f) or "train" for f in self.files})
 
     def split_files(self, split: str) -> list[str]:
-        """The files of one split: from the manifest, or by split name in path or file name;
-        `all`: every file."""
-        if split == "all":
-            if self.manifest is None:
-                return list(self.files)
-            shards = [s for v in self.manifest["splits"].values() for s in v["shards"]]
-            return [posixpath.join(self.root, s["file"]) for s in shards if s["rows"] > 0]
+        """The files of one split (`all`: every file): from the manifest, else those named for
+        it; untagged files are `train` when no file is named for train."""
         if self.manifest is not None:
-            if split not in self.manifest["splits"]:
-                raise SourceError(
-                    f"{self.spec} has no split {split!r}; it has {sorted(self.manifest['splits'])}"
-                )
-            shards = self.manifest["splits"][split]["shards"]
+            splits = self.manifest["splits"]
+            if split != "all" and split not in splits:
+                raise SourceError(f"{self.spec} has no split {split!r}; it has {sorted(splits)}")
+            shards = [
+                s for name, v in splits.items() if split in ("all", name) for s in v["shards"]
+            ]
             return [posixpath.join(self.root, s["file"]) for s in shards if s["rows"] > 0]
-        matching = [f for f in self.files if split_of_path(f, self.root) == split]
+        if split == "all":
+            return list(self.files)
+        tags = [self.split_of(f) for f in self.files]
+        matching = [f for f, tag in zip(self.files, tags, strict=True) if tag == split]
         if not matching and split == "train":
-            untagged = [f for f in self.files if split_of_path(f, self.root) is None]
-            if untagged:
-                return untagged
+            matching = [f for f, tag in zip(self.files, tags, strict=True) if tag is None]
         if not matching:
-            raise SourceError(f"{self.spec} has no files for split {split!r}")
+            raise SourceError(
+                f"{self.spec} has no files for split {split!r}; it has {self.split_names()}"
+            )
         return matching
 
 
 def split_of_path(path: str, root: str) -> str | None:
-    """'train' for .../train/..., .../train-00001-of-00004.parquet, etc.; None if untagged."""
-    rel = posixpath.relpath(path, root)
-    for part in rel.split("/"):
-        stem = part.split(".")[0]
-        for token in (stem, stem.split("-")[0], stem.split("_")[0]):
-            if token.lower() in SPLIT_ALIASES:
-                return SPLIT_ALIASES[token.lower()]
+    """The split of a file as Hugging Face `datasets` infers it: the split of a
+    `<split>-00000-of-00004` shard name (any name: `extra` stays `extra`), else a split
+    keyword between non-word characters in a directory or file name (`.../train/...`,
+    `imagenet-val-0001.tar`); None if untagged."""
+    parts = posixpath.relpath(path, root).split("/")
+    shard = HF_SHARD.match(parts[-1])
+    if shard:
+        return SPLIT_ALIASES.get(shard[1].lower(), shard[1])
+    for part in parts:
+        for token in NON_WORD.split(part.lower()):
+            if token in SPLIT_ALIASES:
+                return SPLIT_ALIASES[token]
     return None
 
 

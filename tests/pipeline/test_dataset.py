@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset
 from pipeline.prepare import prepare
-from pipeline.readers import plan_units, read_unit
+from pipeline.readers import open_source, plan_units, read_unit
 from pipeline.sources import SourceError, resolve_source
 
 from helpers import encode, photo
@@ -132,20 +132,6 @@ def by_id(out: dict[str, np.ndarray]) -> dict[str, tuple]:
     return {i: (label, ok, patches.tobytes()) for i, label, ok, patches in rows}
 
 
-def test_hugging_face_parquet_as_downloaded(ray_local, tmp_path):
-    names = ["apple", "pear", "plum"]
-    data = tmp_path / "hf" / "data"
-    for split, n in (("train", 9), ("test", 3)):
-        rows = [{"bytes": jpeg(i), "path": f"{split}_{i}.jpg"} for i in range(n)]
-        write_hf_parquet(data / f"{split}-00000-of-00001.parquet", rows, names)
-    cfg = DataConfig(dataset=str(tmp_path / "hf"), image_size=32)
-    assert describe_dataset(cfg).class_names == names
-    train = collect(build_dataset(cfg, "train", 16, keep_ids=True))
-    assert len(train["label"]) == 9 and train["ok"].all()
-    assert set(train["id"]) == {f"train_{i}.jpg" for i in range(9)}
-    assert len(collect(build_dataset(cfg, "test", 16))["label"]) == 3
-
-
 def test_webdataset_tars(ray_local, tmp_path):
     root = tmp_path / "wds"
     root.mkdir()
@@ -170,7 +156,7 @@ def test_hugging_face_rows_are_the_same_for_prepare_and_streaming(ray_local, tmp
     rows = [{"bytes": jpeg(i, (64 + 8 * i, 80)), "path": None} for i in range(6)]
     rows.append({"bytes": None, "path": "gone.jpg"})
     write_hf_parquet(tmp_path / "hf" / "val.parquet", rows, ["a", "b"], row_group_size=3)
-    source = resolve_source(str(tmp_path / "hf"))
+    source = open_source(str(tmp_path / "hf"))
     units = plan_units(source, source.files)
     read = [read_unit(source, unit) for unit in units]
     assert [unit["row_group"] for unit in units] == [0, 1, 2]
@@ -220,7 +206,7 @@ def test_webdataset_keys_follow_webdataset_and_prepare_reads_as_streaming(ray_lo
             ("./cat/2.cls", b"0"),  # ... and a labelled one without an image (bad)
         ],
     )
-    source = resolve_source(str(tmp_path / "wds"))
+    source = open_source(str(tmp_path / "wds"))
     [unit] = plan_units(source, source.files)
     rows = read_unit(source, unit)
     ids = ["./cat/0", "./dog/0", "./v1.0/cat/1", "./cat/5", "./cat/2"]
