@@ -25,6 +25,14 @@ class DataConfig(BaseModel):
         "(local, s3:// or gs://), a Hugging Face image Parquet directory, a directory of "
         "WebDataset .tar shards, or an image folder (one subfolder per class)"
     )
+    # where the images and labels are (None: detected, see pipeline.readers)
+    image_column: str | None = Field(
+        None, description="Parquet: the image column (default: the Image feature, else `image`)"
+    )
+    label_column: str | None = Field(
+        None,
+        description="Parquet: the label column (default: the ClassLabel feature, else `label`)",
+    )
     image_size: int | tuple[int, int] = 224
     channels: Literal[1, 3] = 3
     # training augmentation (Inception-style crop + flip; RandAugment optional)

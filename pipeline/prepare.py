@@ -144,15 +144,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def source_items(spec: str, seed: int) -> tuple[Iterable[Item], int | None, list[str] | None, str]:
+def source_items(
+    spec: str, seed: int, columns: dict[str, str]
+) -> tuple[Iterable[Item], int | None, list[str] | None, str]:
     """(items, their count if known, class names, kind). Sources are read unit by unit by
-    `pipeline.readers`, as streaming reads them. Built-ins and folders come sorted by class:
-    they are shuffled with `seed`, so that shards mix classes."""
+    `pipeline.readers`, as streaming reads them, with the `columns` given (image_column,
+    label_column). Built-ins and folders come sorted by class: they are shuffled with
+    `seed`, so that shards mix classes."""
     if spec.startswith("builtin:"):
+        if columns:
+            raise SourceError(f"{spec} has no columns to choose: {sorted(columns)} do not apply")
         items, classes = builtin_items(spec)
         random.Random(seed).shuffle(items)
         return items, len(items), classes, "builtin"
-    source = open_source(spec)
+    source = open_source(spec, **columns)
     if source.kind == "vitray":
         raise SourceError(f"{spec} is already a vitray dataset; train on it directly")
     files = list(source.files)
@@ -210,14 +215,24 @@ def prepare(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict:
-    """Write `spec` as shards under `out`; returns the manifest."""
+    """Write `spec` as shards under `out`; returns the manifest. `image_column` and
+    `label_column` choose a Parquet source's columns (default: detected)."""
     if "://" in str(out):
         raise SourceError("prepare writes to a local directory; copy it to object storage after")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
-    options = {"val_fraction": val_fraction, "seed": seed, "shard_size": parse_size(shard_size)}
+    given = {"image_column": image_column, "label_column": label_column}
+    columns = {key: value for key, value in given.items() if value is not None}
+    options = {
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_size": parse_size(shard_size),
+        **columns,
+    }
     if out.exists() and any(out.iterdir()) and not overwrite:
         existing = out / MANIFEST
         if existing.is_file():
@@ -230,7 +245,7 @@ def prepare(
                 "refusing to mix them: choose another directory or pass --overwrite"
             )
         raise SourceError(f"{out} is not empty and not a vitray dataset; pass --overwrite")
-    items, count, class_names, kind = source_items(spec, seed)
+    items, count, class_names, kind = source_items(spec, seed, columns)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -4,13 +4,15 @@ and `vitray bench data`'s DataLoader all see the same rows of the same files.
 A reader plans read units on the driver (`plan_units`: a Parquet row group, a WebDataset
 tar, a chunk of folder files) and reads one unit wherever the rows are needed
 (`read_unit`), as columns {image (encoded bytes, None when missing), label, id[, path,
-row]}; `path` and `row` say where a bad image came from. Hugging Face's `{bytes, path}`
-image struct is unpacked here and nowhere else.
+row]}; `path` and `row` say where a bad image came from. Hugging Face's features (which
+column is the Image, which the ClassLabel) are read and its `{bytes, path}` image struct
+unpacked here and nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import posixpath
 import re
 import tarfile
@@ -53,31 +55,97 @@ def object_array(values: list) -> np.ndarray:
 
 
 def footer(source: Source, path: str) -> pq.FileMetaData:
-    """A Parquet file's footer (metadata only), its columns checked."""
+    """A Parquet file's footer: metadata only."""
     try:
-        meta = pq.read_metadata(path, filesystem=source.filesystem)
+        return pq.read_metadata(path, filesystem=source.filesystem)
     except (OSError, pa.ArrowException) as e:
         raise SourceError(f"cannot read Parquet file {path}: {e}") from e
-    names = meta.schema.to_arrow_schema().names
-    missing = [c for c in ("image", "label") if c not in names]
-    if missing:
-        raise SourceError(f"shard {path} has no column(s) {missing}; it has {names}")
-    return meta
+
+
+def hf_features(schema: pa.Schema) -> dict[str, dict]:
+    """Column -> Hugging Face feature, from the `huggingface` schema metadata that `datasets`
+    writes ({} without it)."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    return json.loads(meta).get("info", {}).get("features", {}) if meta else {}
+
+
+def find_column(path: str, schema: pa.Schema, role: str, feature: str) -> str:
+    """The one column that holds a Hugging Face `feature` (Image, ClassLabel), else the
+    column named `role`."""
+    typed = [name for name, f in hf_features(schema).items() if f.get("_type") == feature]
+    choose = f"choose one with data.{role}_column (vitray prepare --{role}-column)"
+    if len(typed) > 1:
+        raise SourceError(f"{path} has {len(typed)} {feature} columns {typed}: {choose}")
+    if typed:
+        return typed[0]
+    if role in schema.names:
+        return role
+    raise SourceError(
+        f"{path} has no {role} column (no {feature} feature, no column named {role!r}); "
+        f"its columns are {schema.names}: {choose}"
+    )
+
+
+def check_columns(source: Source, path: str, schema: pa.Schema) -> None:
+    """The image column holds encoded bytes (binary, or Hugging Face's {bytes, path}
+    struct), the label column integers."""
+    for role, column in (("image", source.image_column), ("label", source.label_column)):
+        if column not in schema.names:
+            raise SourceError(
+                f"{path} has no {role} column {column!r}; its columns are {schema.names}"
+            )
+    image = schema.field(source.image_column).type
+    if pa.types.is_struct(image):
+        image = image.field("bytes").type if image.get_field_index("bytes") >= 0 else image
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)):
+        raise SourceError(
+            f"{path}: image column {source.image_column!r} is {image}, not encoded image bytes"
+        )
+    label = schema.field(source.label_column).type
+    if not pa.types.is_integer(label):
+        raise SourceError(
+            f"{path}: label column {source.label_column!r} is {label}; labels are class indices"
+        )
+
+
+def parquet_roles(source: Source, footers: dict[str, pq.FileMetaData]) -> Source:
+    """The image and label columns: given, else the one Image and the one ClassLabel
+    feature of the first file, else the columns named image and label; class names from
+    the ClassLabel. A vitray dataset's are image and label."""
+    if source.kind == "vitray":
+        given = {"image": source.image_column, "label": source.label_column}
+        wrong = {role: column for role, column in given.items() if column not in (None, role)}
+        if wrong:
+            raise SourceError(
+                f"{source.spec} is a vitray dataset: its columns are image and label, not {wrong}"
+            )
+        return dataclasses.replace(source, image_column="image", label_column="label")
+    path, meta = next(iter(footers.items()))
+    schema = meta.schema.to_arrow_schema()
+    image = source.image_column or find_column(path, schema, "image", "Image")
+    label = source.label_column or find_column(path, schema, "label", "ClassLabel")
+    feature = hf_features(schema).get(label, {})
+    names = feature.get("names") if feature.get("_type") == "ClassLabel" else None
+    return dataclasses.replace(source, image_column=image, label_column=label, class_names=names)
 
 
 def open_parquet(source: Source) -> Source:
-    """Rows and row groups of every file: from the manifest, else from the footers, read
-    here, on the driver, before any task runs."""
+    """Columns, rows and row groups of every file: from the manifest, else from the
+    footers, checked here, on the driver, before any task runs."""
     known = {}
     for split in (source.manifest or {"splits": {}})["splits"].values():
         for shard in split["shards"]:
             if "row_groups" in shard:
-                path = posixpath.join(source.root, shard["file"])
-                known[path] = (shard["rows"], shard["row_groups"])
-    for path in source.split_files("all"):
-        if path not in known:
-            meta = footer(source, path)
-            known[path] = (meta.num_rows, meta.num_row_groups)
+                known[posixpath.join(source.root, shard["file"])] = (
+                    shard["rows"],
+                    shard["row_groups"],
+                )
+    files = source.split_files("all")
+    footers = {path: footer(source, path) for path in files if path not in known}
+    source = parquet_roles(source, footers)
+    for path, meta in footers.items():
+        check_columns(source, path, meta.schema.to_arrow_schema())
+        known[path] = (meta.num_rows, meta.num_row_groups)
     return dataclasses.replace(
         source,
         rows={path: rows for path, (rows, _) in known.items()},
@@ -103,9 +171,10 @@ def read_parquet(source: Source, unit: Unit) -> Rows:
     else from Hugging Face's image paths, else are None."""
     path, group = unit["path"], unit["row_group"]
     pf = pq.ParquetFile(path, filesystem=source.filesystem)
-    columns = [c for c in ("id", "image", "label") if c in pf.schema_arrow.names]
-    table = pf.read_row_group(group, columns=columns)
-    image = table.column("image")
+    roles = [source.image_column, source.label_column]
+    columns = [*roles, *(["id"] if "id" in pf.schema_arrow.names else [])]
+    table = pf.read_row_group(group, columns=list(dict.fromkeys(columns)))
+    image = table.column(source.image_column)
     ids = table.column("id") if "id" in columns else None
     if pa.types.is_struct(image.type):  # Hugging Face's Image feature: {bytes, path}
         if ids is None and "path" in [f.name for f in image.type]:
@@ -115,7 +184,7 @@ def read_parquet(source: Source, unit: Unit) -> Rows:
     start = sum(pf.metadata.row_group(g).num_rows for g in range(group))
     return {
         "image": image.to_numpy(zero_copy_only=False),
-        "label": table.column("label").to_numpy(),
+        "label": table.column(source.label_column).to_numpy(),
         "id": object_array([None] * n) if ids is None else ids.to_numpy(zero_copy_only=False),
         "path": object_array([path] * n),
         "row": np.arange(start, start + n),
@@ -208,9 +277,18 @@ READERS = {
 }
 
 
-def open_source(spec: str) -> Source:
-    """`resolve_source`, then what the source's reader learns on the driver."""
+def open_source(
+    spec: str, image_column: str | None = None, label_column: str | None = None
+) -> Source:
+    """`resolve_source`, then what its reader learns on the driver: where the images and
+    labels are (given, else detected), class names, counts."""
     source = resolve_source(spec)
+    if source.kind == "folder" and (image_column or label_column):
+        raise SourceError(
+            f"{spec} is an image folder: its labels are its subfolders; "
+            "data.image_column and data.label_column do not apply"
+        )
+    source = dataclasses.replace(source, image_column=image_column, label_column=label_column)
     return READERS[source.kind].open(source)
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline.builtin import DIGIT_CLASSES, PHOTO_CLASSES, Item, digits_items, photos_items
 
@@ -49,6 +48,9 @@ class Source:
     # row groups of each file, from the manifest or the footers
     rows: dict[str, int] = field(default_factory=dict)
     row_groups: dict[str, int] = field(default_factory=dict)
+    # where images and labels are: Parquet columns; given by the user or found on opening
+    image_column: str | None = None
+    label_column: str | None = None
 
     def split_of(self, path: str) -> str | None:
         """The split a data file is named for (an image folder's subfolders are classes)."""
@@ -130,16 +132,6 @@ def filesystem_for(spec: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve())
 
 
-def _hf_class_names(fs: pafs.FileSystem, path: str) -> list[str] | None:
-    """ClassLabel names from the `huggingface` schema metadata that `datasets` writes."""
-    meta = pq.read_schema(path, filesystem=fs).metadata or {}
-    if b"huggingface" not in meta:
-        return None
-    features = json.loads(meta[b"huggingface"]).get("info", {}).get("features", {})
-    label = features.get("label", {})
-    return label.get("names") if label.get("_type") == "ClassLabel" else None
-
-
 def resolve_source(spec: str) -> Source:
     """Find out what `spec` holds, reading only listings and metadata."""
     if spec.startswith("builtin:"):
@@ -166,7 +158,7 @@ def resolve_source(spec: str) -> Source:
         return Source("vitray", root, fs, manifest["class_names"], files, manifest, spec)
     parquet = [f for f in files if f.endswith(".parquet")]
     if parquet:
-        return Source("hf_parquet", root, fs, _hf_class_names(fs, parquet[0]), parquet, spec=spec)
+        return Source("hf_parquet", root, fs, None, parquet, spec=spec)
     tars = [f for f in files if f.endswith(".tar")]
     if tars:
         return Source("webdataset", root, fs, None, tars, spec=spec)

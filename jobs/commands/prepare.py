@@ -8,7 +8,6 @@ from pipeline.prepare import prepare
 
 
 def run(args: argparse.Namespace) -> None:
-
     prepare(
         args.source,
         args.out,
@@ -17,6 +16,8 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         strict=args.strict,
         overwrite=args.overwrite,
+        image_column=args.image_column,
+        label_column=args.label_column,
     )
 
 
@@ -33,3 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the row order")
     p.add_argument("--strict", action="store_true", help="fail on the first bad image")
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    p.add_argument(
+        "--image-column",
+        help="Parquet: the image column (default: the Hugging Face Image feature, else image)",
+    )
+    p.add_argument(
+        "--label-column",
+        help="Parquet: the label column (default: the ClassLabel feature, else label)",
+    )

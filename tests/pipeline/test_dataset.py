@@ -247,7 +247,7 @@ def test_bad_configuration_fails_before_ray_work(tmp_path, digits):
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     pq.write_table(pa.table({"img": [b"x"], "lbl": [0]}), renamed / "train.parquet")
-    with pytest.raises(SourceError, match=r"no column\(s\) \['image', 'label'\]"):
+    with pytest.raises(SourceError, match=r"no image column .* columns are \['img', 'lbl'\]"):
         build_dataset(DataConfig(dataset=str(renamed), image_size=32), "train", 16)
     with pytest.raises(SourceError, match="unknown built-in"):
         build_dataset(DataConfig(dataset="builtin:cifar", image_size=32), "train", 16)

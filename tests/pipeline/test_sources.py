@@ -5,12 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from datasets import ClassLabel, Dataset, Features, Image
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
+from jobs.cli import main
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset
-from pipeline.sources import split_of_path
+from pipeline.prepare import prepare
+from pipeline.sources import SourceError, split_of_path
 
 from helpers import encode, photo
 
@@ -26,17 +29,22 @@ def collect(ds) -> dict[str, np.ndarray]:
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def hf_split(root: Path, split: str, n: int, shards: int = 1, **columns: str) -> None:
+def cell(feature, split: str, i: int):
+    """Row `i`'s value of a feature: a JPEG (an Image: with a path), a class index, a name."""
+    if isinstance(feature, Image):
+        return {"bytes": jpeg(i), "path": f"{split}/{i}.jpg"}
+    if isinstance(feature, ClassLabel):
+        return i % feature.num_classes
+    return {"binary": jpeg(i), "string": FRUIT[i % 3]}.get(feature.dtype, i % 3)
+
+
+def hf_split(root: Path, split: str, n: int, shards: int = 1, features: dict | None = None) -> None:
     """`n` rows of one split laid out as `push_to_hub` does (data/<split>-0000i-of-0000n),
-    written by `datasets` with an Image and a ClassLabel feature; `columns` renames them
-    (image=..., label=...)."""
-    image, label = columns.get("image", "image"), columns.get("label", "label")
-    features = Features({image: Image(), label: ClassLabel(names=FRUIT)})
-    rows = {
-        image: [{"bytes": jpeg(i), "path": f"{split}/{i}.jpg"} for i in range(n)],
-        label: [i % len(FRUIT) for i in range(n)],
-    }
-    ds = Dataset.from_dict(rows, features=features)
+    written by `datasets`; `features`: column -> feature (default: image, an Image, and
+    label, a ClassLabel of FRUIT)."""
+    features = features or {"image": Image(), "label": ClassLabel(names=FRUIT)}
+    rows = {name: [cell(f, split, i) for i in range(n)] for name, f in features.items()}
+    ds = Dataset.from_dict(rows, features=Features(features))
     for i in range(shards):
         out = root / "data" / f"{split}-{i:05d}-of-{shards:05d}.parquet"
         ds.shard(shards, i, contiguous=True).to_parquet(str(out), batch_size=4)
@@ -79,3 +87,68 @@ def test_hugging_face_download_streams_without_prepare(ray_local, tmp_path, monk
     assert val["ok"].all() and val["label"][order].tolist() == [i % 3 for i in range(5)]
     train = collect(build_dataset(cfg, "train", 16))
     assert len(train["label"]) == 10 and train["ok"].all()
+
+
+def test_columns_are_found_by_their_hugging_face_features(ray_local, tmp_path, capsys):
+    """Whatever their names, the Image and the ClassLabel column; two ClassLabels (CIFAR-100's
+    fine and coarse labels) need data.label_column, which also picks the class names."""
+    coarse = ["fruit", "veg"]
+    features = {
+        "img": Image(),
+        "fine_label": ClassLabel(names=FRUIT),
+        "coarse_label": ClassLabel(names=coarse),
+    }
+    hf_split(tmp_path / "cifar", "train", 6, features=features)
+    cfg = DataConfig(dataset=str(tmp_path / "cifar"), image_size=32)
+    ambiguous = r"train-00000-of-00001\.parquet has 2 ClassLabel columns \['fine_label', 'coarse"
+    with pytest.raises(SourceError, match=ambiguous + r".*data\.label_column"):
+        describe_dataset(cfg)
+    fine = cfg.model_copy(update={"label_column": "fine_label"})
+    assert describe_dataset(fine).class_names == FRUIT
+    out = collect(build_dataset(fine, "train", 16, keep_ids=True))
+    order = np.argsort(out["id"])
+    assert out["ok"].all() and out["label"][order].tolist() == [0, 1, 2, 0, 1, 2]
+
+    with pytest.raises(SystemExit) as stop:
+        main(["prepare", str(tmp_path / "cifar"), str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--label-column" in capsys.readouterr().err
+    main(
+        [
+            "prepare",
+            str(tmp_path / "cifar"),
+            str(tmp_path / "out"),
+            "--label-column",
+            "coarse_label",
+        ]
+    )
+    manifest = describe_dataset(DataConfig(dataset=str(tmp_path / "out"))).source.manifest
+    assert manifest["class_names"] == coarse and manifest["splits"]["train"]["rows"] == 6
+
+
+def test_columns_without_features_are_named_or_chosen(tmp_path):
+    """Without Image/ClassLabel features: columns named image and label, else an exit-2
+    error naming the file and its columns; given columns are checked for what they hold."""
+    features = {"img": Value("binary"), "lbl": Value("int64"), "name": Value("string")}
+    hf_split(tmp_path / "plain", "train", 5, features=features)
+    cfg = DataConfig(dataset=str(tmp_path / "plain"), image_size=32)
+    columns = r"its columns are \['img', 'lbl', 'name'\]"
+    with pytest.raises(SourceError, match=r"00001\.parquet has no image column .*" + columns):
+        describe_dataset(cfg)
+    chosen = cfg.model_copy(update={"image_column": "img", "label_column": "lbl"})
+    assert describe_dataset(chosen).class_names is None  # no ClassLabel: names unknown
+    manifest = prepare(
+        str(tmp_path / "plain"),
+        tmp_path / "out",
+        progress=False,
+        **dict(image_column="img", label_column="lbl"),
+    )
+    assert manifest["class_names"] == ["0", "1", "2"]  # prepare: the largest label + 1
+    with pytest.raises(SourceError, match=r"has no label column 'nope'; " + columns):
+        describe_dataset(chosen.model_copy(update={"label_column": "nope"}))
+    with pytest.raises(SourceError, match=r"label column 'name' is string; labels are class"):
+        describe_dataset(chosen.model_copy(update={"label_column": "name"}))
+    with pytest.raises(SourceError, match=r"image column 'lbl' is int64, not encoded image"):
+        describe_dataset(chosen.model_copy(update={"image_column": "lbl"}))
+    prepared = DataConfig(dataset=str(tmp_path / "out"), label_column="lbl")
+    with pytest.raises(SourceError, match=r"vitray dataset: its columns are image and label"):
+        describe_dataset(prepared)
