@@ -1,7 +1,8 @@
 """Checkpoint directories: `model.safetensors` + `config.json` (never pickle for weights).
 
-`config.json` holds the ViTConfig (which carries the preprocessing: image size, mean, std)
-and the class names. Loading at another image size resizes the position embeddings;
+`config.json` holds the ViTConfig (image size, and the mean and std the model normalises
+by), the class names, and the source's resize and crop (`preprocessing`: null when unknown,
+absent in older checkpoints). Loading at another image size resizes the position embeddings;
 loading with another class count replaces the head.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vit.config import Size, ViTConfig, to_2tuple
+from vit.config import Preprocessing, Size, ViTConfig, to_2tuple
 from vit.model import ViT
 from vit.resize import INTERPOLATION_PRESETS, resize_pos_embed
 
@@ -48,23 +49,39 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
 
 
 def save_checkpoint(
-    model: ViT, directory: str | Path, class_names: list[str] | None = None
+    model: ViT,
+    directory: str | Path,
+    class_names: list[str] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    meta = {"model": model.config.to_dict(), "class_names": class_names}
+    meta = {
+        "model": model.config.to_dict(),
+        "class_names": class_names,
+        "preprocessing": preprocessing.to_dict() if preprocessing else None,
+    }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
 def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
-    """config.json as a dict: `model` (the ViTConfig fields) and `class_names`."""
+    """config.json as a dict: `model` (the ViTConfig fields), `class_names`, `preprocessing`."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a vitray checkpoint (no {CONFIG_FILE})")
     return json.loads(path.read_text())
+
+
+def read_preprocessing(directory: str | Path) -> Preprocessing | None:
+    """The resize and crop the checkpoint's weights were evaluated with; None when unknown."""
+    found = read_checkpoint_meta(directory).get("preprocessing")
+    try:
+        return Preprocessing.from_dict(found) if found else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{Path(directory) / CONFIG_FILE}: preprocessing: {e}") from e
 
 
 def adapt_state_dict(

@@ -1,4 +1,5 @@
-"""ViTConfig and the table of paper variants (big_vision's `decode_variant`, as data)."""
+"""ViTConfig, the table of paper variants (big_vision's `decode_variant`, as data), and the
+Preprocessing that imported weights declare."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 HEADS_BY_WIDTH = {v["dim"]: v["num_heads"] for v in VARIANTS.values()}
 
 Size = int | tuple[int, int]
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's filters
+CROP_MODES = ("center", "squash")
 
 
 def to_2tuple(size: Size) -> tuple[int, int]:
@@ -127,6 +131,38 @@ class ViTConfig:
         if variant not in VARIANTS or not patch.isdigit():
             raise ValueError(f"unknown preset {name!r}; expected one of {preset_names()}")
         return cls(**{**VARIANTS[variant], "patch_size": int(patch), **overrides})
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the weights' source resized and cropped images for evaluation: the data side of
+    its preprocessing, which the model cannot do itself (it normalises by ViTConfig's mean and
+    std). Imports keep it in config.json, so a fine-tune can feed images as the weights saw them.
+    """
+
+    interpolation: str  # the resize filter, by PIL's names
+    crop_fraction: float  # the evaluation crop's share of the resized image (timm's crop_pct)
+    # 'center': the shorter side is resized, the aspect ratio kept (timm, torchvision);
+    # 'squash': both sides are resized to the size / crop_fraction (Hugging Face's processors)
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if not 0 < self.crop_fraction <= 1:
+            raise ValueError(f"crop_fraction {self.crop_fraction} is not in (0, 1]")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode {self.crop_mode!r} is not one of {CROP_MODES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
+        return cls(**d)
 
 
 def preset_names() -> list[str]:

@@ -1,17 +1,44 @@
-"""`vitray convert`: foreign weights into a vitray checkpoint directory, and back out."""
+"""`vitray convert`: foreign weights into a vitray checkpoint directory, and back out.
+
+Normalisation travels with the weights: an import reads it from the peer's own files beside
+them (timm's config.json `pretrained_cfg`, Hugging Face's preprocessor_config.json) or from a
+torchvision weights enum, and fails when a timm or Hugging Face source declares none, since
+their models differ (mean/std 0.5, ImageNet's, CLIP's) and a wrong guess silently degrades
+every fine-tune. JAX and torchvision files never declare it, but every model of theirs uses
+one (0.5; ImageNet's), so those imports use it and log a warning naming the file.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from vit import ViT, interop, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from vit.checkpoint import read_preprocessing
+from vit.config import Preprocessing, to_2tuple
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("timm", "hf", "torchvision", "jax")
 TARGETS = ("timm", "hf", "jax")
+DECLARED_IN = {"timm": "config.json", "hf": "preprocessor_config.json"}
+CONVENTIONS = {  # formats whose files never declare normalisation, but whose models share one
+    "jax": "mean and std 0.5 (pixels to [-1, 1]), as vit_jax and big_vision train",
+    "torchvision": "ImageNet's mean and std, as every torchvision weight; resize and crop "
+    "unknown: name the weights (torchvision:PATH:ViT_B_16_Weights.IMAGENET1K_V1) to import them",
+}
+
+
+def holdings(directory: Path) -> str:
+    """What a directory holds, for error messages."""
+    names = sorted(p.name for p in directory.iterdir())
+    return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -24,9 +51,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state.get("model", state))
 
 
-def hf_overrides(path: Path) -> dict:
-    """Architecture facts from a Hugging Face model directory's config.json, when present."""
-    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
+def folder_of(src: Path) -> Path:
+    """The directory of the weights, where the peer keeps its config files."""
+    return src if src.is_dir() else src.parent
+
+
+def hf_architecture(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
+    """Architecture facts from a Hugging Face model directory's config.json, when present;
+    its image size must be the one the processor declares (`declared`), if any."""
+    cfg_path = folder_of(path) / "config.json"
     if not cfg_path.is_file():
         return {}
     hf = json.loads(cfg_path.read_text())
@@ -36,32 +69,94 @@ def hf_overrides(path: Path) -> dict:
         "image_size": hf.get("image_size"),
         "qkv_bias": hf.get("qkv_bias"),
     }
+    size, processed = found["image_size"], declared.get("image_size")
+    if size is not None and processed is not None and (size, size) != to_2tuple(processed):
+        raise ValueError(
+            f"{cfg_path}: image_size {size}, but the preprocessor config makes "
+            f"{'x'.join(map(str, to_2tuple(processed)))} images"
+        )
     return {k: v for k, v in found.items() if v is not None}
 
 
 def hf_class_names(path: Path) -> list[str] | None:
-    cfg_path = (path if path.is_dir() else path.parent) / "config.json"
+    cfg_path = folder_of(path) / "config.json"
     if not cfg_path.is_file():
         return None
     id2label = json.loads(cfg_path.read_text()).get("id2label")
     return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
 
-def import_weights(fmt: str, src: Path, out: Path, **overrides) -> ViT:
-    """Read `src` in format `fmt` and write our checkpoint directory `out`."""
+def read_declared(fmt: str, src: Path) -> interop.Declared | None:
+    """The normalisation, size, resize and crop in the timm or HF file beside `src`; None
+    when that file is missing."""
+    path = folder_of(src) / DECLARED_IN[fmt]
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    try:
+        if fmt == "timm":  # older timm Hub files keep pretrained_cfg's keys at the top
+            return interop.timm_preprocessing(cfg.get("pretrained_cfg", cfg))
+        return interop.hf_preprocessing(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def torchvision_weights(src: Path) -> tuple[Path, Any | None]:
+    """`PATH:ViT_B_16_Weights.IMAGENET1K_V1` -> the file and that weights enum; a bare PATH
+    named as torchvision downloads it (`vit_b_16-c867db91.pth`) finds its own; else None."""
+    from torchvision.models import get_model_weights, get_weight, list_models
+
+    path, _, name = str(src).rpartition(":")
+    if re.fullmatch(r"\w+_Weights\.\w+", name):
+        try:
+            return Path(path), get_weight(name)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{name}: not a torchvision weights enum ({e})") from e
+    for model in list_models(include="vit_*"):
+        for weights in get_model_weights(model):
+            if weights.url.rsplit("/", 1)[-1] == src.name:
+                return src, weights
+    return src, None
+
+
+def import_weights(fmt: str, src: Path, out: Path, **overrides: Any) -> ViT:
+    """Read `src` in format `fmt` and write our checkpoint directory `out`, with the
+    normalisation (and resize and crop) its source declares. Keyword overrides are
+    ViTConfig fields; given `mean` and `std`, a source need not declare them."""
+    if fmt not in SOURCES:
+        raise ValueError(f"unknown source format {fmt!r}; choose from {SOURCES}")
+    given = {"mean", "std"} <= overrides.keys()
+    declared: interop.Declared | None = None
+    if fmt == "torchvision":
+        src, weights = torchvision_weights(src)
+        if weights is not None:
+            declared = interop.torchvision_preprocessing(weights.transforms())
+    if not src.exists():
+        raise FileNotFoundError(f"{fmt} weights {src}: no such file or directory")
+    if fmt in DECLARED_IN:
+        declared = read_declared(fmt, src)
+        if declared is None and not given:
+            folder = folder_of(src)
+            raise FileNotFoundError(
+                f"{src}: {fmt} weights declare their normalisation in {DECLARED_IN[fmt]}, "
+                f"which {folder} lacks (it holds: {holdings(folder)}); copy the model "
+                f"repository's {DECLARED_IN[fmt]} next to the weights"
+            )
+    if declared is None and not given:
+        log.warning("%s declares no normalisation: using %s", src, CONVENTIONS[fmt])
+    fields, preprocessing = declared or ({}, None)
+    fields = {**fields, **overrides}
     class_names = None
     if fmt == "jax":
-        model = interop.from_jax_npz(src, **overrides)
+        model = interop.from_jax_npz(src, **fields)
     elif fmt == "hf":
-        model = interop.from_hf(read_state_dict(src), **{**hf_overrides(src), **overrides})
+        model = interop.from_hf(read_state_dict(src), **{**hf_architecture(src, fields), **fields})
         class_names = hf_class_names(src)
     elif fmt == "timm":
-        model = interop.from_timm(read_state_dict(src), **overrides)
-    elif fmt == "torchvision":
-        model = interop.from_torchvision(read_state_dict(src), **overrides)
+        model = interop.from_timm(read_state_dict(src), **fields)
     else:
-        raise ValueError(f"unknown source format {fmt!r}; choose from {SOURCES}")
-    save_checkpoint(model, out, class_names=class_names)
+        model = interop.from_torchvision(read_state_dict(src), **fields)
+    save_checkpoint(model, out, class_names=class_names, preprocessing=preprocessing)
     return model
 
 
@@ -89,9 +184,15 @@ def hf_config(model: ViT, class_names: list[str] | None) -> dict:
     }
 
 
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
-    """Write our checkpoint in format `fmt`: a `.npz` file, or a directory for timm and HF."""
+    """Write our checkpoint in format `fmt`: a `.npz` file, or a directory for timm and HF
+    with the peer's preprocessing file (timm's `pretrained_cfg`, HF's processor config)."""
     model = load_checkpoint(checkpoint)
+    preprocessing = read_preprocessing(checkpoint)
     if fmt == "jax":
         out.parent.mkdir(parents=True, exist_ok=True)
         return interop.to_jax_npz(model, out if out.suffix == ".npz" else out.with_suffix(".npz"))
@@ -101,6 +202,11 @@ def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
             {k: v.contiguous() for k, v in interop.to_timm(model).items()},
             out / "model.safetensors",
         )
+        pretrained_cfg = interop.timm_pretrained_cfg(model.config, preprocessing)
+        write_json(
+            out / "config.json",
+            {"num_classes": model.config.num_classes, "pretrained_cfg": pretrained_cfg},
+        )
     elif fmt == "hf":
         class_names = read_checkpoint_meta(checkpoint).get("class_names")
         save_file(
@@ -108,7 +214,24 @@ def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
             out / "model.safetensors",
             metadata={"format": "pt"},
         )
-        (out / "config.json").write_text(json.dumps(hf_config(model, class_names), indent=2))
+        write_json(out / "config.json", hf_config(model, class_names))
+        write_json(
+            out / "preprocessor_config.json",
+            interop.hf_processor_config(model.config, preprocessing),
+        )
+        warn_uncropped(out, preprocessing)
     else:
         raise ValueError(f"unknown target format {fmt!r}; choose from {TARGETS}")
     return out
+
+
+def warn_uncropped(out: Path, preprocessing: Preprocessing | None) -> None:
+    """ViTImageProcessor resizes both sides to the model's size and never crops."""
+    if preprocessing and (preprocessing.crop_fraction != 1 or preprocessing.crop_mode != "squash"):
+        log.warning(
+            "%s: Hugging Face's ViTImageProcessor has no crop; the source's %s crop of %s is "
+            "not written",
+            out / "preprocessor_config.json",
+            preprocessing.crop_mode,
+            preprocessing.crop_fraction,
+        )

@@ -4,6 +4,11 @@ Each foreign format is a pure dict-to-dict conversion into our layout (which use
 names); `infer_config` reads the architecture off the tensor shapes and
 `load_state_dict_checked` names whatever does not fit. Our `patch_embed` is a linear map
 over HWC-flattened patches, the peers' is a P x P convolution: the same numbers, reordered.
+
+The weights only work on images prepared as their source prepared them, so each peer's own
+description of that (timm's `pretrained_cfg`, Hugging Face's `preprocessor_config.json`, a
+torchvision weights enum's `transforms()`) converts too: into ViTConfig fields (mean, std,
+image size; the model normalises uint8 pixels itself) and a `Preprocessing` (resize, crop).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import numpy as np
 import torch
 
 from vit.checkpoint import load_state_dict_checked
-from vit.config import HEADS_BY_WIDTH, ViTConfig
+from vit.config import HEADS_BY_WIDTH, Preprocessing, ViTConfig
 from vit.model import ViT
 
 StateDict = dict[str, torch.Tensor]
+Declared = tuple[dict[str, Any], Preprocessing]  # ViTConfig fields, and the resize and crop
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -167,6 +173,41 @@ def to_timm(model: ViT) -> StateDict:
     return vit_to_timm(model.state_dict(), model.config.in_chans)
 
 
+def timm_preprocessing(cfg: dict[str, Any]) -> Declared:
+    """timm's `pretrained_cfg` (a Hub config.json's, a model's, or `resolve_data_config`'s,
+    which has the same keys). Interpolation and crop default as in `resolve_data_config`;
+    mean and std must be given: timm's models differ (0.5, ImageNet's, CLIP's). A model
+    created at another `img_size` keeps its default `input_size` (`save_for_hf` writes the
+    current one)."""
+    missing = [key for key in ("mean", "std") if not cfg.get(key)]
+    if missing:
+        raise ValueError(f"no {' or '.join(missing)}")
+    fields: dict[str, Any] = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    if cfg.get("input_size"):
+        fields["image_size"] = tuple(cfg["input_size"][1:])
+    preprocessing = Preprocessing(
+        interpolation=cfg.get("interpolation") or "bicubic",
+        crop_fraction=cfg.get("crop_pct") or 0.875,
+        crop_mode=cfg.get("crop_mode") or "center",
+    )
+    return fields, preprocessing
+
+
+def timm_pretrained_cfg(config: ViTConfig, preprocessing: Preprocessing | None) -> dict[str, Any]:
+    """Our normalisation, size and (when known) resize and crop, as timm's `pretrained_cfg`."""
+    cfg: dict[str, Any] = {
+        "input_size": [config.in_chans, *config.image_size],
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "num_classes": config.num_classes,
+    }
+    if preprocessing:
+        cfg["interpolation"] = preprocessing.interpolation
+        cfg["crop_pct"] = preprocessing.crop_fraction
+        cfg["crop_mode"] = preprocessing.crop_mode
+    return cfg
+
+
 # Hugging Face (transformers ViTForImageClassification) ------------------------------------
 
 
@@ -217,6 +258,78 @@ def to_hf(model: ViT) -> StateDict:
     return vit_to_hf(model.state_dict(), model.config.in_chans)
 
 
+PIL_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _hf_hw(size: Any, key: str) -> tuple[int, int]:
+    if isinstance(size, int):  # older processors: a square
+        return size, size
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        return size["height"], size["width"]
+    raise ValueError(f"{key} {size!r}: expected an int, {{height, width}} or {{shortest_edge}}")
+
+
+def _hf_channels(value: float | list[float]) -> list[float]:
+    return [value] * 3 if isinstance(value, int | float) else list(value)
+
+
+def hf_preprocessing(cfg: dict[str, Any]) -> Declared:
+    """A Hugging Face `preprocessor_config.json`: resize to `size` (both sides, or the shorter
+    one to `shortest_edge`), center-crop to `crop_size` (`do_center_crop`) or by `crop_pct`,
+    scale by `rescale_factor`, normalise by `image_mean` and `image_std`."""
+    required = ["size", "resample"] + ["crop_size"] * bool(cfg.get("do_center_crop"))
+    required += ["image_mean", "image_std"] * bool(cfg.get("do_normalize", True))
+    missing = [key for key in required if cfg.get(key) is None]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    size = cfg["size"]
+    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+        mode, resized = "center", (size["shortest_edge"],) * 2
+    else:
+        mode, resized = "squash", _hf_hw(size, "size")
+    if cfg.get("do_center_crop"):
+        image = _hf_hw(cfg["crop_size"], "crop_size")
+        fraction = image[0] / resized[0]
+        if image[1] / resized[1] != fraction:
+            raise ValueError(f"crop_size {cfg['crop_size']} is not one fraction of size {size}")
+    elif mode == "center" and not cfg.get("crop_pct"):
+        raise ValueError(f"size {size} without a crop: the images' shapes vary")
+    else:
+        image, fraction = resized, cfg.get("crop_pct") or 1.0
+    if cfg["resample"] not in PIL_FILTERS:
+        raise ValueError(f"resample {cfg['resample']!r} is not one of PIL's {PIL_FILTERS}")
+    # HF: (pixel * factor - mean) / std = (pixel / 255 - mean / unit) / (std / unit), ours
+    factor = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
+    unit = round(255 * factor, 9)
+    mean, std = [0.0] * 3, [1.0] * 3
+    if cfg.get("do_normalize", True):
+        mean, std = _hf_channels(cfg["image_mean"]), _hf_channels(cfg["image_std"])
+    fields = {
+        "mean": tuple(m / unit for m in mean),
+        "std": tuple(s / unit for s in std),
+        "image_size": image,
+    }
+    return fields, Preprocessing(PIL_FILTERS[cfg["resample"]], fraction, mode)
+
+
+def hf_processor_config(config: ViTConfig, preprocessing: Preprocessing | None) -> dict[str, Any]:
+    """A `ViTImageProcessor` config: resize both sides to the model's size (no crop: the
+    processor has none), with our resize filter (else vitray's own, bilinear), mean and std."""
+    filters = {name: number for number, name in PIL_FILTERS.items()}
+    h, w = config.image_size
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": h, "width": w},
+        "resample": filters[preprocessing.interpolation if preprocessing else "bilinear"],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(config.mean),
+        "image_std": list(config.std),
+    }
+
+
 # torchvision (vit_b_16 and friends) --------------------------------------------------------
 
 
@@ -233,6 +346,14 @@ def from_torchvision(state: StateDict, **overrides: Any) -> ViT:
         in_chans=conv.shape[1], patch_size=conv.shape[2], mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
     return build_from_state(torchvision_to_vit(state), **{**found, **overrides})
+
+
+def torchvision_preprocessing(transforms: Any) -> Declared:
+    """A torchvision weights enum's `transforms()` (`ImageClassification`): resize the shorter
+    side to `resize_size`, center-crop to `crop_size`, normalise by `mean` and `std`."""
+    crop, resize = transforms.crop_size[0], transforms.resize_size[0]
+    fields = {"mean": tuple(transforms.mean), "std": tuple(transforms.std), "image_size": crop}
+    return fields, Preprocessing(transforms.interpolation.value, crop / resize, "center")
 
 
 # JAX .npz (google-research/vision_transformer and big_vision) -------------------------------

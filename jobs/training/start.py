@@ -3,7 +3,10 @@
 The paper's recipe (section 3.2): keep the patch size, so the sequence grows; 2-D
 interpolate the learned position embeddings to the new grid; replace the head with a
 zero-initialised one for the new classes. The resized checkpoint is written and logged to
-MLflow before training, tagged with where it came from, so the start is inspectable.
+MLflow before training, tagged with where it came from, so the start is inspectable. The
+source's normalisation stays in the model's config (mean, std), and its resize and crop
+(`Start.preprocessing`, when the source declared them) in the checkpoint and the start, for
+the job's data config to follow.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.config import JobConfig
-from vit import ViTConfig, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from vit import (
+    Preprocessing,
+    ViTConfig,
+    load_checkpoint,
+    read_checkpoint_meta,
+    read_preprocessing,
+    save_checkpoint,
+)
 from vit.checkpoint import WEIGHTS_FILE
 
 
@@ -27,10 +37,19 @@ class Start:
     directory: Path  # the resized checkpoint, as written
     tags: dict[str, str]
     before: tuple[torch.Tensor, tuple[int, int]] | None = None  # posemb and grid, pre-resize
+    preprocessing: Preprocessing | None = None  # the source's resize and crop, if declared
 
 
 def grid_text(config: ViTConfig) -> str:
     return "x".join(map(str, config.grid_size))
+
+
+def preprocessing_text(config: ViTConfig, preprocessing: Preprocessing | None) -> str:
+    numbers = ", ".join(f"{m:.4g}/{s:.4g}" for m, s in zip(config.mean, config.std, strict=True))
+    if preprocessing is None:
+        return f"mean/std {numbers}, resize and crop not declared"
+    p = preprocessing
+    return f"mean/std {numbers}, {p.interpolation} resize, {p.crop_mode} crop {p.crop_fraction:.4g}"
 
 
 def resized_start(
@@ -45,6 +64,7 @@ def resized_start(
     source_dir = fetch(cfg.init.checkpoint, f"{workdir}/source")
     source_meta = read_checkpoint_meta(source_dir)
     source = ViTConfig.from_dict(source_meta["model"])
+    preprocessing = read_preprocessing(source_dir)
     cfg.check_patch(source.patch_size)
     same_classes = source_meta.get("class_names") == class_names
     if cfg.init.keep_head and not same_classes:
@@ -61,20 +81,23 @@ def resized_start(
     if not cfg.init.keep_head:  # the paper: a zero-initialised head, even for equal classes
         model.reset_head(num_classes)
     config = model.config.replace(**cfg.model.overrides)  # e.g. drop_path for the fine-tune
-    directory = save_checkpoint(model, Path(workdir) / "init", class_names=class_names)
+    directory = save_checkpoint(
+        model, Path(workdir) / "init", class_names=class_names, preprocessing=preprocessing
+    )
     tags = {
         "vitray.init.source": cfg.init.checkpoint,
         "vitray.init.old_grid": grid_text(source),
         "vitray.init.new_grid": grid_text(config),
         "vitray.init.interpolation": cfg.init.interpolation,
         "vitray.init.head": "kept" if cfg.init.keep_head else "new, zero-initialised",
+        "vitray.init.preprocessing": preprocessing_text(config, preprocessing),
     }
     print(
         f"fine-tune start: {cfg.init.checkpoint} grid {tags['vitray.init.old_grid']} -> "
         f"{tags['vitray.init.new_grid']} ({cfg.init.interpolation}), head "
-        f"{tags['vitray.init.head']}",
+        f"{tags['vitray.init.head']}; {tags['vitray.init.preprocessing']}",
         flush=True,
     )
     source_posemb = load_file(source_dir / WEIGHTS_FILE).get("pos_embed")
     before = (source_posemb, source.grid_size) if source_posemb is not None else None
-    return Start(config, model.state_dict(), Path(directory), tags, before)
+    return Start(config, model.state_dict(), Path(directory), tags, before, preprocessing)

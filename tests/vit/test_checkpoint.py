@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from vit import (
+    Preprocessing,
     ViT,
     ViTConfig,
     load_checkpoint,
     read_checkpoint_meta,
+    read_preprocessing,
     resize_pos_embed,
     save_checkpoint,
 )
@@ -71,3 +73,19 @@ def test_mismatched_architecture_names_keys_and_shapes(tmp_path):
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a vitray checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_preprocessing_round_trips_and_older_checkpoints_have_none(tmp_path):
+    declared = Preprocessing("bicubic", 0.9, "center")
+    save_checkpoint(micro(), tmp_path / "ckpt", preprocessing=declared)
+    assert read_preprocessing(tmp_path / "ckpt") == declared
+    meta_path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["preprocessing"]["crop_fraction"] = 1.5
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"ckpt/config\.json: preprocessing: crop_fraction 1\.5"):
+        read_preprocessing(tmp_path / "ckpt")
+    del meta["preprocessing"]  # written before preprocessing was kept
+    meta_path.write_text(json.dumps(meta))
+    assert read_preprocessing(tmp_path / "ckpt") is None
+    assert load_checkpoint(tmp_path / "ckpt").config.mean == (0.5, 0.5, 0.5)

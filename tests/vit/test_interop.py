@@ -1,5 +1,7 @@
 """Peer equivalence against models created locally with random weights (no downloads)."""
 
+import re
+
 import numpy as np
 import pytest
 import timm
@@ -10,7 +12,7 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz
 from transformers import ViTConfig as HFConfig
 from transformers import ViTForImageClassification
 
-from vit import ViT, ViTConfig, patchify, save_checkpoint
+from vit import Preprocessing, ViT, ViTConfig, patchify, save_checkpoint
 from vit.checkpoint import CheckpointMismatchError
 from vit.convert import export_weights
 from vit.interop import (
@@ -18,6 +20,8 @@ from vit.interop import (
     from_jax_npz,
     from_timm,
     from_torchvision,
+    hf_preprocessing,
+    timm_preprocessing,
     to_hf,
     to_jax_npz,
     to_timm,
@@ -177,3 +181,89 @@ def test_unknown_extra_weights_are_named():
     theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, reg_tokens=4)
     with pytest.raises(CheckpointMismatchError, match="reg_token"):
         from_timm(theirs.state_dict())
+
+
+VIT_PROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 2, "image_mean": [0.5] * 3}
+
+
+@pytest.mark.parametrize(
+    "processor,size,preprocessing",
+    [
+        (VIT_PROCESSOR, (224, 224), Preprocessing("bilinear", 1.0, "squash")),
+        (
+            {**VIT_PROCESSOR, "size": 384, "resample": 3},
+            (384, 384),
+            Preprocessing("bicubic", 1.0, "squash"),
+        ),
+        (
+            {
+                **VIT_PROCESSOR,
+                "size": {"height": 256, "width": 256},
+                "do_center_crop": True,
+                "crop_size": 224,
+            },
+            (224, 224),
+            Preprocessing("bilinear", 0.875, "squash"),
+        ),
+        (
+            {
+                **VIT_PROCESSOR,
+                "size": {"shortest_edge": 256},
+                "do_center_crop": True,
+                "crop_size": {"height": 224, "width": 224},
+            },
+            (224, 224),
+            Preprocessing("bilinear", 0.875, "center"),
+        ),
+        (
+            {**VIT_PROCESSOR, "size": {"shortest_edge": 224}, "crop_pct": 0.9},
+            (224, 224),
+            Preprocessing("bilinear", 0.9, "center"),
+        ),
+    ],
+)
+def test_hf_processor_sizes_and_crops(processor, size, preprocessing):
+    fields, found = hf_preprocessing({**processor, "image_std": [0.5] * 3})
+    assert fields["image_size"] == size and found == preprocessing
+    assert fields["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_hf_rescale_and_normalise_fold_into_mean_and_std():
+    """HF: (pixel * rescale_factor - mean) / std; ours: (pixel / 255 - mean') / std'."""
+    cfg = {**VIT_PROCESSOR, "image_std": [0.5] * 3}
+    raw = hf_preprocessing(
+        {**cfg, "do_rescale": False, "image_mean": [127.5] * 3, "image_std": [127.5] * 3}
+    )[0]
+    assert raw["mean"] == raw["std"] == (0.5, 0.5, 0.5)
+    plain = hf_preprocessing({**cfg, "do_normalize": False})[0]
+    assert plain["mean"] == (0.0, 0.0, 0.0) and plain["std"] == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"resample": 7}, "resample 7"),
+        ({"image_mean": None}, "no image_mean"),
+        ({"size": {"shortest_edge": 224}}, "shapes vary"),
+        ({"size": {"longest_edge": 224}}, "size {'longest_edge': 224}"),
+        ({"do_center_crop": True}, "no crop_size"),
+        ({"do_center_crop": True, "crop_size": {"height": 200, "width": 224}}, "not one fraction"),
+    ],
+)
+def test_hf_processor_configs_we_cannot_follow_name_the_key(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        hf_preprocessing({**VIT_PROCESSOR, "image_std": [0.5] * 3, **change})
+
+
+def test_timm_pretrained_cfg_of_a_model_object():
+    """In Python: a timm model's own pretrained_cfg; timm's defaults fill what it lacks."""
+    theirs = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=1)
+    fields, preprocessing = timm_preprocessing(theirs.pretrained_cfg)
+    ours = from_timm(theirs.state_dict(), **fields)
+    assert ours.config.mean == (0.485, 0.456, 0.406) and ours.config.image_size == (224, 224)
+    assert preprocessing == Preprocessing("bicubic", 0.9, "center")
+    assert timm_preprocessing({"mean": [0.5] * 3, "std": [0.5] * 3})[1] == Preprocessing(
+        "bicubic", 0.875, "center"
+    )
+    with pytest.raises(ValueError, match="crop_mode 'border'"):
+        timm_preprocessing({**theirs.pretrained_cfg, "crop_mode": "border"})

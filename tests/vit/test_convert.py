@@ -1,0 +1,254 @@
+"""Weight files as the peers write them: the normalisation travels with the weights.
+
+Each peer prepares the same uint8 pixels its own way (timm's transform, Hugging Face's image
+processor, a torchvision weights enum's transforms); our converted model, fed those pixels
+as uint8 patches, must give the peer model's logits.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from timm.models._hub import save_for_hf
+from torchvision.models import ViT_B_16_Weights
+from transformers import DeiTImageProcessor, ViTForImageClassification, ViTImageProcessor
+from transformers import ViTConfig as HFConfig
+
+from vit import (
+    Preprocessing,
+    ViT,
+    ViTConfig,
+    load_checkpoint,
+    patchify,
+    read_preprocessing,
+    save_checkpoint,
+)
+from vit.convert import export_weights, import_weights
+from vit.interop import IMAGENET_MEAN, IMAGENET_STD, to_jax_npz
+
+from helpers import photo
+
+HALF = (0.5, 0.5, 0.5)
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Random values everywhere (peers zero-init heads), so logits depend on every weight."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1 if p.ndim > 1 else 0.5)
+    return model.eval()
+
+
+def logits_on_uint8(model: ViT, pixels: np.ndarray) -> torch.Tensor:
+    """Our model on (H, W, 3) uint8 pixels, as the data pipeline feeds it: it normalises."""
+    patches = patchify(torch.tensor(pixels)[None], model.config.patch_size)
+    with torch.no_grad():
+        return model(patches)
+
+
+def timm_hub_dir(tmp_path: Path, name: str, **save_kw) -> tuple[torch.nn.Module, Path]:
+    theirs = randomize(timm.create_model(name, pretrained=False, img_size=32, depth=1))
+    save_for_hf(theirs, tmp_path / "timm", **save_kw)
+    return theirs, tmp_path / "timm"
+
+
+def hf_model(image_size: int = 32) -> ViTForImageClassification:
+    cfg = HFConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=image_size,
+        patch_size=16,
+        num_labels=5,
+    )
+    return randomize(ViTForImageClassification(cfg))
+
+
+@pytest.mark.parametrize(
+    "name,mean,std",
+    [("vit_tiny_patch16_224", HALF, HALF), ("deit_tiny_patch16_224", IMAGENET_MEAN, IMAGENET_STD)],
+)
+def test_timm_hub_dir_normalises_as_timms_own_transform(tmp_path, name, mean, std):
+    theirs, hub = timm_hub_dir(tmp_path, name, safe_serialization=True)
+    import_weights("timm", hub, tmp_path / "ours")
+    ours = load_checkpoint(tmp_path / "ours").eval()
+    assert ours.config.mean == mean and ours.config.std == std
+    assert read_preprocessing(tmp_path / "ours") == Preprocessing("bicubic", 0.9, "center")
+    # timm's own reading of its config.json, at the image's size (no resize, no crop)
+    pretrained_cfg = json.loads((hub / "config.json").read_text())["pretrained_cfg"]
+    data_cfg = {**resolve_data_config(pretrained_cfg=pretrained_cfg), "crop_pct": 1.0}
+    assert list(data_cfg["input_size"]) == [3, 32, 32]
+    pixels = photo((32, 32))
+    x = create_transform(**data_cfg)(Image.fromarray(pixels))[None]
+    with torch.no_grad():
+        expected = theirs(x)
+    torch.testing.assert_close(logits_on_uint8(ours, pixels), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_vit_processor_half_normalisation(tmp_path):
+    theirs = hf_model()
+    theirs.save_pretrained(tmp_path / "hf")
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, resample=3)
+    processor.save_pretrained(tmp_path / "hf")
+    import_weights("hf", tmp_path / "hf", tmp_path / "ours")
+    ours = load_checkpoint(tmp_path / "ours").eval()
+    assert ours.config.mean == HALF and ours.config.std == HALF
+    assert read_preprocessing(tmp_path / "ours") == Preprocessing("bicubic", 1.0, "squash")
+    pixels = photo((32, 32))
+    x = processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = theirs(pixel_values=x).logits
+    torch.testing.assert_close(logits_on_uint8(ours, pixels), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_deit_processor_imagenet_normalisation_and_crop(tmp_path):
+    """DeiT's processor: resize to 40x40, center-crop 32x32 (fraction 0.8), ImageNet mean."""
+    theirs = hf_model()
+    theirs.save_pretrained(tmp_path / "hf")
+    processor = DeiTImageProcessor(
+        size={"height": 40, "width": 40},
+        crop_size={"height": 32, "width": 32},
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+    processor.save_pretrained(tmp_path / "hf")
+    import_weights("hf", tmp_path / "hf", tmp_path / "ours")
+    ours = load_checkpoint(tmp_path / "ours").eval()
+    torch.testing.assert_close(ours.config.mean, IMAGENET_MEAN)
+    torch.testing.assert_close(ours.config.std, IMAGENET_STD)
+    assert read_preprocessing(tmp_path / "ours") == Preprocessing("bicubic", 0.8, "squash")
+    pixels = photo((40, 40))  # already at the resize size: the processor only crops
+    x = processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = theirs(pixel_values=x).logits
+    got = logits_on_uint8(ours, pixels[4:36, 4:36])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def torchvision_224() -> torch.nn.Module:
+    """A small torchvision ViT at vit_b_16's 224 px (the size its IMAGENET1K_V1 crops to)."""
+    return randomize(
+        torchvision.models.VisionTransformer(
+            image_size=224,
+            patch_size=16,
+            num_layers=1,
+            num_heads=3,
+            hidden_dim=192,
+            mlp_dim=384,
+            num_classes=7,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "file,spec",
+    [
+        ("vit_b_16-c867db91.pth", "{path}"),  # named as torchvision downloads it
+        ("mine.pth", "{path}:ViT_B_16_Weights.IMAGENET1K_V1"),  # the weights named
+    ],
+)
+def test_torchvision_weights_enum_brings_its_transforms(tmp_path, file, spec):
+    theirs = torchvision_224()
+    torch.save(theirs.state_dict(), tmp_path / file)
+    import_weights("torchvision", Path(spec.format(path=tmp_path / file)), tmp_path / "ours")
+    ours = load_checkpoint(tmp_path / "ours").eval()
+    assert read_preprocessing(tmp_path / "ours") == Preprocessing("bilinear", 224 / 256)
+    # torchvision's own transforms: resize the shorter side to 256, center-crop 224
+    transforms = ViT_B_16_Weights.IMAGENET1K_V1.transforms()
+    pixels = photo((256, 256))
+    x = transforms(Image.fromarray(pixels))[None]
+    with torch.no_grad():
+        expected = theirs(x)
+    got = logits_on_uint8(ours, pixels[16:240, 16:240])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unnamed_torchvision_and_jax_files_warn_with_the_default_they_get(tmp_path, caplog):
+    torch.save(torchvision_224().state_dict(), tmp_path / "mine.pth")
+    tiny = ViT(ViTConfig.from_preset("ti/16", image_size=32, depth=1, num_classes=3))
+    npz = to_jax_npz(tiny, tmp_path / "vit.npz")
+    with caplog.at_level(logging.WARNING, logger="vit.convert"):
+        tv = import_weights("torchvision", tmp_path / "mine.pth", tmp_path / "tv")
+        jax = import_weights("jax", npz, tmp_path / "jax")
+    assert tv.config.mean == IMAGENET_MEAN and jax.config.mean == HALF
+    assert read_preprocessing(tmp_path / "tv") is None
+    assert f"{tmp_path / 'mine.pth'} declares no normalisation: using ImageNet's" in caplog.text
+    assert f"{npz} declares no normalisation: using mean and std 0.5" in caplog.text
+
+
+def test_timm_or_hf_weights_without_their_preprocessing_file_fail(tmp_path):
+    _, hub = timm_hub_dir(tmp_path, "deit_tiny_patch16_224", safe_serialization=True)
+    (hub / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json.*it holds: model\.safetensors"):
+        import_weights("timm", hub / "model.safetensors", tmp_path / "ours")
+    # the mean and std given in Python instead: converted, resize and crop unknown
+    model = import_weights("timm", hub, tmp_path / "ours", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    assert model.config.mean == IMAGENET_MEAN and read_preprocessing(tmp_path / "ours") is None
+    hf_model().save_pretrained(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json, which .*/hf lacks"):
+        import_weights("hf", tmp_path / "hf", tmp_path / "ours")
+
+
+def test_declared_preprocessing_that_does_not_fit_names_file_and_key(tmp_path):
+    _, hub = timm_hub_dir(tmp_path, "vit_tiny_patch16_224", safe_serialization=True)
+    config = json.loads((hub / "config.json").read_text())
+    del config["pretrained_cfg"]["std"]
+    (hub / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"timm/config\.json: no std"):
+        import_weights("timm", hub, tmp_path / "ours")
+    config["pretrained_cfg"]["std"] = list(HALF)
+    config["pretrained_cfg"]["input_size"] = [3, 64, 64]  # the weights' posemb is 2x2
+    (hub / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pos_embed"):
+        import_weights("timm", hub, tmp_path / "ours")
+
+
+def test_exports_carry_the_normalisation_to_the_peers_and_back(tmp_path):
+    _, hub = timm_hub_dir(tmp_path, "deit_tiny_patch16_224", safe_serialization=True)
+    import_weights("timm", hub, tmp_path / "ours")
+    export_weights("timm", tmp_path / "ours", tmp_path / "timm-out")
+    pretrained_cfg = json.loads((tmp_path / "timm-out" / "config.json").read_text())
+    data_cfg = resolve_data_config(pretrained_cfg=pretrained_cfg["pretrained_cfg"])
+    assert data_cfg["mean"] == list(IMAGENET_MEAN) and data_cfg["crop_pct"] == 0.9
+    import_weights("timm", tmp_path / "timm-out", tmp_path / "back")
+    assert read_preprocessing(tmp_path / "back") == read_preprocessing(tmp_path / "ours")
+    assert load_checkpoint(tmp_path / "back").config == load_checkpoint(tmp_path / "ours").config
+
+    config = ViTConfig.from_preset(
+        "ti/16", image_size=32, depth=1, num_classes=3, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
+    save_checkpoint(ViT(config), tmp_path / "mine")
+    export_weights("hf", tmp_path / "mine", tmp_path / "hf-out")
+    processor = ViTImageProcessor.from_pretrained(tmp_path / "hf-out")
+    assert tuple(processor.image_mean) == IMAGENET_MEAN and processor.size["height"] == 32
+    back = import_weights("hf", tmp_path / "hf-out", tmp_path / "hf-back")
+    torch.testing.assert_close(back.config.mean, IMAGENET_MEAN)
+
+
+def test_fine_tune_start_keeps_the_imported_normalisation(tmp_path):
+    """jobs/training/start.py on converted weights: the resized start keeps the source's mean
+    and std (in its ViTConfig) and exposes its resize and crop for the job's data config."""
+    from jobs.config import CONFIGS, load_config
+    from jobs.training.start import resized_start
+
+    _, hub = timm_hub_dir(tmp_path, "deit_tiny_patch16_224", safe_serialization=True)
+    import_weights("timm", hub, tmp_path / "ours")
+    sets = [f"init.checkpoint={tmp_path / 'ours'}", "data.image_size=64"]
+    cfg = load_config(CONFIGS / "demo-finetune.yaml", sets)
+    start = resized_start(cfg, ["a", "b"], lambda ref, _: Path(ref), str(tmp_path / "work"))
+    assert start.config.image_size == (64, 64) and start.config.mean == IMAGENET_MEAN
+    assert start.preprocessing == Preprocessing("bicubic", 0.9, "center")
+    assert read_preprocessing(start.directory) == start.preprocessing
+    assert load_checkpoint(start.directory).config.std == IMAGENET_STD
+    assert start.tags["vitray.init.preprocessing"] == (
+        "mean/std 0.485/0.229, 0.456/0.224, 0.406/0.225, bicubic resize, center crop 0.9"
+    )
