@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("timm", "hf", "torchvision", "jax")
 TARGETS = ("timm", "hf", "jax")
+# A Hub directory's weights, in the order transformers and timm prefer them.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 DECLARED_IN = {"timm": "config.json", "hf": "preprocessor_config.json"}
 CONVENTIONS = {  # formats whose files never declare normalisation, but whose models share one
     "jax": "mean and std 0.5 (pixels to [-1, 1]), as vit_jax and big_vision train",
@@ -41,14 +49,41 @@ def holdings(directory: Path) -> str:
     return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from `.safetensors`, or from a torch file loaded with `weights_only=True`."""
-    if path.is_dir():
-        path = path / "model.safetensors"
     if path.suffix == ".safetensors":
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(
+            f"{path}: not a weights file torch.load(weights_only=True) reads: {e}"
+        ) from e
     return state.get("state_dict", state.get("model", state))
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file, or a Hub directory's: its first file of WEIGHT_FILES, where an
+    `.index.json` (`save_pretrained(max_shard_size=...)`) lists the shards to read."""
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"{path}: no weights ({', '.join(WEIGHT_FILES)}); it holds: {holdings(path)}"
+            )
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if not path.name.endswith(".index.json"):
+        return read_weights_file(path)
+    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    missing = [name for name in shards if not (path.parent / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} lists shards {missing} that {path.parent} lacks; it holds: "
+            f"{holdings(path.parent)}"
+        )
+    return {k: v for name in shards for k, v in read_weights_file(path.parent / name).items()}
 
 
 def folder_of(src: Path) -> Path:

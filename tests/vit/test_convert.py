@@ -5,6 +5,7 @@ processor, a torchvision weights enum's transforms); our converted model, fed th
 as uint8 patches, must give the peer model's logits.
 """
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ import timm
 import torch
 import torchvision
 from PIL import Image
+from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from timm.models._hub import save_for_hf
 from torchvision.models import ViT_B_16_Weights
@@ -30,7 +32,7 @@ from vit import (
     read_preprocessing,
     save_checkpoint,
 )
-from vit.convert import export_weights, import_weights
+from vit.convert import export_weights, import_weights, read_state_dict
 from vit.interop import IMAGENET_MEAN, IMAGENET_STD, to_jax_npz
 
 from helpers import photo
@@ -252,3 +254,58 @@ def test_fine_tune_start_keeps_the_imported_normalisation(tmp_path):
     assert start.tags["vitray.init.preprocessing"] == (
         "mean/std 0.485/0.229, 0.456/0.224, 0.406/0.225, bicubic resize, center crop 0.9"
     )
+
+
+def hf_hub_dir(tmp_path: Path, **save_kw) -> tuple[ViTForImageClassification, Path]:
+    theirs = hf_model()
+    theirs.save_pretrained(tmp_path / "hf", **save_kw)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "hf")
+    return theirs, tmp_path / "hf"
+
+
+def assert_same_logits(ours: ViT, theirs: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = theirs(x)
+        out = getattr(out, "logits", out)  # transformers wraps its logits
+        torch.testing.assert_close(ours.eval()(x), out, atol=1e-4, rtol=1e-4)
+
+
+def test_hub_dirs_holding_only_pytorch_model_bin_load(tmp_path):
+    theirs, hub = timm_hub_dir(tmp_path, "vit_tiny_patch16_224", safe_serialization=False)
+    assert sorted(p.name for p in hub.iterdir()) == ["config.json", "pytorch_model.bin"]
+    assert_same_logits(import_weights("timm", hub, tmp_path / "timm-ours"), theirs)
+    # an older Hugging Face repository: the same file layout, pickled
+    theirs, hub = hf_hub_dir(tmp_path)
+    torch.save(load_file(hub / "model.safetensors"), hub / "pytorch_model.bin")
+    (hub / "model.safetensors").unlink()
+    assert_same_logits(import_weights("hf", hub, tmp_path / "hf-ours"), theirs)
+
+
+def test_sharded_safetensors_dir_loads(tmp_path):
+    theirs, hub = hf_hub_dir(tmp_path, max_shard_size="50KB")
+    shards = sorted(p.name for p in hub.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (hub / "model.safetensors").exists()
+    assert (hub / "model.safetensors.index.json").is_file()
+    assert_same_logits(import_weights("hf", hub, tmp_path / "ours"), theirs)
+    (hub / shards[1]).unlink()
+    with pytest.raises(
+        FileNotFoundError, match=f"lists shards \\['{shards[1]}'\\] that .*/hf lacks"
+    ):
+        read_state_dict(hub)
+
+
+def test_missing_or_unreadable_weights_name_the_directory_and_what_it_holds(tmp_path):
+    _, hub = hf_hub_dir(tmp_path)
+    (hub / "model.safetensors").unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"/hf: no weights \(model\.safetensors, .*\); it holds: config\.json, "
+        r"preprocessor_config\.json",
+    ):
+        import_weights("hf", hub, tmp_path / "ours")
+    with pytest.raises(FileNotFoundError, match="nowhere.pth: no such file or directory"):
+        import_weights("torchvision", tmp_path / "nowhere.pth", tmp_path / "ours")
+    torch.save({"args": argparse.Namespace(lr=1)}, hub / "pytorch_model.bin")  # not weights only
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a weights file"):
+        read_state_dict(hub)
