@@ -27,12 +27,17 @@ class DataConfig(BaseModel):
     )
     # where the images and labels are (None: detected, see pipeline.readers)
     image_column: str | None = Field(
-        None, description="Parquet: the image column (default: the Image feature, else `image`)"
+        None,
+        description="Parquet: the image column (default: the Image feature, else `image`); "
+        "WebDataset: the image extension (default: any image extension)",
     )
     label_column: str | None = Field(
         None,
-        description="Parquet: the label column (default: the ClassLabel feature, else `label`)",
+        description="Parquet: the label column (default: the ClassLabel feature, else `label`); "
+        "WebDataset: the label extension (default: the one of cls, cls2, index, inx, id, or "
+        "json with label_field, that the first sample has)",
     )
+    label_field: str | None = Field(None, description="WebDataset: the label's key in its json")
     image_size: int | tuple[int, int] = 224
     channels: Literal[1, 3] = 3
     # training augmentation (Inception-style crop + flip; RandAugment optional)

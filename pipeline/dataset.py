@@ -65,7 +65,8 @@ def check_sizes(cfg: DataConfig, patch_size: int) -> None:
 
 def describe_dataset(cfg: DataConfig) -> DatasetInfo:
     """Classes and split sizes from metadata only: a manifest, Parquet footers, a listing."""
-    source = open_source(ensure_prepared(cfg.dataset), cfg.image_column, cfg.label_column)
+    spec = ensure_prepared(cfg.dataset)
+    source = open_source(spec, cfg.image_column, cfg.label_column, cfg.label_field)
     rows = {split: count_rows(source, source.split_files(split)) for split in source.split_names()}
     known = {split: n for split, n in rows.items() if n is not None}
     return DatasetInfo(source, source.class_names, known)

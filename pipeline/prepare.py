@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -149,7 +149,7 @@ def source_items(
 ) -> tuple[Iterable[Item], int | None, list[str] | None, str]:
     """(items, their count if known, class names, kind). Sources are read unit by unit by
     `pipeline.readers`, as streaming reads them, with the `columns` given (image_column,
-    label_column). Built-ins and folders come sorted by class: they are shuffled with
+    label_column, label_field). Built-ins and folders come sorted by class: they are shuffled with
     `seed`, so that shards mix classes."""
     if spec.startswith("builtin:"):
         if columns:
@@ -175,7 +175,18 @@ def _unit_items(source: Source, files: list[str]) -> Iterator[Item]:
         for i, data in enumerate(rows["image"]):
             # Parquet rows without an id (or a Hugging Face path) are named FILE:ROW
             item_id = rows["id"][i] or f"{posixpath.basename(unit['path'])}:{rows['row'][i]}"
-            yield Item(str(item_id), int(rows["label"][i]), split, lambda d=data: d)
+            yield Item(str(item_id), int(rows["label"][i]), split, reader(data, rows["error"][i]))
+
+
+def reader(data: bytes | None, error: str | None) -> Callable[[], bytes | None]:
+    """An item's `read`: its bytes, or the reason its reader gave for a bad row."""
+
+    def read() -> bytes | None:
+        if error is not None:
+            raise BadImage(error)
+        return data
+
+    return read
 
 
 def assign_split(item: Item, val_fraction: float, seed: int) -> str:
@@ -217,15 +228,18 @@ def prepare(
     progress: bool = True,
     image_column: str | None = None,
     label_column: str | None = None,
+    label_field: str | None = None,
 ) -> dict:
-    """Write `spec` as shards under `out`; returns the manifest. `image_column` and
-    `label_column` choose a Parquet source's columns (default: detected)."""
+    """Write `spec` as shards under `out`; returns the manifest. `image_column`,
+    `label_column` and `label_field` say where the images and labels are (DataConfig's
+    fields of those names; default: detected)."""
     if "://" in str(out):
         raise SourceError("prepare writes to a local directory; copy it to object storage after")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
     given = {"image_column": image_column, "label_column": label_column}
+    given["label_field"] = label_field
     columns = {key: value for key, value in given.items() if value is not None}
     options = {
         "val_fraction": val_fraction,
@@ -254,7 +268,9 @@ def prepare(
         skipped, max_label = [], -1
         bar = Progress(f"prepare {spec}", count, progress)
         for item, data, error in _checked(items, workers=max(2, os.cpu_count() or 2)):
-            if error is None and class_names is not None and not 0 <= item.label < len(class_names):
+            if error is None and item.label < 0:
+                error = f"label {item.label} is negative"
+            elif error is None and class_names is not None and item.label >= len(class_names):
                 error = f"label {item.label} outside [0, {len(class_names)})"
             if error is not None:
                 if strict:

@@ -3,8 +3,9 @@ and `vitray bench data`'s DataLoader all see the same rows of the same files.
 
 A reader plans read units on the driver (`plan_units`: a Parquet row group, a WebDataset
 tar, a chunk of folder files) and reads one unit wherever the rows are needed
-(`read_unit`), as columns {image (encoded bytes, None when missing), label, id[, path,
-row]}; `path` and `row` say where a bad image came from. Hugging Face's features (which
+(`read_unit`), as columns {image (encoded bytes, None when missing), label, id, error[,
+path, row]}: `error` says why a row is bad where the reader knows it already (None: not
+known to be bad), `path` and `row` where a bad row came from. Hugging Face's features (which
 column is the Image, which the ClassLabel) are read and its `{bytes, path}` image struct
 unpacked here and nowhere else.
 """
@@ -16,7 +17,7 @@ import json
 import posixpath
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import NamedTuple, TypedDict
 
 import numpy as np
@@ -28,11 +29,6 @@ from pipeline.sources import Source, SourceError, resolve_source
 
 Rows = dict[str, np.ndarray]
 FILES_PER_UNIT = 256  # image-folder files read by one task
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-LABEL_EXTENSION = "cls"
-# webdataset's `base_plus_ext`: the key is the member path up to the first dot of its base
-# name, directories included; the rest is the extension. Members without a dot are skipped.
-WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 class Unit(TypedDict):
@@ -132,6 +128,11 @@ def parquet_roles(source: Source, footers: dict[str, pq.FileMetaData]) -> Source
 def open_parquet(source: Source) -> Source:
     """Columns, rows and row groups of every file: from the manifest, else from the
     footers, checked here, on the driver, before any task runs."""
+    if source.label_field is not None:
+        raise SourceError(
+            f"{source.spec} is Parquet: data.label_field is for WebDataset json "
+            "labels; name the label column with data.label_column"
+        )
     known = {}
     for split in (source.manifest or {"splits": {}})["splits"].values():
         for shard in split["shards"]:
@@ -188,10 +189,150 @@ def read_parquet(source: Source, unit: Unit) -> Rows:
         "id": object_array([None] * n) if ids is None else ids.to_numpy(zero_copy_only=False),
         "path": object_array([path] * n),
         "row": np.arange(start, start + n),
+        "error": object_array([None] * n),
     }
 
 
 # WebDataset tars ------------------------------------------------------------------------------
+# As webdataset reads them (webdataset.tariterators, .autodecode). A WebDataset names no
+# classes and a tar has no index: `vitray prepare` reads every sample and numbers the
+# classes 0..largest label; streaming one unprepared counts no rows and takes the number of
+# classes from the model it feeds (evaluate, predict), so training on it needs it prepared.
+
+# The key of a member is its path up to the first dot of its base name, directories
+# included; the rest, lowercased, its extension (`base_plus_ext`). Members without a dot
+# and __meta__ names are no sample members (`tar_file_iterator`).
+WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+WDS_META = re.compile(r"__[^/]*__($|/)")
+# images: the extensions of the formats pipeline.decode opens
+IMAGE_EXTENSIONS = (
+    "jpg",
+    "jpeg",
+    "jpe",
+    "jfif",
+    "png",
+    "apng",
+    "webp",
+    "gif",
+    "bmp",
+    "tif",
+    "tiff",
+)
+INT_EXTENSIONS = ("cls", "cls2", "index", "inx", "id")  # webdataset decodes them with int()
+JSON_EXTENSIONS = ("json", "jsn")
+
+
+class Sample(NamedTuple):
+    """Consecutive members that share a key (`group_by_keys`): extension -> bytes (None
+    where not asked for), and why the sample cannot be used."""
+
+    key: str
+    fields: dict[str, bytes | None]
+    error: str | None = None
+
+
+def tar_members(source: Source, path: str, wanted: Collection[str]) -> Iterator[tuple]:
+    """(name, key, extension, bytes if the extension is `wanted`) of each file in a tar;
+    key and extension are None for files that are no sample members."""
+    with (
+        source.filesystem.open_input_stream(path) as stream,
+        tarfile.open(fileobj=stream, mode="r|*") as tar,
+    ):
+        for info in tar:
+            if not info.isreg():
+                continue
+            match = None if WDS_META.match(info.name) else WDS_MEMBER.match(info.name)
+            if match is None:
+                yield info.name, None, None, None
+                continue
+            ext = match[2].lower()
+            data = tar.extractfile(info).read() if ext in wanted else None
+            yield info.name, match[1], ext, data
+
+
+def tar_samples(source: Source, path: str, wanted: Collection[str]) -> Iterator[Sample]:
+    """The samples of a tar in order. A member that repeats an extension of its sample
+    makes the sample bad (webdataset: 'duplicate file name')."""
+    key, fields, error = None, {}, None
+    for name, k, ext, data in tar_members(source, path, wanted):
+        if k is None:
+            continue
+        if k != key:
+            if key is not None:
+                yield Sample(key, fields, error)
+            key, fields, error = k, {}, None
+        if ext in fields:
+            error = f"member {name!r} repeats the extension {ext!r} of its sample"
+        fields[ext] = data
+    if key is not None:
+        yield Sample(key, fields, error)
+
+
+def image_extensions(source: Source) -> tuple[str, ...]:
+    return (source.image_column,) if source.image_column else IMAGE_EXTENSIONS
+
+
+def tar_label(source: Source, fields: dict[str, bytes | None]) -> tuple[int, str | None]:
+    """(label, None), or (-1, why there is none): the integer in the label member, or
+    `label_field` of its json."""
+    ext, data = source.label_column, fields.get(source.label_column)
+    if data is None:
+        return -1, f"no .{ext} label member (its members: {sorted(fields)})"
+    try:
+        value = json.loads(data)[source.label_field] if ext in JSON_EXTENSIONS else int(data)
+    except (ValueError, KeyError, TypeError):
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool):
+        what = f"{source.label_field!r} of " if ext in JSON_EXTENSIONS else ""
+        return -1, f"the label ({what}.{ext}: {data[:60]!r}) is not an integer"
+    return value, None
+
+
+def tar_row(source: Source, sample: Sample) -> tuple[bytes | None, int, str | None]:
+    """(image bytes, label, why the row is bad) of a sample."""
+    if sample.error:
+        return None, -1, sample.error
+    images = [e for e in image_extensions(source) if e in sample.fields]
+    if len(images) != 1:
+        many = "several image members" if images else "no image member"
+        return None, -1, f"{many} (its members: {sorted(sample.fields)})"
+    label, error = tar_label(source, sample.fields)
+    return sample.fields[images[0]], label, error
+
+
+def open_tar(source: Source) -> Source:
+    """The label extension: given, else the one of webdataset's integer extensions (with
+    `label_field`: json) that the first image sample of the first tar has. Stops naming
+    what the tar holds when it has no image sample or that sample no label or several."""
+    path, images = source.files[0], image_extensions(source)
+    for sample in tar_samples(source, path, wanted=()):
+        if any(ext in sample.fields for ext in images):
+            break
+    else:
+        names = [name for name, *_ in tar_members(source, path, wanted=())]
+        raise SourceError(
+            f"{path} holds no image sample (a member KEY.EXT, EXT one of {list(images)}); "
+            f"its {len(names)} files: {names[:8]}"
+        )
+    if source.label_column:
+        wanted = [source.label_column]
+    else:
+        wanted = list(JSON_EXTENSIONS if source.label_field else INT_EXTENSIONS)
+    found = [ext for ext in wanted if ext in sample.fields]
+    if len(found) != 1:
+        what = f"several labels {found}" if found else f"no label member (.{', .'.join(wanted)})"
+        raise SourceError(
+            f"{path}: its first image sample {sample.key!r} has members {sorted(sample.fields)}, "
+            f"{what}: a label is one of webdataset's integer extensions {list(INT_EXTENSIONS)}, "
+            "or json with data.label_field; choose with data.label_column (vitray prepare "
+            "--label-column). The members of a sample must be consecutive (tar --sort=name)"
+        )
+    label = found[0]
+    if label in JSON_EXTENSIONS and not source.label_field:
+        raise SourceError(f"{path}: a .{label} label needs data.label_field, its key")
+    if source.label_field and label not in JSON_EXTENSIONS:
+        raise SourceError(f"{source.spec}: data.label_field reads json labels, not .{label}")
+    return dataclasses.replace(source, label_column=label)
 
 
 def tar_units(source: Source, files: list[str]) -> list[Unit]:
@@ -199,35 +340,18 @@ def tar_units(source: Source, files: list[str]) -> list[Unit]:
 
 
 def read_tar(source: Source, unit: Unit) -> Rows:
-    """The samples of one tar, as webdataset groups them: consecutive members that share a
-    key; a repeated extension starts a new sample, so two samples that share a key stay
-    two. Samples without a label are skipped; a labelled one without an image is a row
-    without bytes (counted as bad downstream)."""
+    """A row per sample with an image or a label member, a sample that cannot be used
+    being a row with its reason; others (captions, metadata) are no images."""
     path = unit["path"]
-    wanted = {*IMAGE_EXTENSIONS, LABEL_EXTENSION}
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    with (
-        source.filesystem.open_input_stream(path) as stream,
-        tarfile.open(fileobj=stream, mode="r|*") as tar,
-    ):
-        for member in tar:
-            match = WDS_MEMBER.match(member.name) if member.isfile() else None
-            if match is None:
-                continue
-            key, ext = match.group(1), match.group(2).lower()
-            if not samples or samples[-1][0] != key or ext in samples[-1][1]:
-                samples.append((key, {}))
-            if ext in wanted:
-                samples[-1][1][ext] = tar.extractfile(member).read()
-    labelled = [(key, fields) for key, fields in samples if LABEL_EXTENSION in fields]
-    images = [next((f[e] for e in IMAGE_EXTENSIONS if e in f), None) for _, f in labelled]
+    wanted = {*image_extensions(source), source.label_column}
+    samples = [s for s in tar_samples(source, path, wanted) if s.error or wanted & s.fields.keys()]
+    rows = [tar_row(source, s) for s in samples]
     return {
-        "image": object_array(images),
-        "label": np.array(
-            [int(f[LABEL_EXTENSION].decode().strip()) for _, f in labelled], dtype=np.int64
-        ),
-        "id": object_array([key for key, _ in labelled]),
-        "path": object_array([path] * len(labelled)),
+        "image": object_array([image for image, _, _ in rows]),
+        "label": np.array([label for _, label, _ in rows], dtype=np.int64),
+        "id": object_array([s.key for s in samples]),
+        "path": object_array([path] * len(samples)),
+        "error": object_array([error for _, _, error in rows]),
     }
 
 
@@ -240,20 +364,23 @@ def folder_units(source: Source, files: list[str]) -> list[Unit]:
 
 
 def read_folder(source: Source, unit: Unit) -> Rows:
-    """Ids are paths relative to the root; a file that cannot be read has no bytes."""
+    """Ids are paths relative to the root; a file that cannot be read is a bad row."""
     index = {name: i for i, name in enumerate(source.class_names or [])}
     rel = [posixpath.relpath(f, source.root) for f in unit["files"]]
-    images = []
+    images, errors = [], []
     for f in unit["files"]:
         try:
             with source.filesystem.open_input_stream(f) as stream:
                 images.append(stream.read())
-        except OSError:
-            images.append(None)  # counted as a bad image downstream
+            errors.append(None)
+        except OSError as e:
+            images.append(None)
+            errors.append(f"cannot read: {e}")
     return {
         "image": object_array(images),
         "label": np.array([index[r.split("/")[0]] for r in rel], dtype=np.int64),
         "id": object_array(rel),
+        "error": object_array(errors),
     }
 
 
@@ -272,24 +399,28 @@ class Reader(NamedTuple):
 READERS = {
     "vitray": Reader(open_parquet, parquet_rows, parquet_units, read_parquet),
     "hf_parquet": Reader(open_parquet, parquet_rows, parquet_units, read_parquet),
-    "webdataset": Reader(lambda s: s, lambda s, files: None, tar_units, read_tar),
+    "webdataset": Reader(open_tar, lambda s, files: None, tar_units, read_tar),
     "folder": Reader(lambda s: s, lambda s, files: len(files), folder_units, read_folder),
 }
 
 
 def open_source(
-    spec: str, image_column: str | None = None, label_column: str | None = None
+    spec: str,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    label_field: str | None = None,
 ) -> Source:
     """`resolve_source`, then what its reader learns on the driver: where the images and
     labels are (given, else detected), class names, counts."""
     source = resolve_source(spec)
-    if source.kind == "folder" and (image_column or label_column):
+    given = {"image_column": image_column, "label_column": label_column}
+    given["label_field"] = label_field
+    if source.kind == "folder" and any(given.values()):
         raise SourceError(
-            f"{spec} is an image folder: its labels are its subfolders; "
-            "data.image_column and data.label_column do not apply"
+            f"{spec} is an image folder, labelled by its subfolders: "
+            f"data.{', '.join(key for key, value in given.items() if value)} do not apply"
         )
-    source = dataclasses.replace(source, image_column=image_column, label_column=label_column)
-    return READERS[source.kind].open(source)
+    return READERS[source.kind].open(dataclasses.replace(source, **given))
 
 
 def count_rows(source: Source, files: list[str]) -> int | None:

@@ -48,9 +48,11 @@ class Source:
     # row groups of each file, from the manifest or the footers
     rows: dict[str, int] = field(default_factory=dict)
     row_groups: dict[str, int] = field(default_factory=dict)
-    # where images and labels are: Parquet columns; given by the user or found on opening
+    # where images and labels are, given by the user or found on opening: Parquet columns,
+    # or WebDataset extensions (None: any image extension) and the key of a json label
     image_column: str | None = None
     label_column: str | None = None
+    label_field: str | None = None
 
     def split_of(self, path: str) -> str | None:
         """The split a data file is named for (an image folder's subfolders are classes)."""

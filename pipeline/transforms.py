@@ -182,10 +182,13 @@ def preprocess_batch(
     th, tw = cfg.size_hw
     pixels = np.zeros((n, th, tw, cfg.channels), dtype=np.uint8)
     labels = batch["label"].astype(np.int64) if "label" in batch else np.full(n, -1, np.int64)
+    errors = batch.get("error", [None] * n)
     ok = np.ones(n, dtype=bool)
     rng = np.random.default_rng()  # fresh OS entropy per batch, as DataLoader workers do
     for i in range(n):
         try:
+            if errors[i] is not None:  # known bad by its reader (pipeline.readers)
+                raise BadImage(errors[i])
             if num_classes is not None and not 0 <= labels[i] < num_classes:
                 raise BadImage(f"label {labels[i]} outside [0, {num_classes})")
             pixels[i] = crop_image(image_bytes(batch["image"][i]), cfg, train, rng)

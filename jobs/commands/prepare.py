@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         image_column=args.image_column,
         label_column=args.label_column,
+        label_field=args.label_field,
     )
 
 
@@ -36,9 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
     p.add_argument(
         "--image-column",
-        help="Parquet: the image column (default: the Hugging Face Image feature, else image)",
+        help="Parquet: the image column (default: the Hugging Face Image feature, else image); "
+        "WebDataset: the image extension (default: any)",
     )
     p.add_argument(
         "--label-column",
-        help="Parquet: the label column (default: the ClassLabel feature, else label)",
+        help="Parquet: the label column (default: the ClassLabel feature, else label); "
+        "WebDataset: the label extension (default: cls, cls2, index, inx or id)",
     )
+    p.add_argument("--label-field", help="WebDataset: the label's key in each sample's json")

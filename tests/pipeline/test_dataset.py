@@ -132,23 +132,6 @@ def by_id(out: dict[str, np.ndarray]) -> dict[str, tuple]:
     return {i: (label, ok, patches.tobytes()) for i, label, ok, patches in rows}
 
 
-def test_webdataset_tars(ray_local, tmp_path):
-    root = tmp_path / "wds"
-    root.mkdir()
-    for shard in range(2):
-        with tarfile.open(root / f"train-{shard:06d}.tar", "w") as tar:
-            for i in range(4):
-                key = f"{shard}{i:05d}"
-                for ext, payload in (("jpg", jpeg(i)), ("cls", str(i % 2).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    cfg = DataConfig(dataset=str(root), image_size=32)
-    assert resolve_source(str(root)).kind == "webdataset"
-    out = collect(build_dataset(cfg, "train", 16))
-    assert len(out["label"]) == 8 and sorted(out["label"].tolist()) == [0] * 4 + [1] * 4
-
-
 def test_hugging_face_rows_are_the_same_for_prepare_and_streaming(ray_local, tmp_path):
     """One reader unpacks the {bytes, path} struct for both: ids are the paths, else
     FILE:ROW with rows counted from the start of the file across row groups; a row without
@@ -200,21 +183,26 @@ def test_webdataset_keys_follow_webdataset_and_prepare_reads_as_streaming(ray_lo
             ("./v1.0/cat/1.JPG", images[2]),  # a dot in a directory; extensions lowercased
             ("./v1.0/cat/1.cls", b"0"),
             ("./README", b"no dot: not a sample member"),
-            ("./cat/2.jpg", images[3]),  # not consecutive: an unlabelled sample (dropped) ...
+            ("./cat/2.jpg", images[3]),  # not consecutive: a sample without a label ...
             ("./cat/5.jpg", images[4]),
             ("./cat/5.cls", b"1"),
-            ("./cat/2.cls", b"0"),  # ... and a labelled one without an image (bad)
+            ("./cat/2.cls", b"0"),  # ... and one without an image: two bad rows
         ],
     )
     source = open_source(str(tmp_path / "wds"))
     [unit] = plan_units(source, source.files)
     rows = read_unit(source, unit)
-    ids = ["./cat/0", "./dog/0", "./v1.0/cat/1", "./cat/5", "./cat/2"]
-    assert rows["id"].tolist() == ids and rows["label"].tolist() == [0, 1, 0, 1, 0]
-    assert rows["image"].tolist() == [*images[:3], images[4], None]
+    ids = ["./cat/0", "./dog/0", "./v1.0/cat/1", "./cat/2", "./cat/5", "./cat/2"]
+    assert rows["id"].tolist() == ids and rows["label"].tolist() == [0, 1, 0, -1, 1, -1]
+    assert rows["image"].tolist() == [*images, None]
+    reasons = [
+        "no .cls label member (its members: ['jpg'])",
+        "no image member (its members: ['cls'])",
+    ]
+    assert rows["error"].tolist() == [None] * 3 + reasons[:1] + [None] + reasons[1:]
 
     manifest = prepare(str(tmp_path / "wds"), tmp_path / "out", progress=False)
-    assert manifest["skipped"] == [{"id": "./cat/2", "reason": "no image bytes"}]
+    assert manifest["skipped"] == [{"id": "./cat/2", "reason": reason} for reason in reasons]
     cfg = DataConfig(dataset=str(tmp_path / "wds"), image_size=32)
     streamed = by_id(collect(build_dataset(cfg, "val", 16, keep_ids=True)))
     prepared = cfg.model_copy(update={"dataset": str(tmp_path / "out")})

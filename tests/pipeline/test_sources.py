@@ -1,11 +1,13 @@
 """Sources as their own libraries write them: Hugging Face `datasets` Parquet, `webdataset`
 tars and plain `tar`, image folders; opened on the driver, streamed on a real local Ray."""
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import webdataset as wds
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
@@ -13,6 +15,7 @@ from jobs.cli import main
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset
 from pipeline.prepare import prepare
+from pipeline.readers import INT_EXTENSIONS, open_source, plan_units, read_unit
 from pipeline.sources import SourceError, split_of_path
 
 from helpers import encode, photo
@@ -152,3 +155,114 @@ def test_columns_without_features_are_named_or_chosen(tmp_path):
     prepared = DataConfig(dataset=str(tmp_path / "out"), label_column="lbl")
     with pytest.raises(SourceError, match=r"vitray dataset: its columns are image and label"):
         describe_dataset(prepared)
+
+
+def png(i: int) -> bytes:
+    return encode(PILImage.fromarray(photo((72, 64), seed=i)), "PNG")
+
+
+def wds_rows(root: Path, **roles: str) -> dict[str, list]:
+    """Every row of a WebDataset source, as prepare, streaming and the benchmark read it."""
+    source = open_source(str(root), **roles)
+    units = [read_unit(source, unit) for unit in plan_units(source, source.files)]
+    return {key: [v for rows in units for v in rows[key]] for key in units[0]}
+
+
+def webdataset_reads(tars: list[Path]) -> list[dict]:
+    """The samples as the webdataset library itself reads them (default decoders)."""
+    return list(wds.WebDataset([str(t) for t in tars], shardshuffle=False).decode())
+
+
+def test_webdataset_tars_read_as_the_webdataset_library_reads_them(ray_local, tmp_path):
+    """Keys are member paths with their directories (dots in them too), images any image
+    extension, labels .cls; other members (.meta.json, .txt) are not read."""
+    tars = [tmp_path / "wds" / f"shard-{k:06d}.tar" for k in range(2)]
+    tars[0].parent.mkdir()
+    for k, tar in enumerate(tars):
+        with wds.TarWriter(str(tar)) as sink:
+            for i in range(3):
+                image = {"png": png(i)} if i == 2 else {"jpg": jpeg(i)}
+                key = f"v1.{k}/{'cat' if i % 2 else 'dog'}/{i:04d}"
+                sink.write({"__key__": key, **image, "cls": i % 2, "meta.json": {"i": i}})
+    rows = wds_rows(tmp_path / "wds")
+    theirs = webdataset_reads(tars)
+    expected = [(s["__key__"], s.get("jpg", s.get("png")), s["cls"]) for s in theirs]
+    assert list(zip(rows["id"], rows["image"], rows["label"], strict=True)) == expected
+    assert rows["id"][:2] == ["v1.0/dog/0000", "v1.0/cat/0001"] and not any(rows["error"])
+
+    cfg = DataConfig(dataset=str(tmp_path / "wds"), image_size=32)
+    streamed = collect(build_dataset(cfg, "train", 16, keep_ids=True))
+    assert sorted(streamed["id"]) == sorted(rows["id"]) and streamed["ok"].all()
+    manifest = prepare(str(tmp_path / "wds"), tmp_path / "out", val_fraction=0, progress=False)
+    assert manifest["class_names"] == ["0", "1"] and manifest["splits"]["train"]["rows"] == 6
+
+
+def test_a_plain_tar_of_a_directory(tmp_path):
+    """`tar` of a directory: members ./a/0001.jpg, directory entries; a sample is
+    consecutive members, so a tar not sorted by name stops naming the cause."""
+    src = tmp_path / "src"
+    for i in range(4):
+        (src / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        (src / "ab"[i % 2] / f"{i:04d}.jpg").write_bytes(jpeg(i))
+        (src / "ab"[i % 2] / f"{i:04d}.cls").write_text(f"{i % 2}\n")
+    (tmp_path / "sorted").mkdir()
+    tar = tmp_path / "sorted" / "train.tar"
+    subprocess.run(["tar", "--sort=name", "-cf", tar, "-C", src, "."], check=True)
+    rows = wds_rows(tmp_path / "sorted")
+    expected = [(s["__key__"], s["jpg"], s["cls"]) for s in webdataset_reads([tar])]
+    assert list(zip(rows["id"], rows["image"], rows["label"], strict=True)) == expected
+    assert rows["id"] == ["./a/0000", "./a/0002", "./b/0001", "./b/0003"]
+
+    (tmp_path / "unsorted").mkdir()
+    members = ["a/0000.jpg", "a/0002.jpg", "a/0000.cls", "a/0002.cls"]
+    subprocess.run(["tar", "-cf", tmp_path / "unsorted" / "x.tar", *members], cwd=src, check=True)
+    with pytest.raises(
+        SourceError,
+        match=r"x\.tar: its first image sample 'a/0000' has members "
+        r"\['jpg'\], no label member .* must be consecutive \(tar --sort=name\)",
+    ):
+        open_source(str(tmp_path / "unsorted"))
+
+
+def test_webdataset_labels_by_extension_or_json_field(ray_local, tmp_path):
+    """Labels: whichever of webdataset's integer extensions the samples have, or a json
+    field; a label that is no integer costs only its sample, named in strict mode."""
+
+    def shard(name: str, labels: list) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        with wds.TarWriter(str(root / "train-0.tar")) as sink:
+            for i, label in enumerate(labels):
+                sink.write({"__key__": f"s{i}", "jpg": jpeg(i), **label})
+        return root
+
+    for ext in INT_EXTENSIONS:
+        root = shard(ext, [{ext: i} for i in range(3)])
+        theirs = [s[ext] for s in webdataset_reads([root / "train-0.tar"])]
+        assert wds_rows(root)["label"] == theirs == [0, 1, 2], ext
+    both = shard("both", [{"cls": 1, "id": 900 + i} for i in range(2)])
+    with pytest.raises(SourceError, match=r"several labels \['cls', 'id'\].*data\.label_column"):
+        open_source(str(both))
+    assert wds_rows(both, label_column="id")["label"] == [900, 901]
+
+    meta = shard("json", [{"json": {"label": 2, "w": 3}}, {"json": {"label": "pear"}}])
+    with pytest.raises(SourceError, match=r"has members \['jpg', 'json'\], no label member"):
+        open_source(str(meta))
+    with pytest.raises(SourceError, match=r"label_field reads json labels, not \.cls"):
+        open_source(str(both), label_column="cls", label_field="label")
+    rows = wds_rows(meta, label_field="label")
+    assert rows["label"] == [2, -1] and rows["error"][0] is None
+    assert (
+        rows["error"][1]
+        == "the label ('label' of .json: b'{\"label\": \"pear\"}') is not an integer"
+    )
+    bad_cls = shard("bad_cls", [{"cls": "1"}, {"cls": "cat"}, {"cls": "2.5"}])
+    assert wds_rows(bad_cls)["label"] == [1, -1, -1]
+
+    cfg = DataConfig(dataset=str(meta), image_size=32, label_field="label")
+    out = collect(build_dataset(cfg, "train", 16))
+    assert out["ok"].tolist().count(True) == 1 and len(out["ok"]) == 2
+    with pytest.raises(Exception, match=r"train-0\.tar, id 's1': the label .* not an integer"):
+        collect(build_dataset(cfg.model_copy(update={"strict": True}), "train", 16))
+    manifest = prepare(str(meta), tmp_path / "out", label_field="label", progress=False)
+    assert [s["id"] for s in manifest["skipped"]] == ["s1"]
