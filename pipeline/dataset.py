@@ -105,9 +105,10 @@ def build_dataset(
     """
     check_sizes(cfg, patch_size)
     info = describe_dataset(cfg)
-    units = plan_units(info.source, info.source.split_files(split))
-    if not units:
-        raise SourceError(f"{cfg.dataset} split {split!r} has no data")
+    files = info.source.split_files(split)
+    units = plan_units(info.source, files)
+    if not units or count_rows(info.source, files) == 0:
+        raise SourceError(f"{cfg.dataset} split {split!r} has no rows: {files[:4]}")
     if num_classes is None and info.class_names is not None:
         num_classes = len(info.class_names)
     train = split == "train"

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -285,6 +286,9 @@ def prepare(
             max_label = max(max_label, item.label)
             bar.update()
         bar.close()
+        if not writers:
+            reasons = Counter(s["reason"] for s in skipped).most_common(3)
+            raise SourceError(f"{spec} holds no usable image: {len(skipped)} bad, {reasons}")
         if class_names is None:
             class_names = [str(i) for i in range(max_label + 1)]
         manifest = {

@@ -147,6 +147,15 @@ def open_parquet(source: Source) -> Source:
     for path, meta in footers.items():
         check_columns(source, path, meta.schema.to_arrow_schema())
         known[path] = (meta.num_rows, meta.num_row_groups)
+    if not any(rows for rows, _ in known.values()):
+        columns = {
+            posixpath.basename(path): meta.schema.to_arrow_schema().names
+            for path, meta in list(footers.items())[:3]
+        }
+        raise SourceError(
+            f"{source.spec} holds no rows: its {len(files)} Parquet file(s) are empty "
+            f"(columns: {columns})"
+        )
     return dataclasses.replace(
         source,
         rows={path: rows for path, (rows, _) in known.items()},

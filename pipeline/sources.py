@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 from pipeline.builtin import DIGIT_CLASSES, PHOTO_CLASSES, Item, digits_items, photos_items
 
 MANIFEST = "manifest.json"
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")  # WebDataset shards, as webdataset reads them
 # Hugging Face `datasets`' split keywords (datasets.data_files.SPLIT_KEYWORDS) -> our names
 SPLIT_ALIASES = {
     **dict.fromkeys(("train", "training"), "train"),
@@ -159,23 +160,21 @@ def resolve_source(spec: str) -> Source:
             manifest = json.loads(f.read())
         return Source("vitray", root, fs, manifest["class_names"], files, manifest, spec)
     parquet = [f for f in files if f.endswith(".parquet")]
+    tars = [f for f in files if f.endswith(TAR_SUFFIXES)]
+    if parquet and tars:
+        raise SourceError(f"{spec} holds both Parquet files and tars: point at one or the other")
     if parquet:
         return Source("hf_parquet", root, fs, None, parquet, spec=spec)
-    tars = [f for f in files if f.endswith(".tar")]
     if tars:
         return Source("webdataset", root, fs, None, tars, spec=spec)
-    classes = sorted(
-        {
-            posixpath.relpath(f, root).split("/")[0]
-            for f in files
-            if "/" in posixpath.relpath(f, root)
-        }
-    )
-    if classes:
-        in_classes = [f for f in files if "/" in posixpath.relpath(f, root)]
+    rel = [posixpath.relpath(f, root) for f in files]
+    in_classes = [f for f, r in zip(files, rel, strict=True) if "/" in r]
+    if in_classes:
+        classes = sorted({r.split("/")[0] for r in rel if "/" in r})
         return Source("folder", root, fs, classes, in_classes, spec=spec)
     raise SourceError(
-        f"{spec} holds no manifest.json, .parquet, .tar or class subfolders of images"
+        f"{spec} holds no manifest.json, .parquet or .tar files and no class subfolders; "
+        f"its {len(rel)} files: {rel[:8]}"
     )
 
 

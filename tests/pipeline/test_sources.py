@@ -1,6 +1,7 @@
 """Sources as their own libraries write them: Hugging Face `datasets` Parquet, `webdataset`
 tars and plain `tar`, image folders; opened on the driver, streamed on a real local Ray."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def hf_split(root: Path, split: str, n: int, shards: int = 1, features: dict | N
         ds.shard(shards, i, contiguous=True).to_parquet(str(out), batch_size=4)
 
 
-def test_split_names_follow_hugging_face_datasets():
+def test_split_names_follow_hugging_face_datasets(tmp_path):
     names = {
         "data/train-00000-of-00002.parquet": "train",
         "data/validation-00001-of-00002.parquet": "val",
@@ -67,6 +68,11 @@ def test_split_names_follow_hugging_face_datasets():
         "shard-000.tar": None,
     }
     assert {path: split_of_path(f"/r/{path}", "/r") for path in names} == names
+    for cls in ("test", "val"):  # an image folder's subfolders are classes, not splits
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "0.jpg").write_bytes(jpeg(0))
+    folder = open_source(str(tmp_path))
+    assert folder.split_names() == ["train"] and len(folder.split_files("train")) == 2
 
 
 def test_hugging_face_download_streams_without_prepare(ray_local, tmp_path, monkeypatch):
@@ -175,8 +181,8 @@ def webdataset_reads(tars: list[Path]) -> list[dict]:
 
 def test_webdataset_tars_read_as_the_webdataset_library_reads_them(ray_local, tmp_path):
     """Keys are member paths with their directories (dots in them too), images any image
-    extension, labels .cls; other members (.meta.json, .txt) are not read."""
-    tars = [tmp_path / "wds" / f"shard-{k:06d}.tar" for k in range(2)]
+    extension, labels .cls; other members (.meta.json) are not read; .tgz shards too."""
+    tars = [tmp_path / "wds" / f"shard-{k:06d}.{ext}" for k, ext in enumerate(["tar", "tgz"])]
     tars[0].parent.mkdir()
     for k, tar in enumerate(tars):
         with wds.TarWriter(str(tar)) as sink:
@@ -266,3 +272,43 @@ def test_webdataset_labels_by_extension_or_json_field(ray_local, tmp_path):
         collect(build_dataset(cfg.model_copy(update={"strict": True}), "train", 16))
     manifest = prepare(str(meta), tmp_path / "out", label_field="label", progress=False)
     assert [s["id"] for s in manifest["skipped"]] == ["s1"]
+
+
+def test_a_source_without_images_stops_naming_what_it_holds(tmp_path, capsys):
+    """Exit 2 before any Ray work, never an empty dataset: a tar of captions, of files
+    without extensions or without labels, empty Parquet, loose files; a split without rows
+    (0 in split_rows); a source none of whose images is usable, in prepare."""
+    for name in ("captions", "bare", "unlabelled", "hf", "loose"):
+        (tmp_path / name).mkdir()
+    with wds.TarWriter(str(tmp_path / "captions" / "a.tar")) as sink:
+        sink.write({"__key__": "x", "txt": "a cat"})
+    with pytest.raises(SystemExit) as stop:
+        main(["prepare", str(tmp_path / "captions"), str(tmp_path / "out")])
+    message = r"a\.tar holds no image sample \(a member KEY\.EXT, EXT one of \['jpg'.* \['x\.txt'\]"
+    assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+    (tmp_path / "bare" / "img0001").write_bytes(jpeg(0))
+    subprocess.run(["tar", "-cf", "b.tar", "img0001"], cwd=tmp_path / "bare", check=True)
+    with pytest.raises(SourceError, match=r"b\.tar holds no image sample .* \['img0001'\]"):
+        open_source(str(tmp_path / "bare"))
+    with wds.TarWriter(str(tmp_path / "unlabelled" / "u.tar")) as sink:
+        sink.write({"__key__": "x", "jpg": jpeg(0), "txt": "a cat"})
+    with pytest.raises(SourceError, match=r"has members \['jpg', 'txt'\], no label member"):
+        open_source(str(tmp_path / "unlabelled"))
+
+    hf_split(tmp_path / "hf", "train", 0)
+    with pytest.raises(SourceError, match=r"hf holds no rows: .*'image', 'label'"):
+        open_source(str(tmp_path / "hf"))
+    hf_split(tmp_path / "hf", "test", 2)
+    cfg = DataConfig(dataset=str(tmp_path / "hf"), image_size=32)
+    assert describe_dataset(cfg).split_rows == {"train": 0, "test": 2}
+    with pytest.raises(SourceError, match=r"split 'train' has no rows: \[.*train-00000"):
+        build_dataset(cfg, "train", 16)
+
+    for i in range(2):
+        (tmp_path / "loose" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SourceError, match=r"no class subfolders; its 2 files: \['0\.jpg', '1"):
+        open_source(str(tmp_path / "loose"))
+    (tmp_path / "loose" / "cat").mkdir()
+    (tmp_path / "loose" / "0.jpg").rename(tmp_path / "loose" / "cat" / "0.jpg")
+    with pytest.raises(SourceError, match=r"no usable image: 1 bad, \[\('not a readable image"):
+        prepare(str(tmp_path / "loose"), tmp_path / "out", progress=False)
