@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from PIL import Image
 from jobs.cluster.raynode import node_env
 from jobs.config import CONFIGS
 
-from helpers import decompression_bomb_png, encode, free_port, photo
+from helpers import decompression_bomb_png, encode, free_port, photo, wait_healthy
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,14 +68,7 @@ def mlflow_server(tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start")
+        wait_healthy(uri)
         yield uri
     finally:
         os.killpg(proc.pid, 15)

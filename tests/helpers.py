@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import socket
 import struct
+import time
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from jobs.config import JobConfig
@@ -62,3 +65,49 @@ def decompression_bomb_png() -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def search_config(tmp: Path, digits: Path, uri: str, name: str, epochs: int = 3, **tune) -> Path:
+    """A small digits search (micro/4 with 2 blocks at 16 px, 2 trials of one worker) as a
+    YAML file under `tmp`; `tune` overrides keys of its tune section."""
+    tree = {
+        "model": {"preset": "micro/4", "overrides": {"depth": 2}},
+        "data": {
+            "dataset": str(digits),
+            "image_size": 16,
+            "hflip": False,
+            "crop_scale": [0.6, 1.0],
+            "eval_crop_fraction": 1.0,
+            "shuffle_buffer": 256,
+            "cpus_per_task": 0.25,
+        },
+        "train": {"batch_size": 128, "epochs": epochs, "lr": 0.003, "warmup_steps": 3},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.75},
+        "run": {"name": name, "storage_path": str(tmp / "runs")},
+        "mlflow": {"tracking_uri": uri, "experiment": "vitray-tune-test"},
+        "tune": {
+            "space": {"train.lr": {"loguniform": [3e-4, 3e-3]}},
+            "num_samples": 2,
+            "max_concurrent": 2,
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "time_budget_s": 600,
+            "stall_timeout_s": 240,
+            **tune,
+        },
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def wait_healthy(base: str, seconds: float = 180) -> None:
+    """Wait for an MLflow server's /health (a loaded 2-core machine takes a minute)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{base} did not answer /health within {seconds:.0f} s")

@@ -8,52 +8,18 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from jobs.config import load_config
 from jobs.training.search import TRIAL_RUN_KEY, SearchStopped, Watchdog, select_best
 
-from helpers import ROOT, tracked_search
+from helpers import ROOT, search_config, tracked_search
 
 pytestmark = pytest.mark.slow
-
-
-def search_config(tmp: Path, digits: Path, uri: str, name: str, epochs: int = 3, **tune) -> Path:
-    tree = {
-        "model": {"preset": "micro/4", "overrides": {"depth": 2}},
-        "data": {
-            "dataset": str(digits),
-            "image_size": 16,
-            "hflip": False,
-            "crop_scale": [0.6, 1.0],
-            "eval_crop_fraction": 1.0,
-            "shuffle_buffer": 256,
-            "cpus_per_task": 0.25,
-        },
-        "train": {"batch_size": 128, "epochs": epochs, "lr": 0.003, "warmup_steps": 3},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.75},
-        "run": {"name": name, "storage_path": str(tmp / "runs")},
-        "mlflow": {"tracking_uri": uri, "experiment": "vitray-tune-test"},
-        "tune": {
-            "space": {"train.lr": {"loguniform": [3e-4, 3e-3]}},
-            "num_samples": 2,
-            "max_concurrent": 2,
-            "grace_period": 1,
-            "reduction_factor": 2,
-            "time_budget_s": 600,
-            "stall_timeout_s": 240,
-            **tune,
-        },
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def children(client, parent_id: str) -> list:
