@@ -79,7 +79,7 @@ def test_finetune_at_32px_resizes_posemb_new_head_and_learns(pretrained, digits_
 def test_finetune_from_an_mlflow_uri_and_from_timm_weights(pretrained, digits_dir, mlflow_server):
     """init.checkpoint takes runs:/ URIs and foreign weights, not only directories."""
     timm = pytest.importorskip("timm")
-    from safetensors.torch import save_file
+    from timm.models._hub import save_for_hf
 
     from jobs.tracking.checkpoints import fetch_checkpoint
 
@@ -87,8 +87,8 @@ def test_finetune_from_an_mlflow_uri_and_from_timm_weights(pretrained, digits_di
     assert (uri_dir / "model.safetensors").is_file()
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
-    path = digits_dir / "timm-tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    path = digits_dir / "timm-tiny"  # a timm Hub directory: weights + config.json
+    save_for_hf(model, path, safe_serialization=True)
     converted = fetch_checkpoint(f"timm:{path}", workdir=str(digits_dir / "timm-conv"))
     ours = load_checkpoint(converted)
     x = torch.randn(2, 3, 32, 32)
