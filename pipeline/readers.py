@@ -17,6 +17,7 @@ import json
 import posixpath
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Collection, Iterator
 from typing import NamedTuple, TypedDict
 
@@ -178,27 +179,39 @@ def parquet_rows(source: Source, files: list[str]) -> int:
 
 def read_parquet(source: Source, unit: Unit) -> Rows:
     """A row group; `row` counts from the start of the file. Ids come from an `id` column,
-    else from Hugging Face's image paths, else are None."""
+    else from Hugging Face's image paths, else are None. A row group that cannot be read
+    is as many bad rows, a row without a label a bad row."""
     path, group = unit["path"], unit["row_group"]
     pf = pq.ParquetFile(path, filesystem=source.filesystem)
+    n = pf.metadata.row_group(group).num_rows
+    start = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+    where = {"path": object_array([path] * n), "row": np.arange(start, start + n)}
     roles = [source.image_column, source.label_column]
     columns = [*roles, *(["id"] if "id" in pf.schema_arrow.names else [])]
-    table = pf.read_row_group(group, columns=list(dict.fromkeys(columns)))
+    try:
+        table = pf.read_row_group(group, columns=list(dict.fromkeys(columns)))
+    except (OSError, pa.ArrowException) as e:
+        return {
+            "image": object_array([None] * n),
+            "label": np.full(n, -1, dtype=np.int64),
+            "id": object_array([None] * n),
+            "error": object_array([f"row group {group} unreadable: {e}"] * n),
+            **where,
+        }
     image = table.column(source.image_column)
     ids = table.column("id") if "id" in columns else None
     if pa.types.is_struct(image.type):  # Hugging Face's Image feature: {bytes, path}
         if ids is None and "path" in [f.name for f in image.type]:
             ids = pc.struct_field(image, "path")
         image = pc.struct_field(image, "bytes")
-    n = table.num_rows
-    start = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+    labels = table.column(source.label_column)
+    missing = labels.is_null().to_numpy(zero_copy_only=False)
     return {
         "image": image.to_numpy(zero_copy_only=False),
-        "label": table.column(source.label_column).to_numpy(),
+        "label": labels.fill_null(-1).to_numpy().astype(np.int64),
         "id": object_array([None] * n) if ids is None else ids.to_numpy(zero_copy_only=False),
-        "path": object_array([path] * n),
-        "row": np.arange(start, start + n),
-        "error": object_array([None] * n),
+        "error": object_array(["no label" if m else None for m in missing]),
+        **where,
     }
 
 
@@ -257,22 +270,41 @@ def tar_members(source: Source, path: str, wanted: Collection[str]) -> Iterator[
             ext = match[2].lower()
             data = tar.extractfile(info).read() if ext in wanted else None
             yield info.name, match[1], ext, data
+        check_end(tar)
+
+
+def check_end(tar: tarfile.TarFile) -> None:
+    """Raise if the members ended before the archive: `tarfile` stops silently at a damaged
+    or truncated header past the first. A proper end is zero blocks to the end of the file
+    (a tar cut between two members cannot be told from a whole one)."""
+    header = tar.fileobj.tell() - tar.offset  # the bytes read of the header that ended it
+    rest = iter(lambda: tar.fileobj.read(2**20), b"")
+    if header % tarfile.BLOCKSIZE or any(chunk.strip(b"\0") for chunk in rest):
+        raise tarfile.ReadError(f"damaged member header at byte {tar.offset}")
 
 
 def tar_samples(source: Source, path: str, wanted: Collection[str]) -> Iterator[Sample]:
     """The samples of a tar in order. A member that repeats an extension of its sample
-    makes the sample bad (webdataset: 'duplicate file name')."""
-    key, fields, error = None, {}, None
-    for name, k, ext, data in tar_members(source, path, wanted):
-        if k is None:
-            continue
-        if k != key:
-            if key is not None:
-                yield Sample(key, fields, error)
-            key, fields, error = k, {}, None
-        if ext in fields:
-            error = f"member {name!r} repeats the extension {ext!r} of its sample"
-        fields[ext] = data
+    makes the sample bad (webdataset: 'duplicate file name'). Damage ends the tar (tarfile
+    cannot resume past it): the sample being read is bad, with where and why, and the rest
+    is lost."""
+    key, fields, error, last = None, {}, None, None
+    try:
+        for name, k, ext, data in tar_members(source, path, wanted):
+            last = name
+            if k is None:
+                continue
+            if k != key:
+                if key is not None:
+                    yield Sample(key, fields, error)
+                key, fields, error = k, {}, None
+            if ext in fields:
+                error = f"member {name!r} repeats the extension {ext!r} of its sample"
+            fields[ext] = data
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        where = f"after member {last!r}" if last else "from its start"
+        error = f"tar unreadable {where}: {e}; the rest of it is lost"
+        key = key or posixpath.basename(path)
     if key is not None:
         yield Sample(key, fields, error)
 
@@ -317,6 +349,8 @@ def open_tar(source: Source) -> Source:
     for sample in tar_samples(source, path, wanted=()):
         if any(ext in sample.fields for ext in images):
             break
+        if sample.error:
+            raise SourceError(f"{path}: {sample.error}")
     else:
         names = [name for name, *_ in tar_members(source, path, wanted=())]
         raise SourceError(

@@ -3,6 +3,7 @@ tars and plain `tar`, image folders; opened on the driver, streamed on a real lo
 
 import re
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +168,8 @@ def png(i: int) -> bytes:
     return encode(PILImage.fromarray(photo((72, 64), seed=i)), "PNG")
 
 
-def wds_rows(root: Path, **roles: str) -> dict[str, list]:
-    """Every row of a WebDataset source, as prepare, streaming and the benchmark read it."""
+def source_rows(root: Path, **roles: str) -> dict[str, list]:
+    """Every row of a source, as prepare, streaming and the benchmark read it."""
     source = open_source(str(root), **roles)
     units = [read_unit(source, unit) for unit in plan_units(source, source.files)]
     return {key: [v for rows in units for v in rows[key]] for key in units[0]}
@@ -190,7 +191,7 @@ def test_webdataset_tars_read_as_the_webdataset_library_reads_them(ray_local, tm
                 image = {"png": png(i)} if i == 2 else {"jpg": jpeg(i)}
                 key = f"v1.{k}/{'cat' if i % 2 else 'dog'}/{i:04d}"
                 sink.write({"__key__": key, **image, "cls": i % 2, "meta.json": {"i": i}})
-    rows = wds_rows(tmp_path / "wds")
+    rows = source_rows(tmp_path / "wds")
     theirs = webdataset_reads(tars)
     expected = [(s["__key__"], s.get("jpg", s.get("png")), s["cls"]) for s in theirs]
     assert list(zip(rows["id"], rows["image"], rows["label"], strict=True)) == expected
@@ -214,7 +215,7 @@ def test_a_plain_tar_of_a_directory(tmp_path):
     (tmp_path / "sorted").mkdir()
     tar = tmp_path / "sorted" / "train.tar"
     subprocess.run(["tar", "--sort=name", "-cf", tar, "-C", src, "."], check=True)
-    rows = wds_rows(tmp_path / "sorted")
+    rows = source_rows(tmp_path / "sorted")
     expected = [(s["__key__"], s["jpg"], s["cls"]) for s in webdataset_reads([tar])]
     assert list(zip(rows["id"], rows["image"], rows["label"], strict=True)) == expected
     assert rows["id"] == ["./a/0000", "./a/0002", "./b/0001", "./b/0003"]
@@ -245,25 +246,25 @@ def test_webdataset_labels_by_extension_or_json_field(ray_local, tmp_path):
     for ext in INT_EXTENSIONS:
         root = shard(ext, [{ext: i} for i in range(3)])
         theirs = [s[ext] for s in webdataset_reads([root / "train-0.tar"])]
-        assert wds_rows(root)["label"] == theirs == [0, 1, 2], ext
+        assert source_rows(root)["label"] == theirs == [0, 1, 2], ext
     both = shard("both", [{"cls": 1, "id": 900 + i} for i in range(2)])
     with pytest.raises(SourceError, match=r"several labels \['cls', 'id'\].*data\.label_column"):
         open_source(str(both))
-    assert wds_rows(both, label_column="id")["label"] == [900, 901]
+    assert source_rows(both, label_column="id")["label"] == [900, 901]
 
     meta = shard("json", [{"json": {"label": 2, "w": 3}}, {"json": {"label": "pear"}}])
     with pytest.raises(SourceError, match=r"has members \['jpg', 'json'\], no label member"):
         open_source(str(meta))
     with pytest.raises(SourceError, match=r"label_field reads json labels, not \.cls"):
         open_source(str(both), label_column="cls", label_field="label")
-    rows = wds_rows(meta, label_field="label")
+    rows = source_rows(meta, label_field="label")
     assert rows["label"] == [2, -1] and rows["error"][0] is None
     assert (
         rows["error"][1]
         == "the label ('label' of .json: b'{\"label\": \"pear\"}') is not an integer"
     )
     bad_cls = shard("bad_cls", [{"cls": "1"}, {"cls": "cat"}, {"cls": "2.5"}])
-    assert wds_rows(bad_cls)["label"] == [1, -1, -1]
+    assert source_rows(bad_cls)["label"] == [1, -1, -1]
 
     cfg = DataConfig(dataset=str(meta), image_size=32, label_field="label")
     out = collect(build_dataset(cfg, "train", 16))
@@ -312,3 +313,60 @@ def test_a_source_without_images_stops_naming_what_it_holds(tmp_path, capsys):
     (tmp_path / "loose" / "0.jpg").rename(tmp_path / "loose" / "cat" / "0.jpg")
     with pytest.raises(SourceError, match=r"no usable image: 1 bad, \[\('not a readable image"):
         prepare(str(tmp_path / "loose"), tmp_path / "out", progress=False)
+
+
+def corrupt(path: Path, offset: int, size: int) -> None:
+    """Overwrite `size` bytes at `offset` with 0xff: no Parquet page header, no tar header."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * size)
+
+
+def test_corruption_inside_a_unit_costs_only_its_rows(ray_local, tmp_path):
+    """A corrupt Parquet row group, a tar with a damaged header or cut short, a row without
+    a label: those rows are bad (counted; named with data.strict), the rest is read."""
+    hf_split(tmp_path / "hf", "train", 12)  # row groups of 4 rows
+    [parquet] = (tmp_path / "hf" / "data").iterdir()
+    corrupt(parquet, pq.read_metadata(parquet).row_group(1).column(0).data_page_offset, 64)
+    rows = source_rows(tmp_path / "hf")
+    assert [e is None for e in rows["error"]] == [True] * 4 + [False] * 4 + [True] * 4
+    assert rows["error"][4].startswith("row group 1 unreadable: Couldn't deserialize thrift")
+    cfg = DataConfig(dataset=str(tmp_path / "hf"), image_size=32)
+    out = collect(build_dataset(cfg, "train", 16))
+    assert len(out["ok"]) == 12 and out["ok"].sum() == 8
+    strict = r"train-00000-of-00001\.parquet, row [4-7], id None: row group 1 unreadable"
+    with pytest.raises(Exception, match=strict):
+        collect(build_dataset(cfg.model_copy(update={"strict": True}), "train", 16))
+    manifest = prepare(str(tmp_path / "hf"), tmp_path / "out", val_fraction=0, progress=False)
+    assert [s["id"] for s in manifest["skipped"]] == [f"{parquet.name}:{i}" for i in range(4, 8)]
+
+    (tmp_path / "wds").mkdir()
+    for name in ("cut", "damaged"):
+        with wds.TarWriter(str(tmp_path / "wds" / f"{name}.tar")) as sink:
+            for i in range(4):
+                sink.write({"__key__": f"{name}{i}", "jpg": jpeg(i), "cls": i % 2})
+    cut, damaged = tmp_path / "wds" / "cut.tar", tmp_path / "wds" / "damaged.tar"
+    cut.write_bytes(cut.read_bytes()[: tarfile.open(cut).getmember("cut1.jpg").offset_data + 99])
+    header = tarfile.open(damaged).getmember("damaged2.cls").offset  # tarfile stops there
+    corrupt(damaged, header, 512)
+    rows = source_rows(tmp_path / "wds")
+    assert rows["id"] == ["cut0", "cut1", "damaged0", "damaged1"]
+    assert rows["error"][::2] == [None, None] and rows["label"] == [0, -1, 0, -1]
+    assert rows["error"][1:] == [
+        "tar unreadable after member 'cut1.cls': unexpected end of data; the rest of it is lost",
+        None,
+        f"tar unreadable after member 'damaged1.jpg': damaged member header at byte {header}; "
+        "the rest of it is lost",
+    ]
+    cfg = DataConfig(dataset=str(tmp_path / "wds"), image_size=32)
+    assert collect(build_dataset(cfg, "train", 16))["ok"].tolist().count(True) == 2
+    with pytest.raises(Exception, match=r"(cut|damaged)\.tar, id '\w+1': tar unreadable after"):
+        collect(build_dataset(cfg.model_copy(update={"strict": True}), "train", 16))
+
+    labels = Dataset.from_dict(
+        {"image": [{"bytes": jpeg(i), "path": None} for i in range(3)], "label": [0, None, 2]},
+        features=Features({"image": Image(), "label": ClassLabel(names=FRUIT)}),
+    )
+    labels.to_parquet(str(tmp_path / "labels" / "train.parquet"))
+    rows = source_rows(tmp_path / "labels")
+    assert rows["label"] == [0, -1, 2] and rows["error"] == [None, "no label", None]
