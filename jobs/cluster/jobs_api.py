@@ -28,6 +28,7 @@ CONFIG_PATHS = ("data.dataset", "init.checkpoint", "run.storage_path")
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "RAY_DATA_LOG_LEVEL",
     "VITRAY_DATA",
     "VITRAY_DEBUG",
 )
@@ -47,6 +48,7 @@ def client(address: str | None) -> Any:
 
 def runtime_env(image: str | None, working_dir: Path | None) -> dict[str, Any]:
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env_vars.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # as on nodes vitray starts
     if image:
         return {"image_uri": image, "env_vars": env_vars}
     return {"working_dir": str(working_dir), "env_vars": env_vars}

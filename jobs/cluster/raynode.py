@@ -20,6 +20,9 @@ def node_env(cpus: int | None = None) -> dict[str, str]:
         # Ray Train's controller polls its workers every 2 s, and each report waits for a
         # poll (docs/design.md#ray-train-health-check-interval).
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        # Ray Data logs "Dataset ... execution finished" at INFO each time a dataset runs:
+        # every epoch of every split, from its actors, between the progress lines.
+        "RAY_DATA_LOG_LEVEL": "WARNING",
     }
 
 

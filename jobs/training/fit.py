@@ -17,6 +17,7 @@ from jobs.config import JobConfig
 from jobs.training.capacity import check_capacity, worker_resources
 from jobs.training.loop import train_loop_per_worker
 from jobs.training.plan import TrainPlan, make_plan
+from jobs.training.progress import ProgressFeed
 from jobs.training.tracker import MetricsSink, Tracker
 from pipeline.dataset import build_dataset, quiet_progress
 
@@ -48,6 +49,7 @@ def build_trainer(
     plan: TrainPlan,
     datasets: dict[str, Any],
     metrics: MetricsSink | None = None,
+    progress: Any = None,
     callbacks: list | None = None,
 ) -> Any:
     import ray.train
@@ -59,6 +61,7 @@ def build_trainer(
             "job": cfg.model_dump(mode="json"),
             "plan": plan.to_dict(),
             "metrics": metrics,
+            "progress": progress,  # a Ray queue of rank 0's progress lines, or None
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -113,10 +116,11 @@ def fit(
         f"{plan.total_steps} steps; checkpoints in {run_dir}",
         flush=True,
     )
-    trainer = build_trainer(cfg, plan, datasets, metrics=tracker.metrics(run_id))
-    if run_id is None:
-        return Outcome(cfg, trainer.fit(), None)
-    with tracker.active(run_id):
-        result = trainer.fit()
-        tracker.log_outcome(cfg, result, run_id, start)
+    with ProgressFeed() as progress:
+        trainer = build_trainer(cfg, plan, datasets, tracker.metrics(run_id), progress)
+        if run_id is None:
+            return Outcome(cfg, trainer.fit(), None)
+        with tracker.active(run_id):
+            result = trainer.fit()
+            tracker.log_outcome(cfg, result, run_id, start)
     return Outcome(cfg, result, run_id)

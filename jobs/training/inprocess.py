@@ -18,6 +18,7 @@ from jobs.training.fit import build_datasets
 from jobs.training.loop import Runner, run_training
 from jobs.training.plan import make_plan
 from jobs.training.start import Start
+from pipeline.console import ConsoleLine
 
 
 def train_in_process(
@@ -39,6 +40,7 @@ def train_in_process(
         report=lambda metrics, checkpoint: reports.append(metrics),
         make_checkpoint=lambda d: keep and shutil.copytree(d, keep, dirs_exist_ok=True),
         checkpoint=None,
+        progress=ConsoleLine().show,
         epoch_reports_only=True,
     )
     run_training({"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()}, runner)

@@ -93,6 +93,7 @@ class Runner:
     make_checkpoint: Callable[[str], Any]  # a directory -> the runner's Checkpoint
     checkpoint: Any  # the checkpoint to resume from, or None
     metrics: MetricsSink | None = None  # rank 0's tracking
+    progress: Callable[[str, bool], None] | None = None  # rank 0's (line, keep) to show
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     epoch_reports_only: bool = False  # Tune schedulers compare val_top1 at every report
 
@@ -118,9 +119,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         make_checkpoint=ray.train.Checkpoint.from_directory,
         checkpoint=ray.train.get_checkpoint(),
         metrics=config.get("metrics") if rank == 0 else None,
+        progress=progress_to(config.get("progress")) if rank == 0 else None,
         prepare_model=ray.train.torch.prepare_model,
     )
     run_training(config, runner)
+
+
+def progress_to(queue: Any) -> Callable[[str, bool], None] | None:
+    """Lines into the driver's queue (jobs/training/progress.py), if it gave one."""
+    if queue is None:
+        return None
+    return lambda text, keep: queue.put((text, keep))
 
 
 def initial_weights(plan: TrainPlan) -> dict[str, torch.Tensor] | None:
@@ -252,6 +261,7 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
         plan.total_steps,
         cfg.train.report_every,
         runner.metrics,
+        runner.progress,
         step,
     )
     model.train()

@@ -1,11 +1,11 @@
 """Reports: each rank's sums over a window of steps, all-reduced at report time into the
-metrics Ray (or Tune) receives; rank 0 also prints one progress line and logs the metrics
-through the sink it was handed."""
+metrics Ray (or Tune) receives; rank 0 also logs the metrics through the sink it was handed
+and sends a progress line to where it is shown."""
 
 from __future__ import annotations
 
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,9 +39,10 @@ class Reporter:
         total_steps: int,
         report_every: int,
         sink: MetricsSink | None,
+        progress: Callable[[str, bool], None] | None,
         start_step: int,
     ) -> None:
-        self.rank, self.micro_batch, self.sink = rank, micro_batch, sink
+        self.rank, self.micro_batch, self.sink, self.progress = rank, micro_batch, sink, progress
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.report_every = report_every
         self.run_start, self.start_step = time.perf_counter(), start_step
@@ -81,19 +82,19 @@ class Reporter:
         }
 
     def publish(self, metrics: dict[str, float], step: int) -> None:
-        """Rank 0: the metrics to the sink, and one progress line."""
+        """Rank 0: the metrics to the sink, and a progress line (kept at each epoch's end)."""
         if self.rank != 0:
             return
         if self.sink is not None:
             self.sink.log(metrics, step)
+        if self.progress is None:
+            return
         rate = (step - self.start_step) / (time.perf_counter() - self.run_start)
         eta = format_eta((self.total_steps - step) / max(rate, 1e-9))
         extra = f" val_top1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else ""
-        # Not print(): Ray Train 2.60 patches it in its workers to log the line and also
-        # print it, so every line showed twice.
-        sys.stdout.write(
+        self.progress(
             f"step {step}/{self.total_steps} epoch {metrics['epoch']:.2f} "
             f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-            f"{metrics['images_per_s']:.0f} img/s ETA {eta}{extra}\n"
+            f"{metrics['images_per_s']:.0f} img/s ETA {eta}{extra}",
+            "val_top1" in metrics,
         )
-        sys.stdout.flush()

@@ -112,6 +112,9 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
     assert "SUCCEEDED" in run.stdout and run.stdout.count("step 10/10") == 1  # printed once
     assert "Reporting training result" not in run.stdout  # Ray Train's per-report INFO lines
     assert "Execution plan of Dataset" not in run.stdout  # Ray Data's lines per epoch
+    assert "execution finished" not in run.stdout
+    (last,) = [line for line in run.stdout.splitlines() if "step 10/10" in line]
+    assert last.startswith("step 10/10")  # printed by the driver: no Ray actor prefix
     assert "Converting a tensor with requires_grad" not in run.stdout  # torch, per worker
     assert len(train_worker_nodes(local_cluster)) == 2  # one Train worker on each node
     job_id = run.stdout.split("submitted ", 1)[1].split(":", 1)[0]
