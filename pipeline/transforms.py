@@ -20,10 +20,12 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.decode import (
+    UPRIGHT,
     BadImage,
     check_size,
     image_bytes,
-    jpeg_size,
+    image_orientation,
+    jpeg_header,
     load,
     open_image,
     pixels,
@@ -80,6 +82,14 @@ def _randaugment(num_ops: int, magnitude: int) -> Any:
     return v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
 
 
+def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(..., H, W) as stored -> upright: `PIL.ImageOps.exif_transpose` on a tensor."""
+    transpose, flips = UPRIGHT[orientation]
+    if transpose:
+        pixels = pixels.transpose(-1, -2)
+    return pixels.flip(flips) if flips else pixels
+
+
 def decode_region(
     data: bytes,
     size: tuple[int, int],
@@ -88,10 +98,13 @@ def decode_region(
     out_hw: tuple[int, int],
     channels: int,
     max_pixels: int,
+    orientation: int = 1,
 ) -> tuple[torch.Tensor, Box]:
-    """Decode for a crop: (1, K, H, W) uint8 tensor and the box in its pixels.
+    """Decode for a crop: (1, K, H, W) uint8 tensor, upright, and the box in its pixels.
 
-    `img` is the image opened by Pillow, or None for a JPEG whose size came from its header.
+    `size` and `box` are in the upright image: the stored one turned by its EXIF
+    `orientation`. `img` is the image opened by Pillow, or None for a JPEG whose size came
+    from its header.
     A JPEG whose crop is at least twice the output decodes at 1/2, 1/4 or 1/8 scale in PIL's
     DCT (`draft`); other JPEGs decode with torchvision's libjpeg-turbo binding, measured 20%
     faster than PIL's and straight into a tensor (no Pillow-to-array copy); other formats
@@ -110,13 +123,15 @@ def decode_region(
             full = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
         except RuntimeError as e:  # truncated or corrupt stream
             raise BadImage(f"cannot decode: {e}") from e
-        return full[None], box
+        return orient(full[None], orientation), box
     img = img or open_image(data, max_pixels)
-    img = load(img, min_size=(math.ceil(w * tw / bw), math.ceil(h * th / bh)))
-    sx, sy = img.size[0] / w, img.size[1] / h  # the decoder's reduction, if any
+    need = (math.ceil(w * tw / bw), math.ceil(h * th / bh))  # upright
+    img = load(img, min_size=need[::-1] if UPRIGHT[orientation][0] else need)
     with warnings.catch_warnings():  # a read-only view is fine: it is only read
         warnings.simplefilter("ignore", UserWarning)
         full = torch.from_numpy(pixels(to_rgb(img, channels))).permute(2, 0, 1)[None]
+    full = orient(full, orientation)
+    sx, sy = full.shape[3] / w, full.shape[2] / h  # the decoder's reduction, if any
     return full, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
@@ -124,22 +139,27 @@ def crop_image(data: bytes, cfg: DataConfig, train: bool, rng: np.random.Generat
     """Encoded image -> (H, W, C) uint8 at `cfg.image_size`; raises BadImage.
 
     The crop is chosen on the header's size, the image decoded only as large as the crop
-    needs, then resized by torch's uint8 antialiased bilinear kernel on channels-last memory
-    (the filter of torchvision's RandomResizedCrop; 3.8x faster than PIL's resize here).
+    needs and turned upright by its EXIF orientation, then resized by torch's uint8
+    antialiased bilinear kernel on channels-last memory (the filter of torchvision's
+    RandomResizedCrop; 3.8x faster than PIL's resize here).
     """
-    size, img = jpeg_size(data), None
-    if size is not None:
-        check_size(*size, cfg.max_pixels)
+    header, img = jpeg_header(data), None
+    if header is not None:
+        w, h, orientation = header
+        check_size(w, h, cfg.max_pixels)
     else:
         img = open_image(data, cfg.max_pixels)
-        size = img.size
-    w, h = size
+        (w, h), orientation = img.size, image_orientation(img)
+    if UPRIGHT[orientation][0]:  # transposed: the upright image is h x w
+        w, h = h, w
     th, tw = cfg.size_hw
     if train:
         box = random_resized_crop_box(w, h, rng, cfg.crop_scale, cfg.crop_ratio)
     else:
         box = center_crop_box(w, h, (th, tw), cfg.eval_crop_fraction)
-    full, box = decode_region(data, size, img, box, (th, tw), cfg.channels, cfg.max_pixels)
+    full, box = decode_region(
+        data, (w, h), img, box, (th, tw), cfg.channels, cfg.max_pixels, orientation
+    )
     left, top = round(box[0]), round(box[1])
     right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
     crop = full[:, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)

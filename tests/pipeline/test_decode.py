@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.decode import BadImage, image_bytes, jpeg_size, open_image, pixels, to_rgb
+from pipeline.decode import BadImage, image_bytes, jpeg_header, open_image, pixels, to_rgb
 from pipeline.transforms import crop_image
 
 from helpers import encode, photo
@@ -50,22 +50,44 @@ def test_missing_bytes_are_a_bad_image():
         image_bytes(None)
 
 
-def test_jpeg_size_from_the_header_matches_pillow(awkward_images):
-    """The crop is planned on the header's size without Pillow; it must be Pillow's size."""
+def test_jpeg_header_matches_pillow(awkward_images):
+    """The crop is planned on the header's size and EXIF orientation without Pillow; they
+    must be Pillow's."""
     rgb = Image.fromarray(photo((333, 217)))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: a large APP1 segment before the frame header
     jpegs = {
         "baseline": encode(rgb, "JPEG"),
         "progressive": encode(rgb, "JPEG", progressive=True),
-        "exif": encode(rgb, "JPEG", exif=exif.tobytes()),
         "grayscale": awkward_images["grayscale_jpeg"][0],
         "cmyk": awkward_images["cmyk_jpeg"][0],
     }
+    for endian, orientation in (("<", 6), (">", 8)):  # an APP1 segment before the frame
+        exif = Image.Exif()
+        exif.endian = endian
+        exif[0x0112], exif[0x010F] = orientation, "a camera"
+        jpegs[f"exif {endian}"] = encode(rgb, "JPEG", exif=exif.tobytes())
     for name, data in jpegs.items():
-        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size, name
+        img = Image.open(io.BytesIO(data))
+        assert jpeg_header(data) == (*img.size, img.getexif().get(0x0112, 1)), name
+    assert jpeg_header(jpegs["exif >"])[2] == 8
     for name in ("png_rgba", "palette_gif", "text_named_jpg", "zero_bytes"):
-        assert jpeg_size(awkward_images[name][0]) is None, name
+        assert jpeg_header(awkward_images[name][0]) is None, name
+
+
+def test_only_accepted_formats_are_opened():
+    """JPEG, PNG, WebP, GIF, BMP, TIFF; anything else Pillow could parse is a bad image."""
+    img = Image.fromarray(photo((64, 48)))
+    cfg = DataConfig(dataset="unused", image_size=32)
+    for fmt in ("BMP", "TIFF", "WEBP"):
+        assert crop_image(encode(img, fmt), cfg, False, None).shape == (32, 32, 3), fmt
+    for fmt in ("PPM", "TGA", "PCX", "SGI", "ICO", "EPS", "PDF"):
+        data = encode(img, fmt)
+        if fmt != "PDF":  # Pillow writes PDF but cannot read it
+            assert Image.open(io.BytesIO(data)).format == fmt
+        with pytest.raises(BadImage, match=r"not a readable image of an accepted format"):
+            crop_image(data, cfg, False, None)
+    png = encode(img, "PNG")
+    with pytest.raises(BadImage, match="cannot decode"):  # PNG decodes to read its EXIF
+        crop_image(png[: len(png) // 2], cfg, False, None)
 
 
 def test_a_jpeg_declaring_a_huge_frame_is_a_decompression_bomb(awkward_images):

@@ -1,11 +1,14 @@
+import io
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.config import DataConfig
 from pipeline.transforms import (
     StrictModeError,
     center_crop_box,
+    crop_image,
     preprocess_batch,
     random_resized_crop_box,
 )
@@ -80,3 +83,28 @@ def test_randaugment_and_grayscale_models():
     assert preprocess_batch(batch, cfg, 16, train=True)["ok"].all()
     gray = DataConfig(dataset="unused", image_size=32, channels=1)
     assert preprocess_batch(batch, gray, 16, train=False)["patches"].shape == (3, 4, 256)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_on_every_decode_path(orientation):
+    """Images come out as `PIL.ImageOps.exif_transpose` shows them: JPEGs decoded by
+    torchvision and by Pillow's reduced-scale draft, PNG and WebP by Pillow."""
+    stored = Image.fromarray(photo((160, 96)))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    jpeg = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    cases = {  # name: (bytes, output size, mean |difference| allowed)
+        "jpeg": (jpeg, 48, 0.5),  # an 84 px crop to 48 px: torchvision's decode_jpeg
+        "jpeg draft": (jpeg, 16, 8),  # to 16 px: decoded at 1/2 scale, then resized
+        "png": (encode(stored, "PNG", exif=exif.tobytes()), 48, 0.5),
+        "webp": (encode(stored, "WEBP", lossless=True, exif=exif.tobytes()), 48, 0.5),
+    }
+    for name, (data, size, tolerance) in cases.items():
+        cfg = DataConfig(dataset="unused", image_size=size)
+        shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        expected = crop_image(encode(shown, "PNG"), cfg, False, None).astype(int)
+        out = crop_image(data, cfg, False, None).astype(int)
+        assert np.abs(out - expected).mean() < tolerance, name
+        if orientation != 1:  # as stored, it would be another image
+            stored_crop = crop_image(encode(stored, "PNG"), cfg, False, None)
+            assert np.abs(out - stored_crop).mean() > 30, name
