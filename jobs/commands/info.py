@@ -14,7 +14,10 @@ def resolve_config(name: str, image_size: int | None, num_classes: int | None) -
     if Path(name).is_dir():
         config = ViTConfig.from_dict(read_checkpoint_meta(name)["model"])
     else:
-        config = ViTConfig.from_preset(name)
+        try:
+            config = ViTConfig.from_preset(name)
+        except ValueError as e:
+            raise ValueError(f"{name}: no such checkpoint directory, and {e}") from e
     if image_size:
         config = config.replace(image_size=(image_size, image_size))
     if num_classes is not None:

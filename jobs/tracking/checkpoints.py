@@ -45,9 +45,15 @@ def fetch_checkpoint(ref: str, tracking_uri: str | None = None, workdir: str | N
         return out
     directory = Path(ref)
     if not (directory / CONFIG_FILE).is_file():
+        found = (
+            f"{directory} holds no {CONFIG_FILE}"
+            if directory.is_dir()
+            else f"no such directory: {directory}"
+        )
         raise FileNotFoundError(
-            f"init.checkpoint {ref!r}: not a vitray checkpoint directory, an MLflow URI "
-            f"({', '.join(MLFLOW_SCHEMES)}) or FORMAT:PATH with FORMAT in {FOREIGN_FORMATS}"
+            f"checkpoint {ref!r}: {found}; give a vitray checkpoint directory "
+            f"({WEIGHTS_FILE} + {CONFIG_FILE}), an MLflow URI ({', '.join(MLFLOW_SCHEMES)}) "
+            f"or FORMAT:PATH with FORMAT in {', '.join(FOREIGN_FORMATS)}"
         )
     return directory
 
