@@ -123,8 +123,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:
         raise BadImage(f"decompression bomb: {e}") from e
-    except UnidentifiedImageError as e:
-        raise BadImage(f"not a readable image of an accepted format {FORMATS}: {e}") from e
+    except UnidentifiedImageError as e:  # its message names only an io.BytesIO object
+        raise BadImage(f"not a readable image of an accepted format ({', '.join(FORMATS)})") from e
     check_size(*img.size, max_pixels)
     return img
 
