@@ -150,8 +150,8 @@ def source_items(
 ) -> tuple[Iterable[Item], int | None, list[str] | None, str]:
     """(items, their count if known, class names, kind). Sources are read unit by unit by
     `pipeline.readers`, as streaming reads them, with the `columns` given (image_column,
-    label_column, label_field). Built-ins and folders come sorted by class: they are shuffled with
-    `seed`, so that shards mix classes."""
+    label_column, label_field). Built-ins and folders come sorted by class: they are
+    shuffled with `seed`, so that shards mix classes."""
     if spec.startswith("builtin:"):
         if columns:
             raise SourceError(f"{spec} has no columns to choose: {sorted(columns)} do not apply")
@@ -176,10 +176,12 @@ def _unit_items(source: Source, files: list[str]) -> Iterator[Item]:
         for i, data in enumerate(rows["image"]):
             # Parquet rows without an id (or a Hugging Face path) are named FILE:ROW
             item_id = rows["id"][i] or f"{posixpath.basename(unit['path'])}:{rows['row'][i]}"
-            yield Item(str(item_id), int(rows["label"][i]), split, reader(data, rows["error"][i]))
+            yield Item(
+                str(item_id), int(rows["label"][i]), split, read_or_raise(data, rows["error"][i])
+            )
 
 
-def reader(data: bytes | None, error: str | None) -> Callable[[], bytes | None]:
+def read_or_raise(data: bytes | None, error: str | None) -> Callable[[], bytes | None]:
     """An item's `read`: its bytes, or the reason its reader gave for a bad row."""
 
     def read() -> bytes | None:
@@ -239,8 +241,11 @@ def prepare(
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out)
-    given = {"image_column": image_column, "label_column": label_column}
-    given["label_field"] = label_field
+    given = {
+        "image_column": image_column,
+        "label_column": label_column,
+        "label_field": label_field,
+    }
     columns = {key: value for key, value in given.items() if value is not None}
     options = {
         "val_fraction": val_fraction,

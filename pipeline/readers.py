@@ -134,14 +134,12 @@ def open_parquet(source: Source) -> Source:
             f"{source.spec} is Parquet: data.label_field is for WebDataset json "
             "labels; name the label column with data.label_column"
         )
-    known = {}
-    for split in (source.manifest or {"splits": {}})["splits"].values():
-        for shard in split["shards"]:
-            if "row_groups" in shard:
-                known[posixpath.join(source.root, shard["file"])] = (
-                    shard["rows"],
-                    shard["row_groups"],
-                )
+    known = {
+        posixpath.join(source.root, shard["file"]): (shard["rows"], shard["row_groups"])
+        for split in (source.manifest or {"splits": {}})["splits"].values()
+        for shard in split["shards"]
+        if "row_groups" in shard
+    }
     files = source.split_files("all")
     footers = {path: footer(source, path) for path in files if path not in known}
     source = parquet_roles(source, footers)
@@ -227,19 +225,7 @@ def read_parquet(source: Source, unit: Unit) -> Rows:
 WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 WDS_META = re.compile(r"__[^/]*__($|/)")
 # images: the extensions of the formats pipeline.decode opens
-IMAGE_EXTENSIONS = (
-    "jpg",
-    "jpeg",
-    "jpe",
-    "jfif",
-    "png",
-    "apng",
-    "webp",
-    "gif",
-    "bmp",
-    "tif",
-    "tiff",
-)
+IMAGE_EXTENSIONS = tuple("jpg jpeg jpe jfif png apng webp gif bmp tif tiff".split())
 INT_EXTENSIONS = ("cls", "cls2", "index", "inx", "id")  # webdataset decodes them with int()
 JSON_EXTENSIONS = ("json", "jsn")
 
@@ -277,7 +263,7 @@ def check_end(tar: tarfile.TarFile) -> None:
     """Raise if the members ended before the archive: `tarfile` stops silently at a damaged
     or truncated header past the first. A proper end is zero blocks to the end of the file
     (a tar cut between two members cannot be told from a whole one)."""
-    header = tar.fileobj.tell() - tar.offset  # the bytes read of the header that ended it
+    header = tar.fileobj.tell() - tar.offset  # bytes read of the header that ended them
     rest = iter(lambda: tar.fileobj.read(2**20), b"")
     if header % tarfile.BLOCKSIZE or any(chunk.strip(b"\0") for chunk in rest):
         raise tarfile.ReadError(f"damaged member header at byte {tar.offset}")
@@ -456,8 +442,11 @@ def open_source(
     """`resolve_source`, then what its reader learns on the driver: where the images and
     labels are (given, else detected), class names, counts."""
     source = resolve_source(spec)
-    given = {"image_column": image_column, "label_column": label_column}
-    given["label_field"] = label_field
+    given = {
+        "image_column": image_column,
+        "label_column": label_column,
+        "label_field": label_field,
+    }
     if source.kind == "folder" and any(given.values()):
         raise SourceError(
             f"{spec} is an image folder, labelled by its subfolders: "
