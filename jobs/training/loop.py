@@ -36,11 +36,17 @@ from vit import ViT
 from vit.checkpoint import load_state_dict_checked
 
 
-def unwrap(model: torch.nn.Module) -> ViT:
-    """With one worker Ray does not wrap the model in DDP."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+@dataclass
+class Handles:
+    """One model, three handles. `vit` is the module itself: its config, its normalisation
+    and checkpoints with clean keys (compiling prefixes them with `_orig_mod.`). `ddp` is the
+    DistributedDataParallel wrapper whose `no_sync` skips an all-reduce (None with one
+    worker: Ray does not wrap then). `compute` is what the loop calls: compiled, DDP or bare.
+    """
+
+    vit: ViT
+    ddp: torch.nn.parallel.DistributedDataParallel | None
+    compute: torch.nn.Module
 
 
 class CachedBatches:
@@ -71,7 +77,7 @@ def evaluate(model: torch.nn.Module, shard: Any, batch: int, device: torch.devic
             labels = b["label"][ok]
             top1, top5 = topk_correct(model(b["patches"][ok]), labels, (1, 5))
             correct1, correct5, seen = correct1 + top1, correct5 + top5, seen + len(labels)
-    correct1, correct5, seen, skipped = all_sum([correct1, correct5, seen, skipped])
+    correct1, correct5, seen, skipped = all_sum([correct1, correct5, seen, skipped], device)
     model.train()
     return {
         "val_top1": correct1 / max(seen, 1),
@@ -151,7 +157,7 @@ def epoch_batches(runner: Runner, cfg: JobConfig) -> Iterator[dict[str, torch.Te
 
 
 def micro_batch_loss(
-    model: torch.nn.Module, b: dict[str, torch.Tensor], cfg: JobConfig, num_classes: int
+    model: Handles, b: dict[str, torch.Tensor], cfg: JobConfig, num_classes: int
 ) -> tuple[torch.Tensor, int, float]:
     """(loss, rows, skipped rows) of one micro-batch. A batch of only bad rows still runs
     forward and backward with zero weight: every DDP rank must, or the others hang."""
@@ -161,7 +167,7 @@ def micro_batch_loss(
     if not ok.any():
         ok, weight = torch.ones_like(ok), 0.0
     patches, labels = b["patches"][ok], b["label"][ok].clamp(min=0)
-    raw = unwrap(model)
+    raw = model.vit
     device = patches.device
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         patches, targets = mix_batch(
@@ -173,32 +179,35 @@ def micro_batch_loss(
             cfg.train.cutmix,
             cfg.train.label_smoothing,
         )
-        loss = weight * F.cross_entropy(model(patches), targets)
+        loss = weight * F.cross_entropy(model.compute(patches), targets)
     return loss, len(ok), skipped
 
 
 def accumulate(
-    model: torch.nn.Module, batches: Iterator, cfg: JobConfig, num_classes: int, rep: Reporter
+    model: Handles, batches: Iterator, cfg: JobConfig, num_classes: int, rep: Reporter
 ) -> int:
-    """Forward and backward over up to `grad_accum` micro-batches (DDP all-reduces on the
-    last one only); returns how many the epoch still had."""
+    """Forward and backward over up to `grad_accum` micro-batches; returns how many the
+    epoch still had. DDP all-reduces on the last micro-batch of the step only, and the next
+    one is fetched first to know which is last: an epoch that ends inside a step must still
+    sync, or that step updates each replica with its own gradients and they drift apart."""
     accum = cfg.train.grad_accum
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    b = rep.next_batch(batches)
     for i in range(accum):
-        b = rep.next_batch(batches)
         if b is None:
             return i
-        sync = i == accum - 1 or not ddp
-        with contextlib.nullcontext() if sync else model.no_sync():
+        after = rep.next_batch(batches) if i < accum - 1 else None
+        sync = after is None or model.ddp is None
+        with contextlib.nullcontext() if sync else model.ddp.no_sync():
             loss, rows, skipped = micro_batch_loss(model, b, cfg, num_classes)
             (loss / accum).backward()
         rep.loss_sum += loss.item()
         rep.images += rows
         rep.skipped += skipped
+        b = after
     return accum
 
 
-def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> None:
+def optimizer_step(model: ViT, optimizer, scheduler, grad_clip: float) -> None:
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -207,7 +216,7 @@ def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: floa
 
 
 def report(
-    model,
+    model: ViT,
     optimizer,
     scheduler,
     step: int,
@@ -223,7 +232,7 @@ def report(
         checkpoint = None
         if end_of_epoch and runner.rank == 0:
             out = save(
-                unwrap(model),
+                model,
                 optimizer,
                 scheduler,
                 step,
@@ -235,6 +244,24 @@ def report(
         runner.report(metrics, checkpoint)
 
 
+def build_model(cfg: JobConfig, plan: TrainPlan, runner: Runner) -> tuple[Handles, Any, Any, int]:
+    """The model on the runner's device with its optimiser and schedule, resumed from the
+    runner's checkpoint. The model moves first: `Optimizer.load_state_dict` casts the state
+    to the parameters' device as it loads, so state loaded before the move stays behind and
+    the first step after a resume mixes devices."""
+    vit = ViT(plan.vit)
+    init = initial_weights(plan)
+    if init is not None:
+        load_state_dict_checked(vit, init)
+    vit = vit.to(runner.device)
+    optimizer, scheduler = build_optimizer(vit, cfg.train, plan.total_steps)
+    step = restore(vit, optimizer, scheduler, runner.checkpoint)
+    wrapped = runner.prepare_model(vit)
+    ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
+    compute = torch.compile(wrapped) if cfg.train.compile else wrapped
+    return Handles(vit, ddp, compute), optimizer, scheduler, step
+
+
 def run_training(config: dict[str, Any], runner: Runner) -> None:
     """Train from `config` ({"job": JobConfig dict, "plan": TrainPlan dict}) to the plan's
     last step, resuming from the runner's checkpoint."""
@@ -242,15 +269,7 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
     plan = TrainPlan.from_dict(config["plan"])
     torch.manual_seed(cfg.train.seed + runner.rank)
 
-    model = ViT(plan.vit)
-    init = initial_weights(plan)
-    if init is not None:
-        load_state_dict_checked(model, init)
-    optimizer, scheduler = build_optimizer(model, cfg.train, plan.total_steps)
-    step = restore(model, optimizer, scheduler, runner.checkpoint)
-    model = runner.prepare_model(model.to(runner.device))
-    if cfg.train.compile:
-        model = torch.compile(model)
+    model, optimizer, scheduler, step = build_model(cfg, plan, runner)
     val = runner.val
     if fits_in_cache(cfg.data, plan.val_rows):
         val = CachedBatches(runner.val)
@@ -263,23 +282,24 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
         runner.metrics,
         runner.progress,
         step,
+        runner.device,
     )
-    model.train()
+    model.compute.train()
     while step < plan.total_steps:
         batches = epoch_batches(runner, cfg)
         epoch_start = step
         while step < plan.total_steps:
             if not accumulate(model, batches, cfg, plan.num_classes, rep):
                 break  # the epoch is over
-            optimizer_step(model, optimizer, scheduler, cfg.train.grad_clip)
+            optimizer_step(model.vit, optimizer, scheduler, cfg.train.grad_clip)
             step += 1
             if rep.due(step):
                 metrics = rep.metrics(step, scheduler.get_last_lr()[-1])
                 end_of_epoch = rep.end_of_epoch(step)
                 if end_of_epoch:
-                    metrics.update(evaluate(model, val, cfg.micro_batch, runner.device))
+                    metrics.update(evaluate(model.compute, val, cfg.micro_batch, runner.device))
                 rep.publish(metrics, step)
-                report(model, optimizer, scheduler, step, metrics, end_of_epoch, plan, runner)
+                report(model.vit, optimizer, scheduler, step, metrics, end_of_epoch, plan, runner)
                 rep.reset()
         if step == epoch_start:
             raise RuntimeError(

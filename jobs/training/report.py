@@ -14,10 +14,12 @@ import torch.distributed as dist
 from jobs.training.tracker import MetricsSink
 
 
-def all_sum(values: list[float]) -> list[float]:
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums over all ranks. The tensor lives on the training device: NCCL (Ray's backend
+    with GPUs) reduces CUDA tensors only, and fails on a CPU one."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -41,10 +43,11 @@ class Reporter:
         sink: MetricsSink | None,
         progress: Callable[[str, bool], None] | None,
         start_step: int,
+        device: torch.device,
     ) -> None:
         self.rank, self.micro_batch, self.sink, self.progress = rank, micro_batch, sink, progress
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.report_every = report_every
+        self.report_every, self.device = report_every, device
         self.run_start, self.start_step = time.perf_counter(), start_step
         self.reset()
 
@@ -69,7 +72,7 @@ class Reporter:
         """The window's metrics, summed over every rank (a collective: all ranks call it)."""
         elapsed = time.perf_counter() - self.window_start
         loss_total, images_total, skipped_total = all_sum(
-            [self.loss_sum, self.images, self.skipped]
+            [self.loss_sum, self.images, self.skipped], self.device
         )
         return {
             "step": step,

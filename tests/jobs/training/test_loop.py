@@ -143,3 +143,101 @@ def test_resume_continues_from_the_checkpointed_step(tmp_path):
     )
     assert [m["step"] for m, _ in first] == [4]
     assert [m["step"] for m, _ in resumed] == [8]  # only the second epoch ran
+
+
+# Device and DDP contracts (a GPU or a second process shows what one CPU process hides) ---
+
+
+def test_sums_over_ranks_reduce_on_the_training_device(monkeypatch):
+    """NCCL reduces CUDA tensors only: a CPU tensor failed every GPU job at its first report."""
+    import torch.distributed as dist
+
+    from jobs.training import report
+
+    seen = []
+
+    def all_reduce(t):
+        seen.append(t.device)
+        raise StopIteration  # a meta tensor has no values to read back
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(StopIteration):
+        report.all_sum([1.0, 2.0], torch.device("meta"))
+    assert seen == [torch.device("meta")]
+
+
+def test_a_resume_loads_optimizer_state_onto_the_models_device(tmp_path):
+    """The model moves before the optimizer state loads: loaded first, the state stayed on
+    the CPU and the first step after a resume mixed devices."""
+    import ray.train
+
+    from jobs.training.loop import build_model
+
+    cfg = job(**{"train.epochs": 1})
+    plan = plan_for(cfg, 64)
+    run_training(
+        {"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()},
+        runner_for(plan, [], saved=tmp_path / "epoch1"),
+    )
+    runner = runner_for(
+        plan, [], checkpoint=ray.train.Checkpoint.from_directory(tmp_path / "epoch1")
+    )
+    runner.device = torch.device("meta")
+    model, optimizer, _, step = build_model(cfg, plan, runner)
+    assert step == 4 and next(model.vit.parameters()).device.type == "meta"
+    moments = [v for s in optimizer.state.values() for v in s.values() if v.ndim > 0]
+    assert moments and all(v.device.type == "meta" for v in moments)
+
+
+def test_compiled_training_writes_checkpoints_with_clean_keys(tmp_path, monkeypatch):
+    """`train.compile: true` saves the module itself, not the compiled wrapper whose keys
+    carry `_orig_mod.` (a checkpoint that no longer loaded). The eager backend stands in
+    for inductor: the wrapper is the same, the test needs no C++ toolchain."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager"))
+    cfg = job(**{"train.epochs": 1, "train.compile": "true"})
+    plan = plan_for(cfg, 64)
+    run_training(
+        {"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()},
+        runner_for(plan, [], saved=tmp_path / "compiled"),
+    )
+    model = load_checkpoint(tmp_path / "compiled")  # checks every key and shape
+    assert model.config.num_classes == 2
+
+
+def ddp_worker(rank: int, tmp: Path) -> None:
+    """One of two gloo ranks training on its own half of the data."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/group", rank=rank, world_size=2)
+    cfg = job(**{"scaling.num_workers": 2, "train.batch_size": 16, "train.grad_accum": 2})
+    plan = plan_for(cfg, 40).replace(steps_per_epoch=3, total_steps=3)
+    wrapped = []
+    runner = runner_for(plan, [])
+    runner.rank = rank
+    runner.train = separable_shard(plan.vit, 20, seed=rank)  # 5 micro-batches of 4: 2, 2, 1
+    runner.prepare_model = lambda m: (
+        wrapped.append(torch.nn.parallel.DistributedDataParallel(m)) or wrapped[0]
+    )
+    run_training({"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()}, runner)
+    torch.save(wrapped[0].module.state_dict(), tmp / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_replicas_stay_identical_when_an_epoch_ends_inside_a_gradient_accumulation(tmp_path):
+    """5 micro-batches with grad_accum 2: the last step has one micro-batch, and its
+    backward must all-reduce, or each rank steps on its own gradients and they drift."""
+    import multiprocessing
+
+    # spawned, not forked: a fork of a process whose OpenMP threads ran hangs in them
+    spawn = multiprocessing.get_context("spawn")
+    ranks = [spawn.Process(target=ddp_worker, args=(r, tmp_path)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=300)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
