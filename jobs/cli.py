@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
         "jobs.commands.pretrain",
         "fine-tune a checkpoint at a new resolution (posemb interpolated, new head)",
         "Start from init.checkpoint (a vitray checkpoint directory, runs:/..., "
-        "models:/NAME/VERSION or models:/NAME@ALIAS, timm:PATH, hf:PATH, torchvision:PATH, "
+        "models:/NAME/VERSION or models:/NAME@ALIAS, timm:DIR, hf:DIR, torchvision:PATH[:WEIGHTS], "
         "jax:PATH.npz), resize the position embeddings to data.image_size, log the resized "
         "checkpoint to MLflow, then train as pretrain does.",
     ),

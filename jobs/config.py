@@ -41,7 +41,8 @@ class InitSection(Section):
     checkpoint: str | None = Field(
         None,
         description="a vitray checkpoint directory, runs:/<id>/<path>, models:/<name>/<version> "
-        "or models:/<name>@<alias>, or timm:PATH, hf:PATH, torchvision:PATH, jax:PATH.npz",
+        "or models:/<name>@<alias>, or timm:DIR, hf:DIR (with their config.json / "
+        "preprocessor_config.json), torchvision:PATH[:WEIGHTS_ENUM], jax:PATH.npz",
     )
     interpolation: Literal["timm", "hf", "big_vision", "torchvision"] = Field(
         "timm", description="how the position embeddings are resized to the new grid"

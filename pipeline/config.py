@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.decode import MAX_PIXELS
+
+Filter = Literal["bilinear", "bicubic", "nearest"]  # the resize filters torch has for uint8
 
 
 class RandAugmentConfig(BaseModel):
@@ -45,8 +47,19 @@ class DataConfig(BaseModel):
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
     randaugment: RandAugmentConfig | None = None
-    # evaluation: resize so the crop is this fraction of the shorter side, then center-crop
-    eval_crop_fraction: float = Field(0.875, gt=0, le=1)
+    # Resize and evaluation crop. None: a fine-tune takes its weights' own (their
+    # config.json's `preprocessing`), anything else the defaults in `eval_transform`.
+    interpolation: Filter | None = Field(
+        None, description="the resize filter (antialiased); default bilinear"
+    )
+    eval_crop_fraction: float | None = Field(
+        None, gt=0, le=1, description="evaluation: the crop's share of the resized image (0.875)"
+    )
+    eval_crop_mode: Literal["center", "squash"] | None = Field(
+        None,
+        description="evaluation: center (resize the shorter side, keep the aspect ratio; timm, "
+        "torchvision) or squash (resize both sides; Hugging Face); default center",
+    )
     # streaming
     shuffle_buffer: int = Field(1000, ge=0, description="local shuffle buffer, in rows")
     cpus_per_task: float = Field(1.0, gt=0, description="CPU fraction of each decode task")
@@ -74,6 +87,15 @@ class DataConfig(BaseModel):
         return v
 
     @property
+    def eval_transform(self) -> tuple[str, float, str]:
+        """(interpolation, eval crop fraction, eval crop mode) in force."""
+        return (
+            self.interpolation or "bilinear",
+            self.eval_crop_fraction or 0.875,
+            self.eval_crop_mode or "center",
+        )
+
+    @property
     def size_hw(self) -> tuple[int, int]:
         return (
             (self.image_size, self.image_size)
@@ -82,12 +104,31 @@ class DataConfig(BaseModel):
         )
 
     @classmethod
-    def for_checkpoint(cls, dataset: str, model: dict[str, Any], **settings: Any) -> DataConfig:
-        """The eval-side data config that feeds a checkpoint: its image size and channels
-        (`model`: the checkpoint config's "model" section), plus any other `settings`."""
+    def for_checkpoint(cls, dataset: str, meta: dict[str, Any], **settings: Any) -> DataConfig:
+        """The eval-side data config that feeds a checkpoint (`meta`: its config.json): its
+        image size, channels, resize and crop, unless `settings` (not None) say otherwise."""
+        model = meta["model"]
         return cls(
             dataset=dataset,
             image_size=tuple(model["image_size"]),
             channels=model["in_chans"],
-            **settings,
-        )
+            **{key: value for key, value in settings.items() if value is not None},
+        ).with_preprocessing(meta.get("preprocessing"))
+
+    def with_preprocessing(self, preprocessing: dict[str, Any] | None) -> DataConfig:
+        """The resize and crop that weights declare (config.json's `preprocessing`: filter,
+        crop fraction, crop mode), for those this config leaves unset."""
+        if not preprocessing:
+            return self
+        declared = {
+            "interpolation": preprocessing["interpolation"],
+            "eval_crop_fraction": preprocessing["crop_fraction"],
+            "eval_crop_mode": preprocessing["crop_mode"],
+        }
+        if self.interpolation is None and declared["interpolation"] not in get_args(Filter):
+            raise ValueError(
+                f"the weights were evaluated with {declared['interpolation']} resizing, which "
+                "vitray does not have: set data.interpolation (bilinear, bicubic or nearest)"
+            )
+        unset = {k: v for k, v in declared.items() if getattr(self, k) is None}
+        return self.model_copy(update=unset)

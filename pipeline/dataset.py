@@ -96,6 +96,7 @@ def build_dataset(
     patch_size: int,
     num_classes: int | None = None,
     keep_ids: bool = False,
+    check_labels: bool = True,
 ) -> ray.data.Dataset:
     """A lazy, streaming dataset of {patches (B, N, P*P*C) uint8, label, ok[, id]}.
 
@@ -109,7 +110,9 @@ def build_dataset(
     units = plan_units(info.source, files)
     if not units or count_rows(info.source, files) == 0:
         raise SourceError(f"{cfg.dataset} split {split!r} has no rows: {files[:4]}")
-    if num_classes is None and info.class_names is not None:
+    if not check_labels:  # inference: labels pass through as they are, even none (-1)
+        num_classes = None
+    elif num_classes is None and info.class_names is not None:
         num_classes = len(info.class_names)
     train = split == "train"
     ds = ray.data.from_items(units, override_num_blocks=len(units))

@@ -161,6 +161,12 @@ def source_items(
     source = open_source(spec, **columns)
     if source.kind == "vitray":
         raise SourceError(f"{spec} is already a vitray dataset; train on it directly")
+    if source.kind == "folder" and source.class_names is None:
+        shown = [posixpath.relpath(f, source.root) for f in source.files[:8]]
+        raise SourceError(
+            f"{spec} holds images but no class subfolders (its files: {shown}); prepare one "
+            "subfolder per class (`vitray predict` reads unlabelled images as they are)"
+        )
     files = list(source.files)
     if source.kind == "folder":
         random.Random(seed).shuffle(files)

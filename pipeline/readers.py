@@ -393,7 +393,8 @@ def folder_units(source: Source, files: list[str]) -> list[Unit]:
 
 
 def read_folder(source: Source, unit: Unit) -> Rows:
-    """Ids are paths relative to the root; a file that cannot be read is a bad row."""
+    """Ids are paths relative to the root; a file that cannot be read is a bad row. Images
+    without class subfolders are unlabelled (label -1)."""
     index = {name: i for i, name in enumerate(source.class_names or [])}
     rel = [posixpath.relpath(f, source.root) for f in unit["files"]]
     images, errors = [], []
@@ -407,7 +408,7 @@ def read_folder(source: Source, unit: Unit) -> Rows:
             errors.append(f"cannot read: {e}")
     return {
         "image": object_array(images),
-        "label": np.array([index[r.split("/")[0]] for r in rel], dtype=np.int64),
+        "label": np.array([index.get(r.split("/")[0], -1) for r in rel], dtype=np.int64),
         "id": object_array(rel),
         "error": object_array(errors),
     }

@@ -172,10 +172,16 @@ def resolve_source(spec: str) -> Source:
     if in_classes:
         classes = sorted({r.split("/")[0] for r in rel if "/" in r})
         return Source("folder", root, fs, classes, in_classes, spec=spec)
+    images = [f for f in files if f.lower().endswith(LOOSE_IMAGE_SUFFIXES)]
+    if images:  # unlabelled: `vitray predict` reads them; training needs class subfolders
+        return Source("folder", root, fs, None, images, spec=spec)
     raise SourceError(
         f"{spec} holds no manifest.json, .parquet or .tar files and no class subfolders; "
         f"its {len(rel)} files: {rel[:8]}"
     )
+
+
+LOOSE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 def data_home() -> Path:

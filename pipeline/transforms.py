@@ -66,11 +66,18 @@ def random_resized_crop_box(
     return left, top, left + cw, top + ch
 
 
-def center_crop_box(w: int, h: int, out_hw: tuple[int, int], crop_fraction: float) -> Box:
-    """The region that 'resize to size/crop_fraction, then center-crop to size' keeps."""
+def center_crop_box(
+    w: int, h: int, out_hw: tuple[int, int], crop_fraction: float, mode: str = "center"
+) -> Box:
+    """The region that 'resize to size/crop_fraction, then center-crop to size' keeps:
+    resizing the shorter side (`center`: timm, torchvision) or both sides (`squash`:
+    Hugging Face's processors, which then keep `crop_fraction` of each side)."""
     th, tw = out_hw
-    scale = max(th / h, tw / w) / crop_fraction  # source -> resized
-    cw, ch = min(w, tw / scale), min(h, th / scale)
+    if mode == "squash":
+        cw, ch = w * crop_fraction, h * crop_fraction
+    else:
+        scale = max(th / h, tw / w) / crop_fraction  # source -> resized
+        cw, ch = min(w, tw / scale), min(h, th / scale)
     left, top = (w - cw) / 2, (h - ch) / 2
     return left, top, left + cw, top + ch
 
@@ -140,8 +147,8 @@ def crop_image(data: bytes, cfg: DataConfig, train: bool, rng: np.random.Generat
 
     The crop is chosen on the header's size, the image decoded only as large as the crop
     needs and turned upright by its EXIF orientation, then resized by torch's uint8
-    antialiased bilinear kernel on channels-last memory (the filter of torchvision's
-    RandomResizedCrop; 3.8x faster than PIL's resize here).
+    antialiased kernel on channels-last memory (`data.interpolation`; bilinear by default,
+    the filter of torchvision's RandomResizedCrop; 3.8x faster than PIL's resize here).
     """
     header, img = jpeg_header(data), None
     if header is not None:
@@ -153,10 +160,11 @@ def crop_image(data: bytes, cfg: DataConfig, train: bool, rng: np.random.Generat
     if UPRIGHT[orientation][0]:  # transposed: the upright image is h x w
         w, h = h, w
     th, tw = cfg.size_hw
+    interpolation, crop_fraction, crop_mode = cfg.eval_transform
     if train:
         box = random_resized_crop_box(w, h, rng, cfg.crop_scale, cfg.crop_ratio)
     else:
-        box = center_crop_box(w, h, (th, tw), cfg.eval_crop_fraction)
+        box = center_crop_box(w, h, (th, tw), crop_fraction, crop_mode)
     full, box = decode_region(
         data, (w, h), img, box, (th, tw), cfg.channels, cfg.max_pixels, orientation
     )
@@ -164,7 +172,9 @@ def crop_image(data: bytes, cfg: DataConfig, train: bool, rng: np.random.Generat
     right, bottom = max(left + 1, round(box[2])), max(top + 1, round(box[3]))
     crop = full[:, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)
     if crop.shape[2:] != (th, tw):
-        crop = F.interpolate(crop, size=(th, tw), mode="bilinear", antialias=True)
+        crop = F.interpolate(
+            crop, size=(th, tw), mode=interpolation, antialias=interpolation != "nearest"
+        )
     crop = crop[:, : cfg.channels]  # drop Pillow's RGBX padding once the image is small
     if train and cfg.randaugment is not None:
         crop = _randaugment(cfg.randaugment.num_ops, cfg.randaugment.magnitude)(crop)

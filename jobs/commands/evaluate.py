@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jobs.commands.data_options import add_data_arguments, data_for
 from jobs.config import MlflowSection
 from jobs.tracking import plots
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.runs import log_evaluation, new_run, tracking_uri
 from jobs.training.evaluation import confusion, predict_split, split_scores
-from pipeline.config import DataConfig
-from pipeline.dataset import ensure_prepared
 from vit import load_checkpoint, read_checkpoint_meta
 
 
@@ -22,9 +21,7 @@ def run(args: argparse.Namespace) -> None:
     checkpoint = fetch_checkpoint(args.checkpoint, uri)
     meta = read_checkpoint_meta(checkpoint)
     model = load_checkpoint(checkpoint)
-    data = DataConfig.for_checkpoint(
-        ensure_prepared(args.data), meta["model"], eval_crop_fraction=args.eval_crop_fraction
-    )
+    data = data_for(args.data, meta, args)
     out = predict_split(model, data, args.split)
     n = model.config.num_classes
     names = meta.get("class_names") or [str(i) for i in range(n)]
@@ -52,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint directory, runs:/..., models:/...")
     parser.add_argument("--data", required=True, help="a dataset (builtin:digits, a directory)")
     parser.add_argument("--split", default="test", help="split to score (default test)")
-    parser.add_argument("--eval-crop-fraction", type=float, default=0.875)
+    add_data_arguments(parser)
     parser.add_argument("--mlflow-run", metavar="RUN_ID", help="log to this run, else a new one")
     parser.add_argument("--experiment", default="vitray-eval", help="experiment of a new run")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")

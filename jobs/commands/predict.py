@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.commands.data_options import add_data_arguments, data_for
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.training.inference import predict
-from pipeline.config import DataConfig
-from pipeline.dataset import ensure_prepared
 from vit import read_checkpoint_meta
 
 
 def run(args: argparse.Namespace) -> None:
     directory = fetch_checkpoint(args.checkpoint)
-    meta = read_checkpoint_meta(directory)["model"]
-    data = DataConfig.for_checkpoint(
-        ensure_prepared(args.input),
-        meta,
-        eval_crop_fraction=args.eval_crop_fraction,
-        cpus_per_task=args.cpus_per_task,
-    )
+    meta = read_checkpoint_meta(directory)
+    data = data_for(args.input, meta, args, cpus_per_task=args.cpus_per_task)
     predict(str(directory), data, args.output, args.split, args.top_k, args.batch_size, args.actors)
 
 
@@ -32,4 +26,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--actors", type=int, default=1, help="model replicas (one GPU each)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0, help="decode task CPUs")
-    parser.add_argument("--eval-crop-fraction", type=float, default=0.875)
+    add_data_arguments(parser)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from jobs.commands.data_options import add_data_arguments, data_for
 from jobs.config import MlflowSection
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.figures import log_figures
 from jobs.tracking.runs import tracking_uri
-from pipeline.config import DataConfig
-from pipeline.dataset import ensure_prepared
 from vit import read_checkpoint_meta
 
 
@@ -20,11 +19,7 @@ def run(args: argparse.Namespace) -> None:
     checkpoint = fetch_checkpoint(args.checkpoint, uri)
     data = None
     if args.data:
-        data = DataConfig.for_checkpoint(
-            ensure_prepared(args.data),
-            read_checkpoint_meta(checkpoint)["model"],
-            eval_crop_fraction=args.eval_crop_fraction,
-        )
+        data = data_for(args.data, read_checkpoint_meta(checkpoint), args)
     written = log_figures(checkpoint, data, args.mlflow_run, uri, Path(args.out))
     for path in written:
         print(f"wrote {path}")
@@ -38,6 +33,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="figures", help="output directory (default figures/)")
     parser.add_argument("--mlflow-run", metavar="RUN_ID", help="also log the PNGs to this run")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
-    parser.add_argument(
-        "--eval-crop-fraction", type=float, default=1.0, help="eval center crop (default 1.0)"
-    )
+    add_data_arguments(parser)

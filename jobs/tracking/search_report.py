@@ -10,6 +10,7 @@ import yaml
 
 from jobs.tracking import plots
 from jobs.tracking.model import log_vit_model
+from vit import read_checkpoint_meta
 
 if TYPE_CHECKING:
     from jobs.training.search import SearchOutcome
@@ -59,11 +60,16 @@ def register_best(outcome: SearchOutcome, scores: dict[str, float], uri: str) ->
     cfg, client = outcome.config, MlflowClient(uri)
     run_id = outcome.best_run_id
     with outcome.best_checkpoint.as_directory() as d:
+        model = read_checkpoint_meta(d)["model"]
+        interpolation, crop_fraction, crop_mode = cfg.data.eval_transform
         preprocessing = {
             "image_size": list(cfg.data.size_hw),
             "channels": cfg.data.channels,
-            "eval_crop_fraction": cfg.data.eval_crop_fraction,
-            "resize": "antialiased bilinear, shorter side, then center crop",
+            "mean": model["mean"],
+            "std": model["std"],
+            "interpolation": f"{interpolation}, antialiased",
+            "eval_crop_fraction": crop_fraction,
+            "eval_crop_mode": crop_mode,
         }
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):

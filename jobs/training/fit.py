@@ -18,6 +18,7 @@ from jobs.training.capacity import check_capacity, worker_resources
 from jobs.training.loop import train_loop_per_worker
 from jobs.training.plan import TrainPlan, make_plan
 from jobs.training.progress import ProgressFeed
+from jobs.training.start import data_for_start
 from jobs.training.tracker import MetricsSink, Tracker
 from pipeline.dataset import build_dataset, quiet_progress
 
@@ -100,6 +101,7 @@ def fit(
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
     workdir = run_dir if "://" not in run_dir else tempfile.mkdtemp()
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
+    cfg = data_for_start(cfg, start)
     ensure_ray()
     check_capacity(cfg)
     datasets = build_datasets(cfg, plan, materialize)

@@ -82,7 +82,7 @@ def predict(
     weights = ray.put((model.config.to_dict(), model.state_dict(), class_names))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     # The source's own labels are passed through, never checked against the model's classes.
-    ds = build_dataset(data, split, model.config.patch_size, keep_ids=True)
+    ds = build_dataset(data, split, model.config.patch_size, keep_ids=True, check_labels=False)
     predictions = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"weights": weights, "top_k": top_k},

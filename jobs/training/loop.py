@@ -32,7 +32,7 @@ from jobs.training.report import Reporter, all_sum
 from jobs.training.state import restore, save
 from jobs.training.tracker import MetricsSink
 from pipeline.dataset import fits_in_cache
-from vit import ViT
+from vit import Preprocessing, ViT
 from vit.checkpoint import load_state_dict_checked
 
 
@@ -216,31 +216,16 @@ def optimizer_step(model: ViT, optimizer, scheduler, grad_clip: float) -> None:
 
 
 def report(
-    model: ViT,
-    optimizer,
-    scheduler,
-    step: int,
-    metrics: dict,
-    end_of_epoch: bool,
-    plan: TrainPlan,
-    runner: Runner,
+    metrics: dict, end_of_epoch: bool, runner: Runner, save_to: Callable[[Path], Path]
 ) -> None:
-    """Hand the metrics to the runner, with a checkpoint from rank 0 at the end of an epoch."""
+    """Hand the metrics to the runner, with a checkpoint from rank 0 at the end of an epoch
+    (`save_to` writes it into a directory)."""
     if not end_of_epoch and runner.epoch_reports_only:
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if end_of_epoch and runner.rank == 0:
-            out = save(
-                model,
-                optimizer,
-                scheduler,
-                step,
-                Path(tmp),
-                plan.class_names,
-                plan.mlflow_run_id,
-            )
-            checkpoint = runner.make_checkpoint(str(out))
+            checkpoint = runner.make_checkpoint(str(save_to(Path(tmp))))
         runner.report(metrics, checkpoint)
 
 
@@ -270,6 +255,20 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
     torch.manual_seed(cfg.train.seed + runner.rank)
 
     model, optimizer, scheduler, step = build_model(cfg, plan, runner)
+    evaluated_as = Preprocessing(*cfg.data.eval_transform)
+
+    def save_to(out: Path) -> Path:
+        return save(
+            model.vit,
+            optimizer,
+            scheduler,
+            step,
+            out,
+            plan.class_names,
+            plan.mlflow_run_id,
+            evaluated_as,
+        )
+
     val = runner.val
     if fits_in_cache(cfg.data, plan.val_rows):
         val = CachedBatches(runner.val)
@@ -299,7 +298,7 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
                 if end_of_epoch:
                     metrics.update(evaluate(model.compute, val, cfg.micro_batch, runner.device))
                 rep.publish(metrics, step)
-                report(model.vit, optimizer, scheduler, step, metrics, end_of_epoch, plan, runner)
+                report(metrics, end_of_epoch, runner, save_to)
                 rep.reset()
         if step == epoch_start:
             raise RuntimeError(

@@ -31,6 +31,7 @@ from jobs.training.evaluation import evaluate_checkpoint
 from jobs.training.fit import build_datasets, build_trainer, storage_dir
 from jobs.training.loop import Runner, run_training
 from jobs.training.plan import TrainPlan, make_plan
+from jobs.training.start import data_for_start
 from jobs.training.tracker import Tracker
 from pipeline.dataset import ensure_prepared
 
@@ -242,6 +243,7 @@ def search(cfg: JobConfig, tracker: Tracker) -> SearchOutcome:
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
     workdir = f"{run_dir}-init" if "://" not in run_dir else tempfile.mkdtemp()
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
+    cfg = data_for_start(cfg, start)
     ensure_ray()
     check_capacity(cfg)  # one trial must fit, or the search waits forever
     parent_id = tracker.open_run(cfg, run_dir, "tune", plan.split_rows)

@@ -52,6 +52,23 @@ def preprocessing_text(config: ViTConfig, preprocessing: Preprocessing | None) -
     return f"mean/std {numbers}, {p.interpolation} resize, {p.crop_mode} crop {p.crop_fraction:.4g}"
 
 
+def data_for_start(cfg: JobConfig, start: Start | None) -> JobConfig:
+    """A fine-tune feeds images as its weights saw them: the resize and crop they declare
+    fill the data keys the config leaves unset (and the job says so)."""
+    if start is None or start.preprocessing is None:
+        return cfg
+    data = cfg.data.with_preprocessing(start.preprocessing.to_dict())
+    if data != cfg.data:
+        interpolation, fraction, mode = data.eval_transform
+        print(
+            f"data from the weights' preprocessing: {interpolation} resize, {mode} crop "
+            f"{fraction:g} (set data.interpolation / eval_crop_fraction / eval_crop_mode to "
+            "choose otherwise)",
+            flush=True,
+        )
+    return cfg.model_copy(update={"data": data})
+
+
 def resized_start(
     cfg: JobConfig,
     class_names: list[str],

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from vit import ViT, save_checkpoint
+from vit import Preprocessing, ViT, save_checkpoint
 from vit.checkpoint import WEIGHTS_FILE, load_state_dict_checked
 
 TRAIN_STATE = "train_state.pt"
@@ -35,8 +35,10 @@ def save(
     out: Path,
     class_names: tuple[str, ...],
     mlflow_run_id: str | None,
+    preprocessing: Preprocessing,
 ) -> Path:
-    save_checkpoint(model, out, class_names=list(class_names))
+    """The checkpoint keeps the resize and crop it was evaluated with, for whoever loads it."""
+    save_checkpoint(model, out, class_names=list(class_names), preprocessing=preprocessing)
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

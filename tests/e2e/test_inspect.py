@@ -116,3 +116,12 @@ def test_predict_writes_topk_parquet_and_reports_bad_images(
     assert all(set(labels) <= set("0123456789") for labels in good["top_labels"])
     assert all(scores[0] >= scores[1] >= scores[2] for scores in good["top_scores"])
     assert set(table["id"]) == {p.relative_to(folder).as_posix() for p in folder.rglob("*.png")}
+
+    flat = tmp_path / "unlabelled"  # images without class subfolders: predicted as they are
+    flat.mkdir()
+    for i in range(3):
+        (flat / f"{i}.jpg").write_bytes(awkward_images["jpeg"][0])
+    main(["predict", str(pretrained), "--input", str(flat), "--output", str(tmp_path / "p2"),
+          "--cpus-per-task", "0.5"])  # fmt: skip
+    table = pq.read_table(tmp_path / "p2").to_pandas()
+    assert len(table) == 3 and table["ok"].all() and (table["label"] == -1).all()

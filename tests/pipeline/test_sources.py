@@ -306,9 +306,14 @@ def test_a_source_without_images_stops_naming_what_it_holds(tmp_path, capsys):
         build_dataset(cfg, "train", 16)
 
     for i in range(2):
-        (tmp_path / "loose" / f"{i}.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(SourceError, match=r"no class subfolders; its 2 files: \['0\.jpg', '1"):
+        (tmp_path / "loose" / f"{i}.txt").write_bytes(b"not an image")
+    with pytest.raises(SourceError, match=r"no class subfolders; its 2 files: \['0\.txt', '1"):
         open_source(str(tmp_path / "loose"))
+    for i in range(2):
+        (tmp_path / "loose" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    assert open_source(str(tmp_path / "loose")).class_names is None  # unlabelled images
+    with pytest.raises(SourceError, match=r"images but no class subfolders .*'0\.jpg'"):
+        prepare(str(tmp_path / "loose"), tmp_path / "out", progress=False)
     (tmp_path / "loose" / "cat").mkdir()
     (tmp_path / "loose" / "0.jpg").rename(tmp_path / "loose" / "cat" / "0.jpg")
     with pytest.raises(SourceError, match=r"no usable image: 1 bad, \[\('not a readable image"):

@@ -10,7 +10,7 @@ import torch
 from jobs.config import CONFIGS, load_config
 from jobs.training.loop import Runner, run_training
 from jobs.training.plan import TrainPlan
-from vit import ViTConfig, load_checkpoint
+from vit import Preprocessing, ViTConfig, load_checkpoint, read_preprocessing
 
 
 class TensorShard:
@@ -100,6 +100,8 @@ def test_loop_learns_reports_every_n_steps_and_checkpoints_each_epoch(tmp_path):
     assert all(c is not None for _, c in epoch_ends)  # a checkpoint with each epoch's report
     assert epoch_ends[-1][0]["val_top1"] == 1.0
     assert load_checkpoint(tmp_path / "last").config.num_classes == 2
+    # the resize and crop it was evaluated with travel with it
+    assert read_preprocessing(tmp_path / "last") == Preprocessing("bilinear", 1.0, "center")
 
 
 def test_grad_accum_steps_over_micro_batches_and_partial_tail():

@@ -43,3 +43,18 @@ def test_too_few_rows_for_one_micro_batch_stop_at_plan_time_with_the_numbers(tmp
                        r"fewer than one micro-batch of 64") as error:  # fmt: skip
         make_plan(config(tmp_path / "ds"))
     assert "train.batch_size" in str(error.value) and "scaling.num_workers" in str(error.value)
+
+
+def test_a_fine_tune_feeds_images_as_its_weights_saw_them(tmp_path, capsys):
+    from jobs.training.start import Start, data_for_start
+    from vit import Preprocessing, ViTConfig
+
+    start = Start(
+        ViTConfig.from_preset("micro/4"), {}, tmp_path, {}, None,
+        Preprocessing("bicubic", 0.9, "squash"),
+    )  # fmt: skip
+    cfg = load_config(CONFIGS / "demo-finetune.yaml", ["init.checkpoint=x"])
+    assert cfg.data.eval_crop_fraction == 1.0  # the config's own choice: it stands
+    fed = data_for_start(cfg, start).data
+    assert fed.eval_transform == ("bicubic", 1.0, "squash")
+    assert "bicubic resize, squash crop 1" in capsys.readouterr().out
