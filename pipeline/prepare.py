@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.builtin import Item
+from pipeline.console import ConsoleLine
 from pipeline.decode import BadImage, image_bytes, load, open_image
 from pipeline.readers import open_source, plan_units, read_unit
 from pipeline.sources import (
@@ -54,12 +55,14 @@ def parse_size(text: str | int) -> int:
 
 
 class Progress:
-    """One self-updating line on stderr: done/total, rate, skipped."""
+    """Done/total, rate and skipped images on one stderr line: redrawn twice a second on a
+    terminal, a plain line every 10 s in a log."""
 
     def __init__(self, desc: str, total: int | None, enabled: bool = True) -> None:
         self.desc, self.total, self.enabled = desc, total, enabled
         self.done = self.skipped = 0
         self.start = self.last = time.monotonic()
+        self.line = ConsoleLine(sys.stderr, every_s=10)
 
     def update(self, done: int = 1, skipped: int = 0) -> None:
         self.done += done
@@ -67,21 +70,16 @@ class Progress:
         now = time.monotonic()
         if self.enabled and now - self.last > 0.5:
             self.last = now
-            self._print("\r")
+            self.line.show(self.text())
 
     def close(self) -> None:
         if self.enabled:
-            self._print("\r")
-            sys.stderr.write("\n")
+            self.line.show(self.text(), keep=True)
 
-    def _print(self, prefix: str) -> None:
+    def text(self) -> str:
         rate = self.done / max(time.monotonic() - self.start, 1e-9)
         total = f"/{self.total}" if self.total else ""
-        sys.stderr.write(
-            f"{prefix}{self.desc}: {self.done}{total} images, {rate:.0f} img/s, "
-            f"{self.skipped} skipped"
-        )
-        sys.stderr.flush()
+        return f"{self.desc}: {self.done}{total} images, {rate:.0f} img/s, {self.skipped} skipped"
 
 
 class ShardWriter:

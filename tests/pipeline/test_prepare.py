@@ -89,3 +89,11 @@ def test_parse_size_and_bad_specs():
         prepare("builtin:imagenet", "/tmp/never", progress=False)
     with pytest.raises(SourceError, match="does not exist"):
         prepare("/no/such/dir", "/tmp/never", progress=False)
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    """Not a terminal (a file, CI, a Ray job's log): no carriage returns piling up."""
+    prepare("builtin:digits", tmp_path / "digits")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "prepare builtin:digits: 1797/1797 images" in err.splitlines()[-2]
