@@ -18,6 +18,14 @@ from jobs.config import CONFIGS
 from helpers import decompression_bomb_png, encode, free_port, photo, wait_healthy
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that start a local Ray are marked `ray`, so that `make test-fast` runs with
+    none."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_env():
     """The environment of every Ray this session starts, set up as `vitray` sets up a local
