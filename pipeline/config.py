@@ -7,6 +7,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.decode import MAX_PIXELS
+from vit.config import Preprocessing
 
 Filter = Literal["bilinear", "bicubic", "nearest"]  # the resize filters torch has for uint8
 
@@ -120,10 +121,11 @@ class DataConfig(BaseModel):
         crop fraction, crop mode), for those this config leaves unset."""
         if not preprocessing:
             return self
+        p = Preprocessing.from_dict(preprocessing)  # checked: filter, fraction, mode
         declared = {
-            "interpolation": preprocessing["interpolation"],
-            "eval_crop_fraction": preprocessing["crop_fraction"],
-            "eval_crop_mode": preprocessing["crop_mode"],
+            "interpolation": p.interpolation,
+            "eval_crop_fraction": p.crop_fraction,
+            "eval_crop_mode": p.crop_mode,
         }
         if self.interpolation is None and declared["interpolation"] not in get_args(Filter):
             raise ValueError(
@@ -131,4 +133,4 @@ class DataConfig(BaseModel):
                 "vitray does not have: set data.interpolation (bilinear, bicubic or nearest)"
             )
         unset = {k: v for k, v in declared.items() if getattr(self, k) is None}
-        return self.model_copy(update=unset)
+        return self.model_validate({**self.model_dump(), **unset})

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.tracking.runs import tracking_uri
+
 PROJECT = Path(__file__).resolve().parents[2]
 PACKAGES = ("vit", "pipeline", "jobs")  # what a job needs of the project: its code, no more
 INPUTS = "inputs"  # where the files a command names travel, inside the job's directory
@@ -75,7 +77,9 @@ def resolved_config(path: str, overrides: list[str]) -> str:
 
     cfg = load_config(path, overrides)
     tree = cfg.model_dump(mode="json")
-    paths = {}
+    # the MLflow store as the client resolves it (its MLFLOW_TRACKING_URI or ./mlflow.db),
+    # not one in the job's temporary directory on the cluster
+    paths = {"mlflow.tracking_uri": tracking_uri(cfg.mlflow)}
     for key in CONFIG_PATHS:
         section, field = key.split(".")
         if tree[section][field]:
@@ -91,10 +95,11 @@ def stage(command: list[str], directory: Path) -> list[str]:
     args, overrides, config = [], [], None
     words = iter(command)
     for word in words:
-        if word == "--config":
-            config = next(words, None)
-        elif word == "--set":
-            overrides.append(next(words, ""))
+        option, eq, value = word.partition("=")
+        if option == "--config":
+            config = value if eq else next(words, None)
+        elif option == "--set":
+            overrides.append(value if eq else next(words, ""))
         else:
             args.append(word)
     resolved = resolved_config(config, overrides) if config is not None else None

@@ -17,7 +17,7 @@ from jobs.config import JobConfig
 from jobs.training.fit import build_datasets
 from jobs.training.loop import Runner, run_training
 from jobs.training.plan import make_plan
-from jobs.training.start import Start
+from jobs.training.start import Start, data_for_start
 from pipeline.console import ConsoleLine
 
 
@@ -29,6 +29,7 @@ def train_in_process(
     epoch's checkpoint is copied."""
     ensure_ray()
     plan, start = make_plan(cfg, start=start)
+    cfg = data_for_start(cfg, start)
     plan = plan.replace(init_weights=start.state if start else None)
     datasets = build_datasets(cfg, plan)
     reports: list[dict[str, Any]] = []

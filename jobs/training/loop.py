@@ -135,7 +135,14 @@ def progress_to(queue: Any) -> Callable[[str, bool], None] | None:
     """Lines into the driver's queue (jobs/training/progress.py), if it gave one."""
     if queue is None:
         return None
-    return lambda text, keep: queue.put((text, keep))
+
+    def put(text: str, keep: bool) -> None:
+        try:
+            queue.put((text, keep), timeout=5)
+        except Exception:  # a line lost never costs the training run
+            pass
+
+    return put
 
 
 def initial_weights(plan: TrainPlan) -> dict[str, torch.Tensor] | None:

@@ -7,6 +7,7 @@ shipped to Ray Train workers as a plain dict (`to_dict`) inside `train_loop_conf
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,9 @@ def make_plan(
     if not rows:
         raise ValueError(f"{cfg.data.dataset}: the train split size is unknown")
     check_rows_per_worker(cfg, rows)
-    steps_per_epoch = max(
-        1, rows // cfg.scaling.num_workers // cfg.micro_batch // cfg.train.grad_accum
-    )
+    # an epoch ending inside an accumulation still steps, on what it has
+    micro_batches = rows // cfg.scaling.num_workers // cfg.micro_batch
+    steps_per_epoch = max(1, math.ceil(micro_batches / cfg.train.grad_accum))
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)

@@ -29,7 +29,8 @@ class ProgressFeed:
         self.done.set()
         self.thread.join(timeout=10)
         self.line.close()
-        self.queue.shutdown()
+        if not self.thread.is_alive():
+            self.queue.shutdown()
 
     def _show(self) -> None:
         from ray.util.queue import Empty
@@ -39,4 +40,6 @@ class ProgressFeed:
                 text, keep = self.queue.get(timeout=0.5)
             except Empty:
                 continue
+            except Exception:  # the queue is gone: no more lines, training goes on
+                return
             self.line.show(text, keep)

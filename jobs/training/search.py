@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray.tune import Callback, Stopper
 
 from jobs.cluster.raynode import ensure_ray
@@ -147,6 +148,8 @@ def run_trial(
     if parent_id:
         run_id = tracker.open_trial_run(cfg, parent_id, context.get_trial_name(), plan.split_rows)
     plan = plan.replace(mlflow_run_id=run_id, init_weights=start.state if start else None)
+    if start is not None and cfg.scaling.num_workers > 1:  # to every worker: once, by reference
+        plan = plan.replace(init_weights=ray.put(start.state))
     datasets = build_datasets(cfg, plan)
     if cfg.scaling.num_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback

@@ -39,3 +39,12 @@ def test_center_and_squash_crops_keep_what_timm_and_hugging_face_keep():
         (32, 16, 480, 240)
     )
     assert center_crop_box(300, 200, (16, 16), 1.0) == (50, 0, 250, 200)  # no crop: a square
+
+
+def test_declared_preprocessing_is_checked_and_completed_as_the_checkpoint_reader_does():
+    partial = {"interpolation": "bicubic", "crop_fraction": 0.9}  # crop_mode: its default
+    assert DataConfig(dataset="x").with_preprocessing(partial).eval_transform == (
+        "bicubic", 0.9, "center"
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="crop_fraction 1.5"):
+        DataConfig(dataset="x").with_preprocessing({**partial, "crop_fraction": 1.5})

@@ -70,3 +70,15 @@ def test_a_bad_config_fails_on_the_client_before_anything_is_staged(user_dir, tm
     with pytest.raises(ConfigError, match="train.lrr"):
         stage(["pretrain", "--config", "my.yaml", "--set", "train.lrr=1"], out)
     assert not any(out.iterdir())
+
+
+def test_equals_forms_and_the_clients_mlflow_store_travel_too(user_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "job"
+    out.mkdir()
+    command = stage(["pretrain", "--config=my.yaml", "--set=train.max_steps=7"], out)
+    assert command == ["pretrain", "--config", "inputs/config.yaml"]
+    shipped = yaml.safe_load((out / "inputs" / "config.yaml").read_text())
+    assert shipped["train"]["max_steps"] == 7
+    # not a mlflow.db in the job's temporary directory on the cluster
+    assert shipped["mlflow"]["tracking_uri"] == f"sqlite:///{user_dir / 'mlflow.db'}"
