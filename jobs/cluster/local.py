@@ -70,10 +70,13 @@ def auth_env(state_dir: Path) -> dict[str, str]:
 
 
 def write_token(state_dir: Path) -> None:
+    """A new token at every `up`, created readable by its owner only in one step (O_EXCL:
+    no moment where it exists with looser permissions, no file planted there is reused)."""
     path = state_dir / "auth_token"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
 
 
 def cluster_env(state_dir: Path) -> dict[str, str]:
@@ -82,6 +85,7 @@ def cluster_env(state_dir: Path) -> dict[str, str]:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "PATH": path, "RAY_DISABLE_USAGE_STATS": "1", **auth_env(state_dir)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)  # an inherited token must not override the cluster's
     return env
 
 
@@ -114,6 +118,7 @@ def up(state_dir: Path, workers: int, cpus: int, mlflow: bool = True) -> dict[st
     if state_file.exists():
         raise ValueError(f"a local cluster is already up ({state_file}); run `down` first")
     state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)  # its token and logs are the owner's only
     write_token(state_dir)
     env = {**cluster_env(state_dir), **node_env(cpus)}
     gcs, dashboard = free_port(), free_port()
