@@ -112,10 +112,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ViTConfig keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "ViTConfig"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -159,10 +156,16 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preprocessing keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "preprocessing"))
+
+
+def known_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """`d` if every key is a field of the dataclass `cls`: a config.json written by another
+    version, or by hand, fails by name instead of deep inside the constructor."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
+    return d
 
 
 def preset_names() -> list[str]:
