@@ -7,6 +7,7 @@ parsed as YAML); `smoke: true` shrinks the run to a minute on a CPU.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -24,6 +25,7 @@ from pipeline.config import DataConfig
 from vit import ViTConfig
 
 CONFIGS = Path(__file__).parent / "configs"  # the shipped YAML job configs
+CREDENTIALS = re.compile(r"(://[^/@\s:]*:)[^/@\s]+@")  # the password of scheme://user:password@
 
 
 class Section(BaseModel):
@@ -302,3 +304,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one config key (repeatable); values are YAML",
     )
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URI in it masked: what may be printed or logged."""
+    return CREDENTIALS.sub(r"\1***@", text)
+
+
+def shown(cfg: JobConfig) -> dict[str, Any]:
+    """The config as printed and logged (console, MLflow params, config.yaml): no secrets."""
+    return yaml.safe_load(redact(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)))

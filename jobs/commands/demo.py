@@ -12,7 +12,7 @@ import argparse
 import time
 
 from jobs.cluster.raynode import ensure_ray
-from jobs.config import CONFIGS, load_config
+from jobs.config import CONFIGS, load_config, redact
 from jobs.tracking import runs
 from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import fit
@@ -22,7 +22,7 @@ from pipeline.dataset import ensure_prepared
 
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact(uri)}"
     return f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 

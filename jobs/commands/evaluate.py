@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from jobs.commands.data_options import add_data_arguments, data_for
-from jobs.config import MlflowSection
+from jobs.config import MlflowSection, redact
 from jobs.tracking import plots
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.runs import log_evaluation, new_run, tracking_uri
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     figure = plots.confusion_matrix(matrix.numpy(), names)
     figures = {f"evaluation/{args.split}_confusion_matrix.png": figure}
     log_evaluation(uri, run_id, metrics, figures, finish=args.mlflow_run is None)
-    print(f"logged to MLflow run {run_id} at {uri}")
+    print(f"logged to MLflow run {run_id} at {redact(uri)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 
 import yaml
 
-from jobs.config import add_config_arguments, load_config
+from jobs.config import add_config_arguments, load_config, redact, shown
 from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
 
@@ -18,7 +18,7 @@ def summary(outcome: Outcome, uri: str) -> None:
         f"checkpoint {outcome.result.checkpoint.path if outcome.result.checkpoint else None}"
     )
     if outcome.mlflow_run_id:
-        print(f"MLflow run {outcome.mlflow_run_id} at {uri}")
+        print(f"MLflow run {outcome.mlflow_run_id} at {redact(uri)}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> None:
     kind = args.command
     if kind == "finetune" and not cfg.init.checkpoint:
         raise ValueError("finetune needs init.checkpoint (--set init.checkpoint=REF)")
-    print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
+    print(yaml.safe_dump({"resolved config": shown(cfg)}, sort_keys=False))
     tracker = MlflowTracker(cfg.mlflow)
     summary(fit(cfg, tracker, kind), tracker.uri)
 

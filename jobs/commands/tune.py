@@ -6,7 +6,7 @@ import argparse
 
 import yaml
 
-from jobs.config import add_config_arguments, load_config
+from jobs.config import add_config_arguments, load_config, shown
 from jobs.tracking.tracker import MlflowTracker
 from jobs.training.search import search
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
-    print(yaml.safe_dump({"resolved config": cfg.model_dump(mode="json")}, sort_keys=False))
+    print(yaml.safe_dump({"resolved config": shown(cfg)}, sort_keys=False))
     outcome = search(cfg, MlflowTracker(cfg.mlflow))
     print(f"best {cfg.tune.metric}: {outcome.best_metric:.4f} (MLflow run {outcome.best_run_id})")
     if outcome.registered is not None:

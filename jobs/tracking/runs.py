@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jobs.config import JobConfig, MlflowSection, flatten
+from jobs.config import JobConfig, MlflowSection, flatten, redact, shown
 from pipeline.config import DataConfig
 from pipeline.dataset import describe_dataset
 
@@ -42,7 +42,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             if r.status != 200:
                 raise ConnectionError(f"status {r.status}")
     except Exception as e:
-        raise ConnectionError(f"MLflow tracking server {uri} is not reachable: {e}") from e
+        raise ConnectionError(redact(f"MLflow tracking server {uri} is not reachable: {e}")) from e
 
 
 def git_commit() -> str:
@@ -101,7 +101,7 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str, split_rows: dict
     if run_id is not None and not run_exists(client, run_id):
         print(
             f"warning: the checkpoints in {run_dir} were logged to MLflow run {run_id}, which "
-            f"{uri} does not have; logging to a new run",
+            f"{redact(uri)} does not have; logging to a new run",
             flush=True,
         )
         run_id = None
@@ -135,7 +135,7 @@ def log_config_params(client, run_id: str, cfg: JobConfig) -> None:
     """Every config key as a param, in batches of MLflow's limit of 100."""
     import mlflow
 
-    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(shown(cfg)).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
 
@@ -226,7 +226,7 @@ def experiment_id_of(client: Any, name: str) -> str:
 
 
 def ui_base(uri: str) -> str:
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
 def experiment_url(uri: str, experiment_id: str) -> str:

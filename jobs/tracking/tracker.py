@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from jobs.config import JobConfig, MlflowSection
+from jobs.config import JobConfig, MlflowSection, shown
 from jobs.tracking import runs, search_report
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.figures import log_figures
@@ -104,7 +104,7 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         client = MlflowClient(self.uri)
-        client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json")), "config.yaml")
+        client.log_text(run_id, yaml.safe_dump(shown(cfg), sort_keys=False), "config.yaml")
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as d:
                 client.log_artifacts(run_id, d, "checkpoint/final")

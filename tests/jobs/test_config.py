@@ -86,3 +86,15 @@ def test_every_command_explains_itself(argv, capsys):
         main([*argv, "--help"])
     assert exit.value.code == 0
     assert f"usage: vitray {' '.join(argv)}" in capsys.readouterr().out
+
+
+def test_passwords_in_uris_never_reach_what_is_printed_or_logged():
+    from jobs.config import redact, shown
+
+    uri = "http://alice:s3cr%2Ft@mlflow.example:5000"
+    cfg = load_config(DEMO, [f"mlflow.tracking_uri={uri}", "data.dataset=s3://k:v@bucket/x"])
+    assert redact(f"server {uri} is down") == "server http://alice:***@mlflow.example:5000 is down"
+    assert redact("http://mlflow.example:5000/path") == "http://mlflow.example:5000/path"
+    text = str(shown(cfg))
+    assert "s3cr" not in text and ":v@" not in text and "alice:***@" in text
+    assert cfg.mlflow.tracking_uri == uri  # the job itself still has it
