@@ -15,7 +15,7 @@ from PIL import Image
 from jobs.cluster.raynode import node_env
 from jobs.config import CONFIGS
 
-from helpers import decompression_bomb_png, encode, free_port, photo, wait_healthy
+from helpers import decompression_bomb_png, encode, free_port, photo, stop_group, wait_healthy
 
 
 def pytest_collection_modifyitems(items):
@@ -79,8 +79,7 @@ def mlflow_server(tmp_path_factory):
         wait_healthy(uri)
         yield uri
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        stop_group(proc)
 
 
 @pytest.fixture(scope="session")

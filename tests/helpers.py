@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
 import struct
+import subprocess
 import time
 import urllib.request
 import zlib
@@ -99,6 +102,17 @@ def search_config(tmp: Path, digits: Path, uri: str, name: str, epochs: int = 3,
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def stop_group(proc: subprocess.Popen, seconds: float = 30) -> None:
+    """Stop a server we started in its own session: SIGTERM to its process group, then
+    SIGKILL if a loaded machine has not let it exit in time."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=seconds)
 
 
 def wait_healthy(base: str, seconds: float = 180) -> None:

@@ -112,5 +112,5 @@ def test_bad_init_checkpoint_is_a_clear_error(digits_dir):
         CONFIGS / "demo-finetune.yaml",
         ["init.checkpoint=/nowhere/at/all", f"data.dataset={digits_dir / 'digits'}"],
     )
-    with pytest.raises(FileNotFoundError, match="not a vitray checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no such directory: /nowhere/at/all"):
         tracked_fit(cfg, kind="finetune")

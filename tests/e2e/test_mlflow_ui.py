@@ -3,10 +3,8 @@ experiment's runs and dataset, a run's metrics, the registered model and its ali
 Slow: marked, still run in CI (.ci/run installs Debian's chromium when it is missing)."""
 
 import html
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,7 +13,7 @@ import pytest
 
 from jobs.config import load_config
 
-from helpers import free_port, search_config, tracked_search, wait_healthy
+from helpers import free_port, search_config, stop_group, tracked_search, wait_healthy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -51,8 +49,7 @@ def ui(ray_local, digits_dir, tmp_path_factory):
         wait_healthy(base)
         yield SimpleNamespace(base=base, uri=uri, outcome=outcome, tmp=tmp)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_group(server)
 
 
 def rendered_text(url: str, profile) -> str:
