@@ -140,7 +140,9 @@ def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
     assert len(rerun_steps) == len(set(rerun_steps))
 
 
-def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(ray_local, mlflow_server, tmp_path):
+def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(
+    ray_local, digits_dir, mlflow_server, tmp_path
+):
     """Checkpoints left by a run logged elsewhere (a deleted mlflow.db, another server) do
     not crash the rerun: it logs to a new run of this store and says so."""
     from mlflow import MlflowClient
@@ -151,6 +153,9 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(ray_local, mlflow
     (run_dir / "checkpoint_000001").mkdir(parents=True)
     torch.save({"mlflow_run_id": "0" * 32}, run_dir / "checkpoint_000001" / "train_state.pt")
     cfg = config(tmp_path, mlflow_server, **{"run.name": "elsewhere"})
+    cfg = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={"dataset": str(digits_dir / "digits")})}
+    )
     run_id = open_run(cfg, mlflow_server, str(run_dir), "pretrain", {"train": 1257, "val": 180})
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run_id != "0" * 32 and run.info.status == "RUNNING"
