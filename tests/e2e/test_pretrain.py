@@ -141,7 +141,7 @@ def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
 
 
 def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(
-    ray_local, digits_dir, mlflow_server, tmp_path
+    ray_local, digits_dir, mlflow_server
 ):
     """Checkpoints left by a run logged elsewhere (a deleted mlflow.db, another server) do
     not crash the rerun: it logs to a new run of this store and says so."""
@@ -149,13 +149,11 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(
 
     from jobs.tracking.runs import open_run
 
-    run_dir = tmp_path / "runs" / "elsewhere"
+    tmp = digits_dir / "elsewhere"  # config() reads the digits beside it
+    run_dir = tmp / "runs" / "elsewhere"
     (run_dir / "checkpoint_000001").mkdir(parents=True)
     torch.save({"mlflow_run_id": "0" * 32}, run_dir / "checkpoint_000001" / "train_state.pt")
-    cfg = config(tmp_path, mlflow_server, **{"run.name": "elsewhere"})
-    cfg = cfg.model_copy(
-        update={"data": cfg.data.model_copy(update={"dataset": str(digits_dir / "digits")})}
-    )
+    cfg = config(tmp, mlflow_server, **{"run.name": "elsewhere"})
     run_id = open_run(cfg, mlflow_server, str(run_dir), "pretrain", {"train": 1257, "val": 180})
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run_id != "0" * 32 and run.info.status == "RUNNING"
