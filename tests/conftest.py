@@ -83,6 +83,40 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto's server mode) on 127.0.0.1, stopped by its group.
+    Yields the endpoint URL; `s3_env` points the AWS variables at it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(endpoint, path="/moto-api/")
+        yield endpoint
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> str:
+    """The standard AWS variables aimed at the local S3 server (boto3, pyarrow and every
+    process started from here read them); yields the endpoint."""
+    for key, value in {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield s3_server
+
+
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """builtin:digits prepared once: <dir>/digits; tests make their own subfolders."""
     from pipeline.prepare import prepare

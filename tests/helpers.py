@@ -115,13 +115,14 @@ def stop_group(proc: subprocess.Popen, seconds: float = 30) -> None:
         proc.wait(timeout=seconds)
 
 
-def wait_healthy(base: str, seconds: float = 180) -> None:
-    """Wait for an MLflow server's /health (a loaded 2-core machine takes a minute)."""
+def wait_healthy(base: str, seconds: float = 180, path: str = "/health") -> None:
+    """Wait for a server to answer `path` (an MLflow server's /health by default; a loaded
+    2-core machine takes a minute)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{base}/health", timeout=1):
+            with urllib.request.urlopen(f"{base}{path}", timeout=1):
                 return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"{base} did not answer /health within {seconds:.0f} s")
+    raise RuntimeError(f"{base} did not answer {path} within {seconds:.0f} s")
