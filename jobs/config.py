@@ -103,6 +103,12 @@ class MlflowSection(Section):
     enabled: bool = True
     experiment: str = "vitray"
     tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else ./mlflow.db
+    register_as: str | None = Field(
+        None,
+        description="register the run's best checkpoint under this MLflow model name, with "
+        "mlflow.alias: what a fine-tune's init.checkpoint models:/<name>@<alias> starts from",
+    )
+    alias: str = "champion"
 
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
 from vit import load_checkpoint, read_checkpoint_meta
@@ -45,3 +46,20 @@ def log_vit_model(
             input_example=example,
         )
     return info.model_uri
+
+
+def register_vit_model(
+    model_uri: str, name: str, alias: str, uri: str, description: str, tags: dict[str, str]
+) -> ModelVersion:
+    """A logged model as a new version of `name`, described, with `alias` moved to it: the
+    `models:/<name>@<alias>` that a fine-tune's init.checkpoint names keeps working while
+    the versions behind it change."""
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    client = MlflowClient(uri)
+    client.update_model_version(version.name, version.version, description=description)
+    client.set_registered_model_alias(name, alias, version.version)
+    print(f"registered models:/{version.name}/{version.version} as @{alias}", flush=True)
+    return version

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from jobs.tracking import plots
-from jobs.tracking.model import log_vit_model
+from jobs.tracking.model import log_vit_model, register_vit_model
 from vit import read_checkpoint_meta
 
 if TYPE_CHECKING:
@@ -82,22 +82,18 @@ def register_best(outcome: SearchOutcome, scores: dict[str, float], uri: str) ->
             client.log_metric(outcome.parent_run_id, key, value)
     if not cfg.tune.register_as:
         return
-    version = mlflow.register_model(
-        model_uri,
-        cfg.tune.register_as,
-        tags={f"best_{cfg.tune.metric}": f"{outcome.best_metric:.4f}", "source_run": run_id},
-    )
     scored = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith(("top1", "top5")))
     description = (
         f"The search's pick ({cfg.tune.select}): {cfg.tune.metric} {outcome.best_metric:.4f}"
         + (f", {scored}" if scored else "")
         + f". Source run {run_id}, trial of search run {outcome.parent_run_id}."
     )
-    client.update_model_version(version.name, version.version, description=description)
-    client.set_registered_model_alias(cfg.tune.register_as, cfg.tune.alias, version.version)
+    tags = {f"best_{cfg.tune.metric}": f"{outcome.best_metric:.4f}", "source_run": run_id}
+    version = register_vit_model(
+        model_uri, cfg.tune.register_as, cfg.tune.alias, uri, description, tags
+    )
     client.set_tag(outcome.parent_run_id, "registered_model", f"{version.name}/{version.version}")
     outcome.registered = version
-    print(f"registered models:/{version.name}/{version.version} as @{cfg.tune.alias}", flush=True)
 
 
 def log_search(outcome: SearchOutcome, scores: dict[str, float], uri: str) -> None:

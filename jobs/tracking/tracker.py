@@ -20,7 +20,7 @@ from jobs.config import JobConfig, MlflowSection, shown
 from jobs.tracking import runs, search_report
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.figures import log_figures
-from jobs.tracking.model import log_vit_model
+from jobs.tracking.model import log_vit_model, register_vit_model
 
 if TYPE_CHECKING:
     from jobs.training.search import SearchOutcome
@@ -100,7 +100,8 @@ class MlflowTracker:
 
     def log_outcome(self, cfg: JobConfig, result: Any, run_id: str, start: Start | None) -> None:
         """The resolved config, the final and the best checkpoints, and the figures of the
-        best (a fine-tune's posemb similarity before and after the resize)."""
+        best (a fine-tune's posemb similarity before and after the resize); the best
+        registered as mlflow.register_as@mlflow.alias when that is set."""
         from mlflow import MlflowClient
 
         client = MlflowClient(self.uri)
@@ -113,11 +114,22 @@ class MlflowTracker:
             checkpoint, metrics = best[-1]
             with checkpoint.as_directory() as d:
                 client.log_artifacts(run_id, d, "checkpoint/best")
-                log_vit_model(d)  # the best checkpoint, ready for the model registry
+                model_uri = log_vit_model(d)  # the best checkpoint, ready for the registry
                 with tempfile.TemporaryDirectory() as out:
                     before = start.before if start else None
                     log_figures(d, cfg.data, run_id, self.uri, Path(out), before=before)
-            client.set_tag(run_id, "best_val_top1", f"{metrics.get('val_top1', 0):.4f}")
+            top1 = f"{metrics.get('val_top1', 0):.4f}"
+            client.set_tag(run_id, "best_val_top1", top1)
+            if cfg.mlflow.register_as:
+                about = f"Best checkpoint of {cfg.run.name} (run {run_id}): val_top1 {top1}."
+                tags = {"best_val_top1": top1, "source_run": run_id}
+                name, alias = cfg.mlflow.register_as, cfg.mlflow.alias
+                register_vit_model(model_uri, name, alias, self.uri, about, tags)
+        elif cfg.mlflow.register_as:
+            raise RuntimeError(
+                f"mlflow.register_as {cfg.mlflow.register_as}: the run reported no checkpoint "
+                "to register"
+            )
 
     def fail_search(self, parent_id: str, reason: str) -> None:
         from mlflow import MlflowClient

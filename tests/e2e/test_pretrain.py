@@ -158,3 +158,25 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run_id != "0" * 32 and run.info.status == "RUNNING"
     assert run.data.params["train.batch_size"] == "64"  # a new run, with its config
+
+
+def test_pretraining_registers_its_best_model_where_a_fine_tune_starts(
+    ray_local, digits_dir, mlflow_server
+):
+    """mlflow.register_as: the run's best checkpoint becomes a version of that model with
+    the alias moved to it, and the models:/<name>@<alias> a fine-tune names loads it."""
+    from mlflow import MlflowClient
+
+    from jobs.tracking.checkpoints import load_any
+
+    tmp = digits_dir / "registered"
+    tmp.mkdir()
+    sets = {"train.max_steps": 10, "scaling.num_workers": 1, "run.name": "registered"}
+    cfg = config(tmp, mlflow_server, **sets, **{"mlflow.register_as": "digits-pretrained"})
+    outcome = tracked_fit(cfg)
+    version = MlflowClient(mlflow_server).get_model_version_by_alias(
+        "digits-pretrained", "champion"
+    )
+    assert version.tags["source_run"] == outcome.mlflow_run_id
+    model = load_any("models:/digits-pretrained@champion", mlflow_server, image_size=32)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
