@@ -2,7 +2,9 @@
 
 Every image is decoded once to check it (bad files are skipped and listed in the manifest,
 or stop the run in strict mode); bytes are never re-encoded. Output is written to a
-temporary directory and renamed into place, so OUT is either complete or absent.
+temporary directory and renamed into place, so OUT is either complete or absent; with
+--overwrite the old output stays until the new one is complete, and only an earlier output
+of prepare (or an empty directory) is ever replaced.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pipeline.sources import (
 
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
 ROW_GROUP_BYTES = 8 * 2**20  # the unit of parallel reading and decoding (~250 photos)
+FORMAT = "vitray-shards"  # manifest.json's mark: a directory prepare wrote
 UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "b": 1}
 
 
@@ -224,6 +227,71 @@ def _checked(items: Iterable[Item], workers: int) -> Iterable[tuple[Item, bytes,
             yield from pool.map(check_image, chunk)
 
 
+def earlier_output(out: Path) -> dict | None:
+    """The manifest of a directory `prepare` wrote, or None (no manifest, or not ours)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def written_by(manifest: dict) -> set[str]:
+    """The names `prepare` put in its output: the manifest and the shards it lists."""
+    shards = (s["file"] for split in manifest.get("splits", {}).values() for s in split["shards"])
+    return {MANIFEST, *shards}
+
+
+def check_out(out: Path, spec: str, options: dict, overwrite: bool) -> dict | None:
+    """Whether `out` may be written: None when it may; its manifest when it already holds
+    `spec` with these `options` (nothing to do). `overwrite` replaces an earlier output of
+    prepare or an empty directory and nothing else: a folder of source images given as
+    OUT by mistake stays as it is."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise SourceError(f"{out} is a file; OUT must be a directory")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return None
+    manifest = earlier_output(out)
+    if manifest is None:
+        raise SourceError(
+            f"{out} is not empty and not a vitray dataset (it holds {names[:5]}); prepare "
+            "never replaces it, --overwrite included: choose another directory"
+        )
+    if not overwrite:
+        if manifest.get("source") == spec and manifest.get("options") == options:
+            return manifest
+        raise SourceError(
+            f"{out} already holds a different dataset ({manifest.get('source')}); "
+            "refusing to mix them: choose another directory or pass --overwrite"
+        )
+    others = sorted(set(names) - written_by(manifest))
+    if others:
+        raise SourceError(
+            f"{out} holds files prepare did not write ({others[:5]}); --overwrite replaces "
+            "only an earlier output of prepare: move them or choose another directory"
+        )
+    return None
+
+
+def swap_in(tmp: Path, out: Path) -> None:
+    """The complete new output in place of the old, which is removed only after: renames
+    within one directory, so OUT is at every moment the old output or the new one."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
+
+
 def prepare(
     spec: str,
     out: str | Path,
@@ -257,18 +325,10 @@ def prepare(
         "shard_size": parse_size(shard_size),
         **columns,
     }
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        existing = out / MANIFEST
-        if existing.is_file():
-            manifest = json.loads(existing.read_text())
-            if manifest.get("source") == spec and manifest.get("options") == options:
-                print(f"{out} already holds {spec} (same options); nothing to do", file=sys.stderr)
-                return manifest
-            raise SourceError(
-                f"{out} already holds a different dataset ({manifest.get('source')}); "
-                "refusing to mix them: choose another directory or pass --overwrite"
-            )
-        raise SourceError(f"{out} is not empty and not a vitray dataset; pass --overwrite")
+    done = check_out(out, spec, options, overwrite)
+    if done is not None:
+        print(f"{out} already holds {spec} (same options); nothing to do", file=sys.stderr)
+        return done
     items, count, class_names, kind = source_items(spec, seed, columns)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -301,7 +361,7 @@ def prepare(
         if class_names is None:
             class_names = [str(i) for i in range(max_label + 1)]
         manifest = {
-            "format": "vitray-shards",
+            "format": FORMAT,
             "version": 1,
             "source": spec,
             "source_kind": kind,
@@ -312,10 +372,7 @@ def prepare(
             "skipped": skipped,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     counts = ", ".join(f"{k} {v['rows']}" for k, v in manifest["splits"].items())

@@ -34,7 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the split and the row order")
     p.add_argument("--strict", action="store_true", help="fail on the first bad image")
-    p.add_argument("--overwrite", action="store_true", help="replace what OUT holds")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output of prepare in OUT (never other files)",
+    )
     p.add_argument(
         "--image-column",
         help="Parquet: the image column (default: the Hugging Face Image feature, else image); "

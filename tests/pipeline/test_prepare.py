@@ -4,6 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobs.cli import main
 from pipeline.decode import BadImage
 from pipeline.prepare import parse_size, prepare
 from pipeline.sources import SourceError
@@ -59,6 +60,59 @@ def test_rerun_is_idempotent_and_refuses_to_mix(tmp_path, awkward_images):
         prepare(str(tmp_path / "b"), tmp_path / "out", progress=False)
     replaced = prepare(str(tmp_path / "b"), tmp_path / "out", overwrite=True, progress=False)
     assert sum(s["rows"] for s in replaced["splits"].values()) == 6
+
+
+def tree(root):
+    """Every file under `root`, with its bytes."""
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_source_folder(tmp_path, awkward_images, capsys):
+    """`vitray prepare SRC OUT --overwrite` with OUT a folder of images (or an earlier output
+    someone added files to) refuses, exit 2, naming OUT, and leaves every file as it was."""
+    make_folder(tmp_path / "photos", awkward_images, per_class=2)
+    make_folder(tmp_path / "src", awkward_images, per_class=2)
+    before = tree(tmp_path / "photos")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(tmp_path / "src"), str(tmp_path / "photos"), "--overwrite"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'photos'} is not empty and not a vitray dataset" in err
+    assert tree(tmp_path / "photos") == before
+
+    prepare(str(tmp_path / "src"), tmp_path / "out", progress=False)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(
+        SourceError, match=r"out holds files prepare did not write \(\['notes.txt'\]\)"
+    ):
+        prepare(str(tmp_path / "photos"), tmp_path / "out", overwrite=True, progress=False)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+    (tmp_path / "empty").mkdir()
+    written = prepare(str(tmp_path / "src"), tmp_path / "empty", overwrite=True, progress=False)
+    assert (tmp_path / "empty" / "manifest.json").is_file() and written["num_classes"] == 2
+
+
+def test_a_failed_overwrite_keeps_the_old_output_readable(tmp_path, awkward_images):
+    """The new output replaces the old only once complete: a re-prepare that fails after
+    writing some shards (strict, a broken image among many) leaves the old one as it was."""
+    make_folder(tmp_path / "a", awkward_images, per_class=3)
+    make_folder(tmp_path / "b", awkward_images, per_class=12)
+    old = prepare(str(tmp_path / "a"), tmp_path / "out", progress=False)
+    before = tree(tmp_path / "out")
+    with pytest.raises(BadImage, match="broken.jpg|notes.jpg|empty.jpg"):
+        prepare(
+            str(tmp_path / "b"), tmp_path / "out", shard_size="1kb", strict=True,
+            overwrite=True, progress=False,
+        )  # fmt: skip
+    assert tree(tmp_path / "out") == before
+    rows = sum(len(pq.read_table(f)) for f in (tmp_path / "out").glob("*.parquet"))
+    assert rows == sum(s["rows"] for s in old["splits"].values()) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]  # no temp left
+
+    new = prepare(str(tmp_path / "b"), tmp_path / "out", overwrite=True, progress=False)
+    assert sum(s["rows"] for s in new["splits"].values()) == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]  # old removed
 
 
 def test_builtin_digits_has_fixed_stratified_splits(tmp_path):
