@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import yaml
 
@@ -11,11 +12,20 @@ from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
 
 
+def checkpoint_uri(checkpoint: Any) -> str | None:
+    """Where a Ray checkpoint lives, as a user would pass it on (`s3://bucket/...`: Ray's
+    `path` drops the scheme of object storage)."""
+    if checkpoint is None:
+        return None
+    scheme = {"s3": "s3://", "gcs": "gs://"}.get(checkpoint.filesystem.type_name, "")
+    return scheme + checkpoint.path
+
+
 def summary(outcome: Outcome, uri: str) -> None:
     metrics = outcome.result.metrics or {}
     print(
         f"done: val top-1 {metrics.get('val_top1', float('nan')):.4f}, "
-        f"checkpoint {outcome.result.checkpoint.path if outcome.result.checkpoint else None}"
+        f"checkpoint {checkpoint_uri(outcome.result.checkpoint)}"
     )
     if outcome.mlflow_run_id:
         print(f"MLflow run {outcome.mlflow_run_id} at {redact(uri)}")
