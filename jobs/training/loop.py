@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from jobs.config import JobConfig
-from jobs.training.evaluation import topk_correct
 from jobs.training.mix import mix_batch
 from jobs.training.optim import build_optimizer
 from jobs.training.plan import TrainPlan
@@ -65,19 +65,21 @@ class CachedBatches:
 
 
 def evaluate(model: torch.nn.Module, shard: Any, batch: int, device: torch.device) -> dict:
-    """Top-1/top-5 over this worker's shard, summed over all workers."""
+    """Top-1/top-5 over this worker's shard, summed over all workers. Counts stay on the
+    device until the end: bad rows (zero patches) run through the model and are masked out
+    of the counts, as they are out of the training loss."""
     model.eval()
-    correct1 = correct5 = seen = skipped = 0.0
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, seen, skipped
     with torch.no_grad():
-        for b in shard.iter_torch_batches(batch_size=batch, device=device):
+        for b in shard.iter_torch_batches(batch_size=batch, **device_copies(device)):
             ok = b["ok"]
-            skipped += float((~ok).sum())
-            if not ok.any():
-                continue
-            labels = b["label"][ok]
-            top1, top5 = topk_correct(model(b["patches"][ok]), labels, (1, 5))
-            correct1, correct5, seen = correct1 + top1, correct5 + top5, seen + len(labels)
-    correct1, correct5, seen, skipped = all_sum([correct1, correct5, seen, skipped], device)
+            logits = model(b["patches"])
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+            hits = (top == b["label"][:, None]) & ok[:, None]
+            counts += torch.stack(
+                [hits[:, :1].any(1).sum(), hits.any(1).sum(), ok.sum(), (~ok).sum()]
+            )
+    correct1, correct5, seen, skipped = all_sum(list(counts), device)
     model.train()
     return {
         "val_top1": correct1 / max(seen, 1),
@@ -102,6 +104,9 @@ class Runner:
     progress: Callable[[str, bool], None] | None = None  # rank 0's (line, keep) to show
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     epoch_reports_only: bool = False  # Tune schedulers compare val_top1 at every report
+    # `report` returns before the checkpoint is uploaded, and the uploader deletes its
+    # directory once done (Ray's ASYNC mode); otherwise the loop deletes it after `report`
+    uploads_in_background: bool = False
 
 
 def quiet_report_logs(level: str) -> None:
@@ -121,14 +126,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         train=ray.train.get_dataset_shard("train"),
         val=ray.train.get_dataset_shard("val"),
-        report=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+        report=report_to_ray_train,
         make_checkpoint=ray.train.Checkpoint.from_directory,
         checkpoint=ray.train.get_checkpoint(),
         metrics=config.get("metrics") if rank == 0 else None,
         progress=progress_to(config.get("progress")) if rank == 0 else None,
         prepare_model=ray.train.torch.prepare_model,
+        uploads_in_background=True,
     )
     run_training(config, runner)
+
+
+def report_to_ray_train(metrics: dict[str, Any], checkpoint: Any) -> None:
+    """Ray's ASYNC mode: rank 0's checkpoint uploads in a background thread while training
+    goes on, and Ray deletes the local directory once it is stored. Reports without a
+    checkpoint go the same way: Ray delivers reports in order, so a synchronous one would
+    wait for the upload before it."""
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        delete_local_checkpoint_after_upload=True,
+    )
 
 
 def progress_to(queue: Any) -> Callable[[str, bool], None] | None:
@@ -151,32 +170,57 @@ def initial_weights(plan: TrainPlan) -> dict[str, torch.Tensor] | None:
     return ray.get(init) if isinstance(init, ray.ObjectRef) else init
 
 
+def device_copies(device: torch.device) -> dict[str, Any]:
+    """`iter_torch_batches` arguments that put batches on `device`. On CUDA, Ray Data pins
+    each batch in host memory, so that its copy to the GPU runs without blocking (Ray copies
+    with non_blocking=True) and overlaps the step; CPU memory cannot be pinned without CUDA."""
+    return {"device": device, "pin_memory": device.type == "cuda"}
+
+
 def epoch_batches(runner: Runner, cfg: JobConfig) -> Iterator[dict[str, torch.Tensor]]:
     return iter(
         runner.train.iter_torch_batches(
             batch_size=cfg.micro_batch,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             drop_last=True,
-            device=runner.device,
             prefetch_batches=2,
+            **device_copies(runner.device),
         )
     )
 
 
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; other devices compute in float32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def good_rows_in_place_of_bad(
+    patches: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Before a mix: each bad row becomes a copy of a good row of the batch, so that no
+    image is mixed with a bad one (zero pixels, label -1). The bad rows still weigh nothing
+    in the loss. Computed on the device: the number of good rows is never read."""
+    rows = torch.arange(len(ok), device=ok.device)
+    good_first = torch.argsort((~ok).to(torch.uint8), stable=True)
+    source = torch.where(ok, rows, good_first[rows % ok.sum().clamp(min=1)])
+    return patches[source], labels[source]
+
+
 def micro_batch_loss(
     model: Handles, b: dict[str, torch.Tensor], cfg: JobConfig, num_classes: int
-) -> tuple[torch.Tensor, int, float]:
-    """(loss, rows, skipped rows) of one micro-batch. A batch of only bad rows still runs
-    forward and backward with zero weight: every DDP rank must, or the others hang."""
-    ok = b["ok"]
-    skipped = float((~ok).sum())
-    weight = 1.0
-    if not ok.any():
-        ok, weight = torch.ones_like(ok), 0.0
-    patches, labels = b["patches"][ok], b["label"][ok].clamp(min=0)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, bad rows) of one micro-batch, both left on the device: a value read back to
+    the host (`.item()`, `if tensor`, boolean indexing) stalls the GPU until its queue
+    drains. Bad rows stay in the batch with zero weight, and the loss is the mean over the
+    good ones; a batch of only bad rows still runs forward and backward at zero loss: every
+    DDP rank must, or the others hang."""
+    ok, patches, labels = b["ok"], b["patches"], b["label"].clamp(min=0)
+    if cfg.train.mixup or cfg.train.cutmix:
+        patches, labels = good_rows_in_place_of_bad(patches, labels, ok)
     raw = model.vit
-    device = patches.device
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(patches.device):
         patches, targets = mix_batch(
             raw.normalize(patches),
             labels,
@@ -186,8 +230,9 @@ def micro_batch_loss(
             cfg.train.cutmix,
             cfg.train.label_smoothing,
         )
-        loss = weight * F.cross_entropy(model.compute(patches), targets)
-    return loss, len(ok), skipped
+        per_row = F.cross_entropy(model.compute(patches), targets, reduction="none")
+    loss = torch.where(ok, per_row, 0.0).sum() / ok.sum().clamp(min=1)
+    return loss, (~ok).sum()
 
 
 def accumulate(
@@ -205,11 +250,9 @@ def accumulate(
         after = rep.next_batch(batches) if i < accum - 1 else None
         sync = after is None or model.ddp is None
         with contextlib.nullcontext() if sync else model.ddp.no_sync():
-            loss, rows, skipped = micro_batch_loss(model, b, cfg, num_classes)
+            loss, skipped = micro_batch_loss(model, b, cfg, num_classes)
             (loss / accum).backward()
-        rep.loss_sum += loss.item()
-        rep.images += rows
-        rep.skipped += skipped
+        rep.add(loss.detach(), len(b["ok"]), skipped)
         b = after
     return accum
 
@@ -226,14 +269,19 @@ def report(
     metrics: dict, end_of_epoch: bool, runner: Runner, save_to: Callable[[Path], Path]
 ) -> None:
     """Hand the metrics to the runner, with a checkpoint from rank 0 at the end of an epoch
-    (`save_to` writes it into a directory)."""
+    (`save_to` writes it into a new directory, which a runner that uploads in the background
+    deletes when done, and the loop deletes otherwise)."""
     if not end_of_epoch and runner.epoch_reports_only:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if end_of_epoch and runner.rank == 0:
-            checkpoint = runner.make_checkpoint(str(save_to(Path(tmp))))
-        runner.report(metrics, checkpoint)
+    if not (end_of_epoch and runner.rank == 0):
+        runner.report(metrics, None)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="vitray-checkpoint-"))
+    try:
+        runner.report(metrics, runner.make_checkpoint(str(save_to(directory))))
+    finally:
+        if not runner.uploads_in_background:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def build_model(cfg: JobConfig, plan: TrainPlan, runner: Runner) -> tuple[Handles, Any, Any, int]:

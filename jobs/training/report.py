@@ -14,13 +14,13 @@ import torch.distributed as dist
 from jobs.training.tracker import MetricsSink
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums over all ranks. The tensor lives on the training device: NCCL (Ray's backend
-    with GPUs) reduces CUDA tensors only, and fails on a CPU one."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def all_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Sums over all ranks, read back to the host in one transfer. The tensor lives on the
+    training device: NCCL (Ray's backend with GPUs) reduces CUDA tensors only, and fails on
+    a CPU one."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
     return t.tolist()
 
 
@@ -31,7 +31,8 @@ def format_eta(seconds: float) -> str:
 
 class Reporter:
     """The window since the last report (loss, images, skipped rows, time spent waiting
-    for data), the report schedule, and rank 0's outputs."""
+    for data), the report schedule, and rank 0's outputs. Loss and skipped rows are summed
+    on the training device and read back once per report, never per micro-batch."""
 
     def __init__(
         self,
@@ -52,8 +53,16 @@ class Reporter:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = self.images = self.skipped = self.wait = 0.0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.images = self.wait = 0.0
         self.window_start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, rows: int, skipped: torch.Tensor) -> None:
+        """One micro-batch: its loss and bad rows as device tensors, added where they are."""
+        self.loss_sum += loss
+        self.skipped += skipped
+        self.images += rows
 
     def next_batch(self, batches: Any) -> dict[str, torch.Tensor] | None:
         """The next micro-batch, or None at the end of the epoch; the wait is counted."""

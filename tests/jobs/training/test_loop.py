@@ -16,8 +16,11 @@ from vit import Preprocessing, ViTConfig, load_checkpoint, read_preprocessing
 class TensorShard:
     """A dataset shard held as tensors, iterated as Ray's `iter_torch_batches` does."""
 
-    def __init__(self, patches: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(
+        self, patches: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None = None
+    ) -> None:
         self.patches, self.labels = patches, labels
+        self.ok = torch.ones(len(labels), dtype=torch.bool) if ok is None else ok
 
     def iter_torch_batches(self, batch_size, drop_last=False, device=None, **_):
         n = len(self.labels)
@@ -27,7 +30,7 @@ class TensorShard:
             yield {
                 "patches": self.patches[rows],
                 "label": self.labels[rows],
-                "ok": torch.ones(len(self.labels[rows]), dtype=torch.bool),
+                "ok": self.ok[rows],
             }
 
 
@@ -38,6 +41,13 @@ def separable_shard(vit: ViTConfig, n: int, seed: int) -> TensorShard:
     base = torch.where(labels == 1, 200, 40)[:, None, None]
     noise = torch.randint(-30, 30, (n, vit.num_patches, vit.patch_dim), generator=g)
     return TensorShard((base + noise).clamp(0, 255).to(torch.uint8), labels)
+
+
+def with_bad_rows(shard: TensorShard, every: int) -> TensorShard:
+    """Every `every`-th row bad, as the pipeline leaves one: zero patches, label -1."""
+    ok = torch.arange(len(shard.labels)) % every != 0
+    patches = torch.where(ok[:, None, None], shard.patches, 0)
+    return TensorShard(patches, torch.where(ok, shard.labels, -1), ok)
 
 
 def job(**sets: object) -> dict:
@@ -243,3 +253,135 @@ def test_replicas_stay_identical_when_an_epoch_ends_inside_a_gradient_accumulati
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+# The GPU's queue: nothing read back per micro-batch, batches pinned, uploads in the background
+
+
+@pytest.mark.parametrize(
+    "sets", [{}, {"train.mixup": 0.8}, {"train.cutmix": 1.0}], ids=["plain", "mixup", "cutmix"]
+)
+def test_micro_batches_read_nothing_back_from_the_device_between_reports(sets):
+    """The meta device holds no values, so any read of one raises (`.item()`, `if tensor`,
+    boolean indexing, a count made a float) where a GPU would stall until its queue drains.
+    A step reads nothing: loss and bad-row counts wait on the device for the report."""
+    from jobs.training.loop import accumulate, build_model
+    from jobs.training.report import Reporter
+
+    cfg = job(**{"train.grad_accum": 2, "train.label_smoothing": 0.1, **sets})
+    plan = plan_for(cfg, 64)
+    runner = runner_for(plan, [])
+    runner.device = torch.device("meta")
+    model, *_ = build_model(cfg, plan, runner)
+    rep = Reporter(0, cfg.micro_batch, 4, 4, 100, None, None, 0, runner.device)
+    shard = with_bad_rows(separable_shard(plan.vit, 64, seed=0), every=3)
+    batches = (
+        {k: v.to("meta") for k, v in b.items()}
+        for b in shard.iter_torch_batches(cfg.micro_batch, drop_last=True)
+    )
+    steps = [accumulate(model, batches, cfg, plan.num_classes, rep) for _ in range(3)]
+    assert steps == [2, 2, 2] and rep.images == 6 * cfg.micro_batch
+    assert rep.loss_sum.device.type == rep.skipped.device.type == "meta"
+
+
+def test_bad_rows_weigh_nothing_and_the_loss_is_the_mean_over_good_ones():
+    """The masked loss equals the loss over the good rows alone (what filtering them out
+    gave), and a micro-batch of only bad rows gives zero loss and zero gradients."""
+    import torch.nn.functional as F
+
+    from jobs.training.loop import build_model, micro_batch_loss
+
+    cfg = job(**{"train.label_smoothing": 0.1})
+    plan = plan_for(cfg, 64)
+    model, *_ = build_model(cfg, plan, runner_for(plan, []))
+    model.vit.eval()  # no dropout: the two losses see the same network
+    shard = with_bad_rows(separable_shard(plan.vit, 8, seed=0), every=3)
+    b = next(shard.iter_torch_batches(8))
+    loss, skipped = micro_batch_loss(model, b, cfg, plan.num_classes)
+    ok = b["ok"]
+    alone = F.cross_entropy(model.vit(b["patches"][ok]), b["label"][ok], label_smoothing=0.1)
+    torch.testing.assert_close(loss, alone)
+    assert int(skipped) == 3  # rows 0, 3 and 6
+
+    bad = {"patches": b["patches"], "label": torch.full((8,), -1), "ok": torch.zeros(8, dtype=bool)}
+    loss, skipped = micro_batch_loss(model, bad, cfg, plan.num_classes)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and int(skipped) == 8
+    grads = [p.grad for p in model.vit.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # every rank still all-reduces
+
+
+def test_a_mix_never_blends_in_a_bad_row():
+    """Mixup and CutMix pair each row with another of the batch: bad rows are first replaced
+    by good ones, so a good image is only ever mixed with a good image."""
+    from jobs.training.loop import good_rows_in_place_of_bad
+
+    ok = torch.tensor([False, True, False, True, True, False])
+    patches = torch.arange(6.0)[:, None, None].expand(6, 2, 3)
+    labels = torch.tensor([-1, 1, -1, 0, 1, -1])
+    mixed, mixed_labels = good_rows_in_place_of_bad(patches, labels, ok)
+    rows = mixed[:, 0, 0].long()
+    assert torch.equal(rows[ok], torch.tensor([1, 3, 4]))  # good rows stay where they are
+    assert set(rows.tolist()) <= {1, 3, 4} and (mixed_labels >= 0).all()
+    none_good = torch.zeros(6, dtype=torch.bool)
+    assert good_rows_in_place_of_bad(patches, labels, none_good)[0].shape == patches.shape
+
+
+def test_batches_are_pinned_for_a_copy_to_the_gpu_that_does_not_block():
+    """On CUDA, Ray Data pins each batch so that its non-blocking copy overlaps the step;
+    on the CPU nothing is pinned (pinning needs CUDA)."""
+    from jobs.training.loop import epoch_batches
+
+    asked: list[dict] = []
+
+    class Recording:
+        def iter_torch_batches(self, **kwargs):
+            asked.append(kwargs)
+            return iter(())
+
+    cfg = job()
+    runner = runner_for(plan_for(cfg, 64), [])
+    runner.train = Recording()
+    for device in ("cuda", "cpu"):
+        runner.device = torch.device(device)
+        epoch_batches(runner, cfg)
+    assert [(a["device"].type, a["pin_memory"]) for a in asked] == [
+        ("cuda", True),
+        ("cpu", False),
+    ]
+
+
+def test_a_checkpoint_uploaded_in_the_background_keeps_its_directory(tmp_path):
+    """Ray's ASYNC upload reads the directory after `report` has returned: the loop must
+    leave it (Ray deletes it once stored). A runner that stores it during `report` gets
+    it deleted afterwards, so that nothing piles up in the temporary directory."""
+    cfg = job(**{"train.epochs": 1})
+    plan = plan_for(cfg, 64)
+    handed: dict[bool, list[Path]] = {True: [], False: []}
+    for background in (True, False):
+        runner = runner_for(plan, [])
+        runner.make_checkpoint = lambda d, b=background: handed[b].append(Path(d)) or d
+        runner.uploads_in_background = background
+        run_training({"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()}, runner)
+    (later,), (stored,) = handed[True], handed[False]
+    try:
+        assert load_checkpoint(later).config.num_classes == 2  # whole, after the report
+        assert not stored.exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(later, ignore_errors=True)
+
+
+def test_ray_train_reports_upload_checkpoints_in_the_background(monkeypatch):
+    """Every report to Ray Train asks for the ASYNC upload: Ray delivers reports in order,
+    so one synchronous report after a checkpoint would wait for its upload."""
+    import ray.train
+
+    from jobs.training.loop import report_to_ray_train
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: calls.append(kw))
+    report_to_ray_train({"step": 1}, None)
+    assert calls[0]["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
+    assert calls[0]["delete_local_checkpoint_after_upload"] is True
