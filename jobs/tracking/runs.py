@@ -19,6 +19,7 @@ from pipeline.config import DataConfig
 from pipeline.dataset import describe_dataset
 
 RUN_DIR_TAG = "vitray.run_dir"
+RUN_RECORD = "vitray-run.json"  # in the run directory: the MLflow run it logs to
 DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description
 # MLflow 3 opens an experiment in its GenAI view unless it is marked as model development,
 # and a link opens the Model training view only with this query.
@@ -69,17 +70,50 @@ def cluster_tags() -> dict[str, str]:
     }
 
 
-def checkpointed_run_id(run_dir: str) -> str | None:
-    """The MLflow run id stored in the latest local checkpoint of this run, if any."""
-    import torch
+def recorded_run_id(run_dir: str) -> str | None:
+    """The MLflow run that `run_dir` logs to, from its record; None before its first start.
+    A record, not the newest checkpoint: a save cut short leaves a `checkpoint_*` directory
+    that Ray never registered, and the last name in order need not be a usable one."""
+    import pyarrow.fs
 
-    checkpoints = (
-        sorted(Path(run_dir).glob("checkpoint_*/train_state.pt")) if "://" not in run_dir else []
-    )
-    if not checkpoints:
+    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+    try:
+        with fs.open_input_stream(f"{path}/{RUN_RECORD}") as f:
+            return json.loads(f.read())["mlflow_run_id"]
+    except FileNotFoundError:
         return None
-    state = torch.load(checkpoints[-1], weights_only=True)
-    return state.get("mlflow_run_id") or None
+
+
+def record_run(run_dir: str, run_id: str) -> None:
+    """Written under a temporary name and renamed: a crash or a full disk leaves the old
+    record or the new one, never half of one."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(run_dir)
+    fs.create_dir(path)
+    tmp = f"{path}/.{RUN_RECORD}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps({"mlflow_run_id": run_id}).encode())
+    fs.move(tmp, f"{path}/{RUN_RECORD}")
+
+
+def like_pattern(value: str) -> str:
+    """`value` as a quoted LIKE pattern. MLflow's filter grammar has no escape for a quote
+    inside a quoted value, so quotes, LIKE's wildcards and backslash (an escape in some SQL
+    stores) each match any one character; callers compare the exact values."""
+    return "'" + "".join("_" if c in "'\"%_\\" else c for c in value) + "'"
+
+
+def runs_tagged(
+    client: Any, experiment_id: str, tags: dict[str, str], unfinished: bool = False
+) -> list[Any]:
+    """The runs (newest first) whose tags equal `tags` exactly, whatever quotes the values
+    hold (a run name or storage path such as `it's "quoted"`)."""
+    clauses = [f"tags.`{key}` LIKE {like_pattern(value)}" for key, value in tags.items()]
+    if unfinished:
+        clauses.append("attributes.status != 'FINISHED'")
+    found = client.search_runs([experiment_id], filter_string=" and ".join(clauses))
+    return [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
 
 def run_exists(client, run_id: str) -> bool:
@@ -97,23 +131,20 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str, split_rows: dict
 
     client = MlflowClient(uri)
     experiment_id = experiment_id_of(client, cfg.mlflow.experiment)
-    run_id = checkpointed_run_id(run_dir)
+    run_id = recorded_run_id(run_dir)
     if run_id is not None and not run_exists(client, run_id):
         print(
-            f"warning: the checkpoints in {run_dir} were logged to MLflow run {run_id}, which "
-            f"{redact(uri)} does not have; logging to a new run",
+            f"warning: {run_dir} was logged to MLflow run {run_id}, which {redact(uri)} does "
+            "not have; logging to a new run",
             flush=True,
         )
         run_id = None
-    if run_id is None:  # stopped before its first checkpoint: its run is still unfinished
-        found = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}' and attributes.status != 'FINISHED'",
-            max_results=1,
-        )
+    if run_id is None:  # a run directory from before records were kept
+        found = runs_tagged(client, experiment_id, {RUN_DIR_TAG: run_dir}, unfinished=True)
         run_id = found[0].info.run_id if found else None
     if run_id:
         client.set_terminated(run_id, "RUNNING")
+        record_run(run_dir, run_id)
         print(f"resuming MLflow run {run_id}", flush=True)
         return run_id
     tags = {
@@ -127,6 +158,7 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str, split_rows: dict
     run = client.create_run(experiment_id, tags=tags, run_name=cfg.run.name)
     log_config_params(client, run.info.run_id, cfg)
     log_dataset(client, run.info.run_id, cfg.data, split_rows)
+    record_run(run_dir, run.info.run_id)
     print(f"MLflow run: {run_url(uri, experiment_id, run.info.run_id)}", flush=True)
     return run.info.run_id
 
@@ -149,11 +181,8 @@ def open_trial_run(
 
     client = MlflowClient(uri)
     experiment = client.get_run(parent_id).info.experiment_id
-    found = client.search_runs(
-        [experiment],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
-        f"and attributes.run_name = '{trial_name}'",
-        max_results=1,
+    found = runs_tagged(
+        client, experiment, {"mlflow.parentRunId": parent_id, "mlflow.runName": trial_name}
     )
     if found:
         return found[0].info.run_id

@@ -7,6 +7,9 @@ resumes from the latest checkpoint and continues its tracked run.
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from jobs.training.capacity import check_capacity, worker_resources
 from jobs.training.loop import train_loop_per_worker
 from jobs.training.plan import TrainPlan, make_plan
 from jobs.training.progress import ProgressFeed
+from jobs.training.runlock import run_lock
 from jobs.training.start import data_for_start
 from jobs.training.tracker import MetricsSink, Tracker
 from pipeline.dataset import build_dataset, quiet_progress
@@ -87,6 +91,24 @@ def build_trainer(
     )
 
 
+def run_trainer(trainer: Any, run_dir: str) -> Any:
+    """`trainer.fit()`, a full disk named as such (Ray hands it over as a worker's
+    traceback). Ray registers a checkpoint only once it is written in full, so the ones
+    before it stay usable."""
+    try:
+        return trainer.fit()
+    except Exception as e:
+        if os.strerror(errno.ENOSPC) not in str(e):
+            raise
+        free = "" if "://" in run_dir else f", {shutil.disk_usage(run_dir).free >> 20} MB free now"
+        raise RuntimeError(
+            f"no space left on device while saving a checkpoint to {run_dir}{free}; the "
+            "checkpoints saved before it are intact: make room there (or in the workers' "
+            "temporary directory, where each is written first) and run the same command "
+            "again to resume from the last one"
+        ) from e
+
+
 def fit(
     cfg: JobConfig, tracker: Tracker, kind: str = "pretrain", materialize: bool = False
 ) -> Outcome:
@@ -95,10 +117,18 @@ def fit(
     `materialize` decodes the datasets once into the object store (benchmarks: training
     fed from memory, the same loop otherwise).
     """
-    import ray
-
     tracker.check()
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
+    with run_lock(run_dir):
+        return fit_locked(cfg, tracker, kind, materialize, run_dir)
+
+
+def fit_locked(
+    cfg: JobConfig, tracker: Tracker, kind: str, materialize: bool, run_dir: str
+) -> Outcome:
+    """`fit` while this process alone holds `run_dir`."""
+    import ray
+
     workdir = run_dir if "://" not in run_dir else tempfile.mkdtemp()
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
     cfg = data_for_start(cfg, start)
@@ -121,8 +151,8 @@ def fit(
     with ProgressFeed() as progress:
         trainer = build_trainer(cfg, plan, datasets, tracker.metrics(run_id), progress)
         if run_id is None:
-            return Outcome(cfg, trainer.fit(), None)
+            return Outcome(cfg, run_trainer(trainer, run_dir), None)
         with tracker.active(run_id):
-            result = trainer.fit()
+            result = run_trainer(trainer, run_dir)
             tracker.log_outcome(cfg, result, run_id, start)
     return Outcome(cfg, result, run_id)
