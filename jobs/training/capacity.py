@@ -1,44 +1,161 @@
-"""What a job holds on the cluster, and a check that the cluster can hold it at all."""
+"""What a job holds on the cluster, and checks that the cluster can hold it at all.
+
+Ray queues work that no node can hold, and train workers that take the CPUs a decode task
+needs leave the job silent, not failed (on 2 CPUs: one worker of 1.5 CPUs and decode tasks
+of 1.0). A job that cannot run fails here, before any run starts, with what is missing.
+"""
 
 from __future__ import annotations
 
-from jobs.config import JobConfig
+import math
+import os
+from typing import Any
+
+from jobs.config import JobConfig, with_values
 
 
 def worker_resources(cfg: JobConfig) -> dict[str, float]:
-    """What one Ray Train worker holds."""
-    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    """What one Ray Train worker holds (`cpus_per_worker: auto` resolved by `sized`)."""
+    cpus = cfg.scaling.cpus_per_worker
+    if cpus == "auto":
+        raise ValueError("scaling.cpus_per_worker: auto is resolved against the cluster first")
+    return {"CPU": cpus, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
 
 
-def check_capacity(cfg: JobConfig) -> None:
-    """Fail now rather than wait forever. Ray queues work that no node can hold, and train
-    workers that take the CPUs a decode task needs leave the job silent, not failed (on 2
-    CPUs: one worker of 1.5 CPUs and decode tasks of 1.0)."""
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources of every alive node."""
     import ray
 
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def hosts_workers(cfg: JobConfig, node: dict[str, float]) -> bool:
+    """A node a worker may land on: any node, or one with a GPU for a GPU job."""
+    return not cfg.scaling.use_gpu or node.get("GPU", 0) >= 1
+
+
+def sized(cfg: JobConfig, driver_cpus: float = 0.0) -> JobConfig:
+    """`cfg` with `scaling.cpus_per_worker: auto` made a number: the CPUs of the largest node
+    that can host a worker, less one decode task's (and a search trial's driver), shared by
+    the workers that node holds (one per GPU for a GPU job; for a CPU job, the workers
+    spread evenly over the nodes). What is left is room for one decode task on that node,
+    so the pipeline always runs."""
+    if cfg.scaling.cpus_per_worker != "auto":
+        return cfg
+    nodes = alive_nodes()
+    hosts = [n for n in nodes if hosts_workers(cfg, n)]
+    if not hosts:
+        raise ValueError(
+            "scaling.cpus_per_worker: auto sizes workers from a node that can host one, and "
+            "this Ray cluster has no GPU node yet; set scaling.cpus_per_worker to a number"
+        )
+    node = max(hosts, key=lambda n: n.get("CPU", 0))
+    workers = cfg.scaling.num_workers
+    per_node = (
+        min(workers, int(node["GPU"])) if cfg.scaling.use_gpu else math.ceil(workers / len(hosts))
+    )
+    spare = node.get("CPU", 0) - cfg.data.cpus_per_task - driver_cpus
+    cpus = math.floor(100 * spare / per_node) / 100  # Ray counts CPUs to 1e-4: keep it short
+    if cpus <= 0:
+        raise ValueError(
+            f"scaling.cpus_per_worker: auto leaves nothing: the largest node that can host a "
+            f"worker has {node.get('CPU', 0):g} CPU, one decode task takes "
+            f"{cfg.data.cpus_per_task:g}, a trial driver {driver_cpus:g}, and {per_node} "
+            "worker(s) share the rest"
+        )
+    print(f"scaling.cpus_per_worker: auto -> {cpus:g} ({per_node} worker(s) a node)", flush=True)
+    return with_values(cfg, {"scaling.cpus_per_worker": cpus})
+
+
+def check_capacity(cfg: JobConfig, driver_cpus: float = 0.0) -> None:
+    """Fail now rather than wait forever: the cluster must hold every worker, `driver_cpus`
+    (a search trial's driver) and one decode task.
+
+    A fixed cluster: the totals must fit, and each worker must fit on one node. Under
+    `scaling.autoscaling` new nodes may satisfy both, so they are skipped; what new nodes of
+    the kinds in view cannot fix is still checked: one decode task must fit beside a worker
+    on a node that hosts workers, or on a node that hosts none (a CPU group for decoding).
+    A worker that takes all of its node's CPUs, on a cluster whose other nodes are of the
+    same kind, fails here with or without autoscaling. When no node in view can host a
+    worker yet (GPU nodes started on demand), nothing can be judged and the job starts.
+    """
+    import ray
+
+    worker, workers, decode = worker_resources(cfg), cfg.scaling.num_workers, cfg.data.cpus_per_task
+    nodes = alive_nodes()
     if cfg.scaling.autoscaling:
-        return
-    worker, workers = worker_resources(cfg), cfg.scaling.num_workers
-    need = {kind: amount * workers for kind, amount in worker.items()}
-    need["CPU"] += cfg.data.cpus_per_task
-    have = ray.cluster_resources()
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    largest = {kind: max((n.get(kind, 0) for n in nodes), default=0) for kind in need}
-    problems = [
-        f"{need[k]:g} {k} in all ({workers} worker(s) x {worker[k]:g}"
-        + (f" + one decode task of {cfg.data.cpus_per_task:g}" if k == "CPU" else "")
-        + f"), the cluster has {have.get(k, 0):g}"
-        for k in need
-        if need[k] > have.get(k, 0) + 1e-9
-    ] + [
-        f"{amount:g} {k} per worker, the largest node has {largest[k]:g}"
-        for k, amount in worker.items()
-        if amount > largest[k] + 1e-9
-    ]
+        problems = decode_room(cfg, nodes)
+    else:
+        need = {kind: amount * workers for kind, amount in worker.items()}
+        need["CPU"] += decode + driver_cpus
+        have = ray.cluster_resources()
+        largest = {kind: max((n.get(kind, 0) for n in nodes), default=0) for kind in need}
+        problems = [
+            f"{need[k]:g} {k} in all ({workers} worker(s) x {worker[k]:g}"
+            + (f" + one decode task of {decode:g}" if k == "CPU" else "")
+            + (f" + a trial driver of {driver_cpus:g}" if k == "CPU" and driver_cpus else "")
+            + f"), the cluster has {have.get(k, 0):g}"
+            for k in need
+            if need[k] > have.get(k, 0) + 1e-9
+        ] + [
+            f"{amount:g} {k} per worker, the largest node has {largest[k]:g}"
+            for k, amount in worker.items()
+            if amount > largest[k] + 1e-9
+        ]
     if problems:
         raise ValueError(
             "this Ray cluster cannot hold the job, which would wait forever: it needs "
             + "; ".join(problems)
-            + ". Lower scaling.num_workers, scaling.cpus_per_worker or data.cpus_per_task, "
-            "or set scaling.autoscaling=true on a cluster that adds nodes on demand"
+            + ". Lower scaling.num_workers, scaling.cpus_per_worker or data.cpus_per_task "
+            "(scaling.cpus_per_worker: auto leaves a decode task room), or set "
+            "scaling.autoscaling=true on a cluster that adds nodes on demand"
         )
+
+
+def decode_room(cfg: JobConfig, nodes: list[dict[str, Any]]) -> list[str]:
+    """Under autoscaling: the problem, if no node kind in view leaves a decode task room."""
+    cpus, decode = worker_resources(cfg)["CPU"], cfg.data.cpus_per_task
+    hosts = [n.get("CPU", 0) for n in nodes if hosts_workers(cfg, n)]
+    others = [n.get("CPU", 0) for n in nodes if not hosts_workers(cfg, n)]
+    if not hosts or max(hosts) - cpus >= decode - 1e-9 or max(others, default=0) >= decode:
+        return []
+    return [
+        f"room for one decode task of {decode:g} CPU, and a worker of {cpus:g} CPU leaves "
+        f"{max(max(hosts) - cpus, 0):g} on the largest node that hosts workers "
+        f"({max(hosts):g} CPU) while no other node has {decode:g} (add a CPU-only node group "
+        "for decoding)"
+    ]
+
+
+def check_tracking_store(cfg: JobConfig) -> None:
+    """Refuse an MLflow store on one node's disk when the cluster has several nodes: rank 0
+    (or a trial) on another node would open a store of its own there, and the runs would be
+    split across disks. One-node clusters keep the embedded store."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not cfg.mlflow.enabled or not local_store(uri):
+        return
+    count = len(alive_nodes())
+    if count > 1:
+        store = f"mlflow.tracking_uri {uri}" if uri else "the embedded ./mlflow.db (no URI set)"
+        raise ValueError(
+            f"{store} is a store on this node's disk, and the Ray cluster "
+            f"has {count} nodes: a worker on another node would log to a store of its own. "
+            "Run an MLflow server every node reaches and set mlflow.tracking_uri (or "
+            "MLFLOW_TRACKING_URI) to it, e.g. http://mlflow.example:5000"
+        )
+
+
+def local_store(uri: str | None) -> bool:
+    """Whether MLflow keeps `uri`'s runs on one node's disk: SQLite, file:, a plain path, or
+    nothing set (the embedded store)."""
+    if not uri or uri.startswith(("sqlite:", "file:")):
+        return True
+    return ":" not in uri and not uri.startswith("databricks")
+
+
+def fit_to_cluster(cfg: JobConfig, driver_cpus: float = 0.0) -> JobConfig:
+    """`cfg` sized for the Ray cluster it runs on, after every check that it can run there."""
+    cfg = sized(cfg, driver_cpus)
+    check_capacity(cfg, driver_cpus)
+    check_tracking_store(cfg)
+    return cfg

@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig
-from jobs.training.capacity import check_capacity, worker_resources
+from jobs.training.capacity import fit_to_cluster, worker_resources
 from jobs.training.loop import train_loop_per_worker
 from jobs.training.plan import TrainPlan, make_plan
 from jobs.training.progress import ProgressFeed
@@ -133,7 +133,7 @@ def fit_locked(
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
     cfg = data_for_start(cfg, start)
     ensure_ray()
-    check_capacity(cfg)
+    cfg = fit_to_cluster(cfg)  # sized, and refused before any run if it cannot run
     datasets = build_datasets(cfg, plan, materialize)
     run_id = tracker.open_run(cfg, run_dir, kind, plan.split_rows)
     plan = plan.replace(mlflow_run_id=run_id)
