@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-fast lint format clean
+.PHONY: demo test test-fast gpu-check lint format clean
 
 # The demo needs only the package; tests and lint add the dev extras (pytest, ruff, timm,
 # transformers, optuna) on top.
@@ -31,6 +31,11 @@ test: $(DEV_STAMP) lint
 # server, under 3 minutes on 2 cores.
 test-fast: $(DEV_STAMP) lint
 	$(BIN)/pytest -q --durations=10 tests --ignore=tests/e2e -m "not ray"
+
+# On a machine with a CUDA GPU: bf16 training (eager and compiled, a worker killed and
+# resumed), a Tune search, predict and the model benchmark's MFU. Skipped without CUDA.
+gpu-check: $(DEV_STAMP)
+	$(BIN)/pytest -q -rs --durations=10 -m gpu tests/gpu
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check vit pipeline jobs tests

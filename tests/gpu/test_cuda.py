@@ -1,0 +1,195 @@
+"""`make gpu-check`: what only a CUDA GPU shows. Training in bf16, eager and compiled, with a
+worker killed and resumed; micro-batches that never wait for the GPU; a Tune search of two
+trials on one GPU; `vitray predict` on the GPU; the model benchmark's MFU. Real local Ray,
+real MLflow server, real digits shards, as the CPU end-to-end tests. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.config import CONFIGS, JobConfig, load_config
+from vit import load_checkpoint
+
+from helpers import search_config, tracked_fit, tracked_search
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs a CUDA GPU: torch.cuda.is_available() is False",
+    ),
+]
+
+DEMO = CONFIGS / "demo-pretrain.yaml"
+
+
+def gpu_job(tmp: Path, uri: str, **sets: object) -> JobConfig:
+    """The demo pretraining on digits, one worker on the GPU."""
+    overrides = {
+        "scaling.use_gpu": True,
+        "scaling.num_workers": 1,
+        "train.batch_size": 64,
+        "train.lr": 0.001,
+        "train.warmup_steps": 5,
+        "train.report_every": 5,
+        "run.storage_path": str(tmp / "runs"),
+        "mlflow.tracking_uri": uri,
+        "data.dataset": str(tmp.parent / "digits"),
+        **sets,
+    }
+    return load_config(DEMO, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def kill_a_train_worker_after_its_first_checkpoint(run_dir: Path) -> None:
+    """SIGKILL to a Ray Train worker once a checkpoint of `run_dir` is stored."""
+    import psutil
+
+    deadline = time.time() + 600
+    while not list(run_dir.glob("checkpoint_*/train_state.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].kill()
+
+
+def test_micro_batches_run_in_bf16_and_never_wait_for_the_gpu():
+    """CUDA's sync debug mode raises at any call that waits for the GPU (`.item()`, `if
+    tensor`, a boolean index, a blocking copy): a step's micro-batches, bad rows, mixup and
+    CutMix included, make none. The logits come out in bf16."""
+    from jobs.training.loop import Runner, accumulate, autocast, build_model
+    from jobs.training.plan import TrainPlan
+    from jobs.training.report import Reporter
+
+    sets = ["train.batch_size=32", "train.grad_accum=2", "train.mixup=0.8", "train.cutmix=1.0"]
+    cfg = load_config(DEMO, sets)
+    plan = TrainPlan(
+        vit=cfg.vit_config(10),
+        class_names=tuple("0123456789"),
+        split_rows={"train": 64, "val": 0},
+        steps_per_epoch=1,
+        total_steps=1,
+    )
+    device = torch.device("cuda")
+    runner = Runner(
+        rank=0,
+        device=device,
+        train=None,
+        val=None,
+        report=lambda metrics, checkpoint: None,
+        make_checkpoint=str,
+        checkpoint=None,
+    )
+    model, *_ = build_model(cfg, plan, runner)
+    rep = Reporter(0, cfg.micro_batch, 1, 1, 100, None, None, 0, device)
+    rows, n, dim = cfg.micro_batch, plan.vit.num_patches, plan.vit.patch_dim
+    g = torch.Generator().manual_seed(0)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ok = torch.rand(rows, generator=g) > 0.25
+        labels = torch.where(ok, torch.randint(0, 10, (rows,), generator=g), -1)
+        patches = torch.randint(0, 256, (rows, n, dim), dtype=torch.uint8, generator=g)
+        return {"patches": patches.to(device), "label": labels.to(device), "ok": ok.to(device)}
+
+    batches = iter([batch() for _ in range(6)])
+    assert accumulate(model, batches, cfg, 10, rep) == 2  # warm-up: cuBLAS, allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps = [accumulate(model, batches, cfg, 10, rep) for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert steps == [2, 2] and rep.images == 6 * rows
+    with torch.no_grad(), autocast(device):
+        assert model.compute(batch()["patches"]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_gpu_pretraining_survives_a_killed_worker_and_a_rerun_resumes(
+    ray_local, digits_dir, mlflow_server, compile
+):
+    """One GPU, bf16, with and without torch.compile (inductor): a worker killed after the
+    first checkpoint restarts from it and finishes; the rerun with more steps resumes in the
+    same MLflow run; the checkpoint loads with clean keys."""
+    from mlflow import MlflowClient
+
+    name = "gpu-compiled" if compile else "gpu-eager"
+    tmp = digits_dir / name
+    tmp.mkdir()
+    sets = {"train.max_steps": 60, "train.compile": compile, "run.name": name}
+    outcome: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(done=tracked_fit(gpu_job(tmp, mlflow_server, **sets)))
+    )
+    thread.start()
+    kill_a_train_worker_after_its_first_checkpoint(tmp / "runs" / name)
+    thread.join(timeout=900)
+    first = outcome["done"]
+    assert first.result.metrics["step"] == 60 and first.result.metrics["val_top1"] > 0.25
+    run = MlflowClient(mlflow_server).get_run(first.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["gpu_type"] != "none"
+    model = load_checkpoint(first.result.checkpoint.path)  # every key checked: no _orig_mod.
+    assert model.config.num_classes == 10
+
+    again = tracked_fit(gpu_job(tmp, mlflow_server, **{**sets, "train.max_steps": 70}))
+    assert again.result.metrics["step"] == 70 and again.mlflow_run_id == first.mlflow_run_id
+
+
+def test_a_two_trial_search_runs_on_one_gpu(ray_local, digits_dir, mlflow_server, tmp_path):
+    """Each trial takes the whole GPU (a worker holds one GPU; there is no fraction to
+    set), so the two run one after the other; the best is registered."""
+    path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "gpu", register_as="gd")
+    outcome = tracked_search(load_config(path, ["scaling.use_gpu=true"]))
+    assert len(outcome.results) == 2 and all(r.metrics["step"] > 0 for r in outcome.results)
+    assert outcome.registered is not None
+    assert load_checkpoint(outcome.best_checkpoint.path).config.num_classes == 10
+
+
+def test_predict_runs_its_model_on_the_gpu_as_accurately_as_on_the_cpu(
+    ray_local, pretrained, digits_dir, tmp_path
+):
+    """The predict actor takes the cluster's GPU and runs in bf16: its top-1 on the test
+    split matches the same checkpoint evaluated in float32 on the CPU, within 2% (bf16
+    flips a few close calls)."""
+    import pyarrow.parquet as pq
+
+    from jobs.cli import main
+    from jobs.training.evaluation import predict_split, split_scores
+    from pipeline.config import DataConfig
+    from vit import read_checkpoint_meta
+
+    assert ray_local.cluster_resources().get("GPU", 0) >= 1
+    data = str(digits_dir / "digits")
+    out = tmp_path / "predictions"
+    main(["predict", str(pretrained), "--input", data, "--split", "test", "--output", str(out)])
+    table = pq.read_table(out).to_pandas()
+    top1 = table["top_labels"].map(lambda labels: labels[0])
+    gpu_top1 = float((top1 == table["label"].astype(str)).mean())
+    meta = read_checkpoint_meta(pretrained)
+    cpu = predict_split(load_checkpoint(pretrained), DataConfig.for_checkpoint(data, meta), "test")
+    assert abs(gpu_top1 - split_scores(cpu, "test")["test_top1"]) <= 0.02
+
+
+def test_bench_model_b16_reports_mfu(tmp_path):
+    """`vitray bench model --preset b/16`: a bf16 training step of ours and timm's, with the
+    model FLOPs utilisation of each against the card's peak (the table in bench/common.py).
+    The numbers go to docs/benchmarks.md by hand; here they must exist and be plausible."""
+    from jobs.bench.common import peak_tflops
+    from jobs.cli import main
+
+    if peak_tflops() is None:
+        pytest.skip(f"no peak bf16 figure for {torch.cuda.get_device_name()} in bench/common.py")
+    path = tmp_path / "model.json"
+    main(["bench", "model", "--preset", "b/16", "--batch", "64", "--json", str(path)])
+    result = json.loads(path.read_text())
+    assert result["device"] == "cuda"
+    assert 0 < result["ours_mfu"] < 1 and 0 < result["timm_mfu"] < 1
