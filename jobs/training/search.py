@@ -4,9 +4,16 @@ Each trial is a full training run of the shared loop (jobs/training/loop.py). A
 single-worker trial runs the loop in the trial itself: on Ray 2.60, trials that build a
 TorchTrainer and get stopped early by ASHA leak their worker resources and the next trial
 waits forever (docs/design.md#tune-trials), while plain function trials release everything
-when stopped. A trial that asks for several workers builds a TorchTrainer whose workers are
-counted in the trial's resources. Ray Data tasks of a trial run inside the trial's placement
-group, in a bundle of their own, so data and training never wait on each other.
+when stopped. Its Ray Data tasks run inside the trial's placement group, in a bundle of
+their own, so data and training never wait on each other.
+
+A trial that asks for several workers is a thin driver of about one CPU that builds a
+TorchTrainer: in Ray Train V2 the trainer reserves its workers' placement group itself, so
+reserving them in the trial's group as well would book every GPU twice. As Tune no longer
+sees the workers, the search caps how many trials run at once by what the cluster holds;
+the trial's datasets are built outside its group, so their decode tasks spread over the
+cluster as a job's do; and the trainer's end-of-epoch reports reach Tune with the path of
+their checkpoint, from which the chosen model is taken.
 
 Tracking: one parent run for the search, one nested run per trial, the chosen checkpoint
 registered with an alias. A watchdog stops the search when its time budget is spent or a
@@ -24,10 +31,11 @@ from typing import Any
 
 import ray
 from ray.tune import Callback, Stopper
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig, with_values
-from jobs.training.capacity import check_capacity, worker_resources
+from jobs.training.capacity import fit_to_cluster, worker_resources
 from jobs.training.evaluation import evaluate_checkpoint
 from jobs.training.fit import build_datasets, build_trainer, storage_dir
 from jobs.training.loop import Runner, run_training
@@ -37,6 +45,7 @@ from jobs.training.tracker import Tracker
 from pipeline.dataset import ensure_prepared
 
 TRIAL_RUN_KEY = "mlflow_run_id"  # reported by every trial, so the driver can find its run
+TRIAL_DRIVER_CPUS = 1.0  # a trial that drives a TorchTrainer (Ray's Train V2 Tune guide)
 
 
 def absolute(path: str) -> str:
@@ -58,15 +67,61 @@ def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {key: make[kind](args) for key, dist in space.items() for kind, args in dist.items()}
 
 
+def driver_cpus(cfg: JobConfig) -> float:
+    """CPUs a trial holds beside its workers: a multi-worker trial's driver."""
+    return TRIAL_DRIVER_CPUS if cfg.scaling.num_workers > 1 else 0.0
+
+
 def trial_resources(cfg: JobConfig) -> Any:
-    """The trial's placement group: the trainer (or its workers), then one data bundle."""
+    """The trial's placement group: a single-worker trial's worker and one data bundle, or
+    a multi-worker trial's driver alone (its trainer reserves the workers)."""
     from ray import tune
 
-    worker = worker_resources(cfg)
-    data = {"CPU": cfg.data.cpus_per_task}
-    if cfg.scaling.num_workers == 1:
-        return tune.PlacementGroupFactory([worker, data])
-    return tune.PlacementGroupFactory([{"CPU": 0}] + [worker] * cfg.scaling.num_workers + [data])
+    if cfg.scaling.num_workers > 1:
+        return tune.PlacementGroupFactory([{"CPU": driver_cpus(cfg)}])
+    return tune.PlacementGroupFactory([worker_resources(cfg), {"CPU": cfg.data.cpus_per_task}])
+
+
+def trial_footprint(cfg: JobConfig) -> dict[str, float]:
+    """What one running trial holds in all: its workers, one decode task, its driver."""
+    need = {k: v * cfg.scaling.num_workers for k, v in worker_resources(cfg).items()}
+    need["CPU"] += cfg.data.cpus_per_task + driver_cpus(cfg)
+    return need
+
+
+def concurrent_trials(cfg: JobConfig) -> int:
+    """`tune.max_concurrent`, capped by how many trials the cluster holds at once (its GPUs
+    over a trial's, and its CPUs). Tune does not see a multi-worker trial's workers: trials
+    started beyond that would hold their drivers and wait for workers. Under
+    `scaling.autoscaling` the cluster grows on demand, and the config's number stands."""
+    if cfg.scaling.autoscaling:
+        return cfg.tune.max_concurrent
+    have = ray.cluster_resources()
+    fits = min(int(have.get(k, 0) / v + 1e-9) for k, v in trial_footprint(cfg).items() if v)
+    return max(1, min(cfg.tune.max_concurrent, fits))
+
+
+class EpochReports(TuneReportCallback):
+    """A multi-worker trial's reports to Tune: rank 0's end-of-epoch metrics (the ones with
+    a checkpoint and the metric schedulers compare), the checkpoint's path and the trial's
+    MLflow run."""
+
+    def __init__(self, run_id: str | None) -> None:
+        super().__init__()
+        self.run_id = run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        if checkpoint is not None:
+            rank0 = {**metrics[0], TRIAL_RUN_KEY: self.run_id}
+            super().after_report(run_context, [rank0], checkpoint)
+
+
+@ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")
+def datasets_outside_trial(cfg: JobConfig, plan: TrainPlan) -> dict[str, Any]:
+    """A dataset's decode tasks stay in the placement group of the process that builds it
+    (pipeline.dataset.placement_args). A multi-worker trial's group is its driver's single
+    CPU: it builds its datasets in this task, outside the group."""
+    return build_datasets(cfg, plan)
 
 
 @dataclass
@@ -150,14 +205,13 @@ def run_trial(
     plan = plan.replace(mlflow_run_id=run_id, init_weights=start.state if start else None)
     if start is not None and cfg.scaling.num_workers > 1:  # to every worker: once, by reference
         plan = plan.replace(init_weights=ray.put(start.state))
-    datasets = build_datasets(cfg, plan)
     if cfg.scaling.num_workers > 1:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
+        datasets = ray.get(datasets_outside_trial.remote(cfg, plan.replace(init_weights=None)))
         cfg = with_values(cfg, {"run.name": f"{cfg.run.name}/{context.get_trial_id()}"})
         metrics = tracker.metrics(run_id)
-        build_trainer(cfg, plan, datasets, metrics, callbacks=[TuneReportCallback()]).fit()
+        build_trainer(cfg, plan, datasets, metrics, callbacks=[EpochReports(run_id)]).fit()
         return
+    datasets = build_datasets(cfg, plan)
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
     runner = Runner(
         rank=0,
@@ -176,7 +230,7 @@ def run_trial(
     run_training({"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()}, runner)
 
 
-def build_tuner(cfg: JobConfig, trainable: Any) -> Any:
+def build_tuner(cfg: JobConfig, trainable: Any, concurrent: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -205,8 +259,10 @@ def build_tuner(cfg: JobConfig, trainable: Any) -> Any:
             scheduler=scheduler,
             search_alg=search_alg,
             num_samples=t.num_samples,
-            max_concurrent_trials=t.max_concurrent,
-            reuse_actors=True,  # a new trial reuses a finished one's process: no torch re-import
+            max_concurrent_trials=concurrent,
+            # A new single-worker trial reuses a finished one's process: no torch re-import.
+            # A stopped multi-worker trial's process goes, and its trainer's workers with it.
+            reuse_actors=cfg.scaling.num_workers == 1,
         ),
         run_config=tune.RunConfig(
             name=cfg.run.name,
@@ -248,7 +304,8 @@ def search(cfg: JobConfig, tracker: Tracker) -> SearchOutcome:
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
     cfg = data_for_start(cfg, start)
     ensure_ray()
-    check_capacity(cfg)  # one trial must fit, or the search waits forever
+    cfg = fit_to_cluster(cfg, driver_cpus(cfg))  # one trial must fit, or the search waits
+    concurrent = concurrent_trials(cfg)
     parent_id = tracker.open_run(cfg, run_dir, "tune", plan.split_rows)
     if parent_id and start is not None:
         tracker.log_start(start, parent_id)
@@ -267,11 +324,11 @@ def search(cfg: JobConfig, tracker: Tracker) -> SearchOutcome:
         print(f"resuming the search in {run_dir}", flush=True)
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
     else:
-        tuner = build_tuner(cfg, trainable)
+        tuner = build_tuner(cfg, trainable, concurrent)
     print(
         f"tune: {cfg.tune.num_samples} sample(s) of {sorted(cfg.tune.space)}, "
         f"{cfg.tune.scheduler} scheduler, {cfg.tune.search} search, "
-        f"{cfg.tune.max_concurrent} at a time, budget {cfg.tune.time_budget_s:.0f} s",
+        f"{concurrent} at a time, budget {cfg.tune.time_budget_s:.0f} s",
         flush=True,
     )
     results = tuner.fit()
@@ -288,8 +345,12 @@ def search(cfg: JobConfig, tracker: Tracker) -> SearchOutcome:
     return finish(cfg, plan, results, parent_id, tracker, WATCHDOG)
 
 
-def select_best(finished: list, metric: str, mode: str, select: str) -> tuple[Any, Any, float]:
-    """The winning trial's Result, the checkpoint to register and its metric.
+def select_best(
+    finished: list, metric: str, mode: str, select: str
+) -> tuple[Any, Any | str | None, float]:
+    """The winning trial's Result, the checkpoint to register and its metric. A single-worker
+    trial's checkpoint is Tune's; a multi-worker trial's is the path its trainer reported
+    (a str), None when it reported none.
 
     "final" judges the trials that trained longest (ASHA's top rung) by their last report
     and takes their final checkpoint, the model the schedule was built to produce. The peak
@@ -304,11 +365,30 @@ def select_best(finished: list, metric: str, mode: str, select: str) -> tuple[An
             return float((sign * r.metrics_dataframe[metric].dropna()).max())
 
         best = max(finished, key=peak)
-        return best, best.get_best_checkpoint(metric, mode) or best.checkpoint, sign * peak(best)
+        history = best.metrics_dataframe
+        reported = history.loc[(sign * history[metric]).idxmax()].get(CHECKPOINT_PATH_KEY)
+        reported = reported if isinstance(reported, str) else None  # NaN: none that report
+        checkpoint = best.get_best_checkpoint(metric, mode) or best.checkpoint or reported
+        return best, checkpoint, sign * peak(best)
     furthest = max(r.metrics.get("step", 0) for r in finished)
     longest = [r for r in finished if r.metrics.get("step", 0) == furthest]
     best = max(longest, key=lambda r: sign * r.metrics[metric])
-    return best, best.checkpoint, best.metrics[metric]
+    return best, best.checkpoint or best.metrics.get(CHECKPOINT_PATH_KEY), best.metrics[metric]
+
+
+def at_storage(checkpoint: Any | str | None, storage: str) -> Any:
+    """A reported checkpoint path as a Checkpoint on the run's storage (Ray reports paths
+    without their scheme: `bucket/key` on S3)."""
+    if not isinstance(checkpoint, str):
+        return checkpoint
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    return Checkpoint(checkpoint, pyarrow.fs.FileSystem.from_uri(storage)[0])
+
+
+class NothingToRegister(RuntimeError):
+    """The search finished, but its chosen trial left no model to register."""
 
 
 def finish(
@@ -328,16 +408,36 @@ def finish(
     if not finished:
         errors = [str(r.error) for r in results if r.error]
         raise RuntimeError(f"no trial reported {t.metric}; errors: {errors[:3]}")
-    best, checkpoint, value = select_best(finished, t.metric, t.mode, t.select)
+    best, found, value = select_best(finished, t.metric, t.mode, t.select)
+    checkpoint = at_storage(found, storage_dir(cfg))
     outcome = SearchOutcome(
         cfg, results, parent_id, best.metrics.get(TRIAL_RUN_KEY), checkpoint, value, dog.reason
     )
+    missing = unregistrable(outcome, best.path.rsplit("/", 1)[-1])
+    if missing:
+        if parent_id:
+            tracker.fail_search(parent_id, missing)
+        raise NothingToRegister(missing)
     if dog.reason:
         print(f"search stopped early: {dog.reason}; best of the trials so far", flush=True)
     if parent_id:
         logged = outcome.best_run_id and "test" in plan.split_rows
         tracker.log_search(outcome, test_scores(cfg, checkpoint) if logged else {})
     return outcome
+
+
+def unregistrable(outcome: SearchOutcome, trial: str) -> str | None:
+    """Why the chosen trial cannot be registered, if it cannot: a search that ends with
+    nothing to register fails instead of finishing without a model."""
+    chosen = f"the chosen trial {trial} ({outcome.config.tune.metric} {outcome.best_metric:.4f})"
+    if outcome.best_checkpoint is None:
+        return (
+            f"nothing to register: {chosen} reported no checkpoint, neither to Tune nor as "
+            f"the {CHECKPOINT_PATH_KEY} of its trainer's reports"
+        )
+    if outcome.parent_run_id and not outcome.best_run_id:
+        return f"nothing to register: {chosen} reported no {TRIAL_RUN_KEY}: its run is unknown"
+    return None
 
 
 def test_scores(cfg: JobConfig, checkpoint: Any) -> dict[str, float]:

@@ -1,0 +1,137 @@
+"""The search's contracts with Ray when trials have several workers (Train V2): a trial
+holds its driver only, concurrency is capped by what the cluster holds, a trial's data
+runs outside its placement group, and the chosen model is the checkpoint a trial reported,
+or the search fails saying there is nothing to register."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.config import load_config
+from jobs.training.search import (
+    NothingToRegister,
+    Watchdog,
+    concurrent_trials,
+    finish,
+    trial_resources,
+)
+
+from helpers import search_config
+
+TWO_WORKERS = ["scaling.num_workers=2", "scaling.cpus_per_worker=0.25"]
+
+
+@pytest.fixture
+def cfg(tmp_path, digits_dir):
+    """The digits search config of tests/e2e/test_tune.py, no tracking."""
+    path = search_config(tmp_path, digits_dir / "digits", "", "search")
+    return lambda *sets: load_config(path, ["mlflow.enabled=false", *sets])
+
+
+def test_a_multi_worker_trial_reserves_its_driver_only(cfg):
+    """Its TorchTrainer reserves the workers; reserving them in the trial as well booked
+    every GPU twice."""
+    assert trial_resources(cfg(*TWO_WORKERS)).bundles == [{"CPU": 1.0}]
+    gpu = trial_resources(cfg("scaling.num_workers=4", "scaling.use_gpu=true"))
+    assert gpu.required_resources == {"CPU": 1.0}
+    one = trial_resources(cfg())  # runs its worker itself: the worker plus a data bundle
+    assert one.bundles == [{"CPU": 0.75}, {"CPU": 0.25}]
+
+
+@pytest.mark.parametrize(
+    "resources, sets, expected",
+    [
+        ({"CPU": 64.0, "GPU": 8.0}, ["scaling.use_gpu=true", "tune.max_concurrent=8"], 4),
+        ({"CPU": 3.5, "GPU": 8.0}, ["scaling.use_gpu=true", "tune.max_concurrent=8"], 2),
+        ({"CPU": 2.0}, ["tune.max_concurrent=4"], 1),  # driver 1 + 2 x 0.25 + decode 0.25
+        ({"CPU": 8.0}, ["tune.max_concurrent=3"], 3),
+        ({"CPU": 2.0}, ["tune.max_concurrent=4", "scaling.autoscaling=true"], 4),
+    ],
+)
+def test_concurrent_trials_are_capped_by_what_the_cluster_holds(
+    cfg, monkeypatch, resources, sets, expected
+):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    assert concurrent_trials(cfg(*TWO_WORKERS, *sets)) == expected
+
+
+def test_a_multi_worker_trials_data_runs_outside_its_placement_group(ray_local, cfg):
+    """A trial's group is its driver's single CPU, held by the driver: decode tasks pinned
+    into it (as a dataset built in the trial is) never run."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from jobs.training.fit import build_datasets
+    from jobs.training.plan import make_plan
+
+    job = cfg(*TWO_WORKERS)
+    plan, _ = make_plan(job)
+
+    @ray.remote(num_cpus=1)
+    class Driver:  # as Tune places a trial: in its group, capturing what it starts
+        def first_batch(self, outside: bool) -> int:
+            from jobs.training.search import datasets_outside_trial
+
+            if outside:
+                datasets = ray.get(datasets_outside_trial.remote(job, plan))
+            else:
+                datasets = build_datasets(job, plan)
+            return len(next(iter(datasets["train"].iter_batches(batch_size=8)))["label"])
+
+    group = placement_group([{"CPU": 1.0}])
+    ray.get(group.ready(), timeout=120)
+    strategy = PlacementGroupSchedulingStrategy(group, 0, placement_group_capture_child_tasks=True)
+    driver = Driver.options(scheduling_strategy=strategy).remote()
+    try:
+        assert ray.get(driver.first_batch.remote(outside=True), timeout=180) == 8
+        with pytest.raises(GetTimeoutError):  # built in the trial: waits forever
+            ray.get(driver.first_batch.remote(outside=False), timeout=20)
+    finally:
+        ray.kill(driver)
+        remove_placement_group(group)
+
+
+def test_the_chosen_model_is_the_reported_checkpoint_or_the_search_fails(ray_local, cfg, tmp_path):
+    """Trials that drive a TorchTrainer report no Tune checkpoint, only the path of their
+    trainer's (TuneReportCallback's `checkpoint_path`). The search takes the model from that
+    path; when the chosen trial reported none, it fails saying so, instead of finishing
+    with nothing registered."""
+    from ray import tune
+
+    from jobs.training.plan import make_plan
+
+    saved = tmp_path / "trainer" / "checkpoint_000002"
+    saved.mkdir(parents=True)
+    (saved / "model.safetensors").write_bytes(b"weights")
+
+    def trial(config: dict) -> None:
+        report = {"val_top1": config["val"], "step": 20, "epoch": 2}
+        if config["val"] > 0.8:
+            report["checkpoint_path"] = str(saved)
+        tune.report(report)
+
+    results = tune.Tuner(
+        trial,
+        param_space={"val": tune.grid_search([0.9, 0.5])},
+        tune_config=tune.TuneConfig(metric="val_top1", mode="max"),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="reported"),
+    ).fit()
+    job = cfg()
+    plan, _ = make_plan(job)
+    dog = Watchdog(budget_s=60, stall_s=60)
+    outcome = finish(job, plan, results, None, None, dog)
+    assert outcome.best_metric == 0.9
+    with outcome.best_checkpoint.as_directory() as d:
+        assert Path(d).samefile(saved)
+
+    without = [r for r in results if r.metrics["val_top1"] == 0.5]
+    with pytest.raises(NothingToRegister, match=r"nothing to register: the chosen trial \S+ "
+                       r"\(val_top1 0.5000\) reported no checkpoint") as error:  # fmt: skip
+        finish(job, plan, without, None, None, dog)
+    assert "checkpoint_path" in str(error.value)
