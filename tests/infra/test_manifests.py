@@ -1,23 +1,36 @@
 """The deployment manifests: they parse, run real vitray commands with shipped configs, use
-one image tag, request the GPUs their configs need, and hold no secrets."""
+one image tag, request the GPUs their configs need, hold no secrets, require authentication,
+admit only what they must, and chain pretraining's registered model into the fine-tunes."""
 
 import re
 import shlex
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from pydantic import BaseModel, ConfigDict
 
 from jobs.cli import COMMANDS
-from jobs.config import load_config
+from jobs.config import JobConfig, load_config
 
 from helpers import ROOT
 
 INFRA = ROOT / "infra"
 MANIFESTS = sorted(INFRA.rglob("*.yaml"))
 IMAGE = re.search(r"-t (\S+) \.", (INFRA / "docker" / "Dockerfile").read_text()).group(1)
-SECRET_KEYS = re.compile(r"password|secret|access_key|token", re.IGNORECASE)
+SECRET_KEYS = re.compile(r"password|secret(?!Name)|access_key|token", re.IGNORECASE)
+RAY_PORTS = {8265, 6379, 10001}  # Jobs API and dashboard, GCS, Ray Client
+RWX_PROVISIONERS = {  # CSI drivers whose volumes can be ReadWriteMany
+    "efs.csi.aws.com",
+    "filestore.csi.storage.gke.io",
+    "file.csi.azure.com",
+    "nfs.csi.k8s.io",
+}
+UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12"}  # the python3 of each release's archive
+PINNED = ("torch", "torchvision", "ray", "mlflow", "pyarrow")
 
 
 class Resources(BaseModel):
@@ -80,6 +93,30 @@ def gpus(container: Container) -> int:
     return int(container.resources.limits.get("nvidia.com/gpu", 0))
 
 
+def cpus(container: Container) -> float:
+    return float(container.resources.limits["cpu"])
+
+
+def pod_templates(spec: RayClusterSpec) -> list[PodSpec]:
+    return [spec.headGroupSpec.template.spec] + [g.template.spec for g in spec.workerGroupSpecs]
+
+
+def job_config(doc: dict) -> JobConfig:
+    """The config a RayJob's entrypoint runs, with its --set overrides."""
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    return load_config(ROOT / argv[argv.index("--config") + 1], sets)
+
+
+def rayjob(name: str) -> dict:
+    (doc,) = documents(INFRA / "kuberay" / name)
+    return doc
+
+
+def base(kind: str) -> list[dict]:
+    return [d for d in documents(INFRA / "kuberay" / "base.yaml") if d["kind"] == kind]
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=[str(p.relative_to(INFRA)) for p in MANIFESTS])
 def test_manifest_parses_and_uses_the_one_image(path):
     docs = documents(path)
@@ -101,10 +138,11 @@ def test_kuberay_specs_match_the_schema_and_request_gpus_on_workers_only():
         assert spec.rayVersion == "2.60.0", name
         head = spec.headGroupSpec.template.spec.containers
         assert all(gpus(c) == 0 for c in head), f"{name}: the head requests GPUs"
+        assert any(gpus(c) for g in spec.workerGroupSpecs for c in g.template.spec.containers)
         for group in spec.workerGroupSpecs:
             for c in group.template.spec.containers:
-                req = c.resources.requests.get("nvidia.com/gpu")
-                assert req is not None and int(req) == gpus(c) > 0, f"{name}/{group.groupName}"
+                req = c.resources.requests.get("nvidia.com/gpu", 0)
+                assert int(req) == gpus(c), f"{name}/{group.groupName}: GPU request != limit"
 
 
 def test_rayjob_entrypoints_are_vitray_commands_with_shipped_configs_and_enough_gpus():
@@ -142,7 +180,8 @@ def test_no_manifest_ships_a_secret_and_servers_bind_locally():
         for doc in documents(path):
             for key, value in walk(doc):
                 if SECRET_KEYS.search(key) and isinstance(value, str):
-                    assert value.startswith("${") or not value, f"{path.name}: {key}={value}"
+                    # empty, a ${VARIABLE}, or a file in the user's home (a token's path)
+                    assert value.startswith(("${", "~/")) or not value, f"{path.name}: {key}"
     compose = documents(INFRA / "mlflow" / "docker-compose.yaml")[0]
     assert all(p.startswith("127.0.0.1:") for p in compose["services"]["mlflow"]["ports"])
     (service,) = [
@@ -163,3 +202,190 @@ def walk(node, key=""):
             yield from walk(item, key)
     else:
         yield key, node
+
+
+def test_every_ray_cluster_requires_a_token_from_the_secret_the_docs_create():
+    names = set()
+    for name, _, spec in cluster_specs():
+        auth = spec.model_extra.get("authOptions") or {}
+        assert auth.get("mode") == "token", f"{name}: no token authentication"
+        names.add(auth.get("secretName"))
+    (secret,) = names
+    assert f"kubectl create secret generic {secret} " in (ROOT / "docs" / "cluster.md").read_text()
+
+
+def test_network_policy_admits_the_ray_ports_only_from_pods_of_the_namespace():
+    (policy,) = base("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}  # KubeRay's
+    assert "Ingress" in spec["policyTypes"]
+    from_namespace = set()
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])} or RAY_PORTS  # no ports: every port
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, peer
+            if "namespaceSelector" in peer:  # the KubeRay operator, polling the job server
+                assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == (
+                    "kuberay-operator"
+                )
+                assert ports & RAY_PORTS <= {8265}, peer
+            elif peer["podSelector"] == {}:
+                from_namespace |= ports & RAY_PORTS
+    assert from_namespace == RAY_PORTS
+
+
+def test_ray_pods_reach_s3_through_their_service_account_and_keys_stay_optional():
+    (account,) = base("ServiceAccount")
+    role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/\S+", role)
+    for name, _, spec in cluster_specs():
+        for pod in pod_templates(spec):
+            assert pod.model_extra.get("serviceAccountName") == account["metadata"]["name"], name
+            for container in pod.containers:
+                for env in container.model_extra.get("env", []):
+                    if env["name"].startswith("AWS_"):
+                        assert env["valueFrom"]["secretKeyRef"]["optional"] is True, name
+
+
+def test_shared_volume_is_read_write_many_on_a_class_that_can_be():
+    (claim,) = base("PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    classes = {c["metadata"]["name"]: c for c in base("StorageClass")}
+    assert classes[claim["spec"]["storageClassName"]]["provisioner"] in RWX_PROVISIONERS
+    for name, _, spec in cluster_specs():
+        for pod in pod_templates(spec):
+            claims = {v["persistentVolumeClaim"]["claimName"] for v in pod.model_extra["volumes"]
+                      if "persistentVolumeClaim" in v}  # fmt: skip
+            assert claims == {claim["metadata"]["name"]}, name
+
+
+def test_jobs_read_and_write_on_the_volume_every_pod_mounts():
+    for name, doc, spec in cluster_specs():
+        if doc["kind"] != "RayJob":
+            continue
+        cfg = job_config(doc)
+        for pod in pod_templates(spec):
+            claimed = {
+                v["name"] for v in pod.model_extra["volumes"] if "persistentVolumeClaim" in v
+            }
+            for container in pod.containers:
+                mounts = [
+                    m["mountPath"] for m in container.model_extra["volumeMounts"]
+                    if m["name"] in claimed
+                ]  # fmt: skip
+                for path in (cfg.data.dataset, cfg.run.storage_path):
+                    assert any(path.startswith(m + "/") for m in mounts), f"{name}: {path}"
+
+
+def test_a_cpu_group_decodes_and_gpu_workers_leave_a_decode_task_room():
+    configs = [job_config(doc) for _, doc, _ in cluster_specs() if doc["kind"] == "RayJob"]
+    for name, doc, spec in cluster_specs():
+        runs = [job_config(doc)] if doc["kind"] == "RayJob" else configs
+        groups = [(g, g.template.spec.containers[0]) for g in spec.workerGroupSpecs]
+        decoders = [g for g, c in groups if gpus(c) == 0 and cpus(c) > 0]
+        assert decoders and all(g.model_extra["maxReplicas"] > 0 for g in decoders), name
+        for cfg in runs:
+            for group, c in groups:
+                train = min(gpus(c), cfg.scaling.num_workers) * cfg.scaling.cpus_per_worker
+                assert train + cfg.data.cpus_per_task <= cpus(c), f"{name}/{group.groupName}"
+
+
+def test_the_tune_job_starts_from_the_model_pretraining_registers():
+    pretrain = job_config(rayjob("rayjob-pretrain.yaml"))
+    tune = job_config(rayjob("rayjob-tune.yaml"))
+    assert pretrain.mlflow.register_as
+    registered = f"models:/{pretrain.mlflow.register_as}@{pretrain.mlflow.alias}"
+    assert tune.init.checkpoint == registered
+
+
+def test_launcher_requires_a_token_and_opens_no_port_to_the_internet():
+    (launcher,) = documents(INFRA / "cluster-launcher" / "aws-gpu.yaml")
+    assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    assert "~/.ray/auth_token" in launcher["file_mounts"]
+    for name, node_type in launcher["available_node_types"].items():
+        # without a group of its own, `ray up` makes one whose SSH is open to the internet
+        assert node_type["node_config"].get("SecurityGroupIds"), name
+    (template,) = documents(INFRA / "cluster-launcher" / "security-group.yaml")
+    resources = template["Resources"]
+    (group,) = [k for k, r in resources.items() if r["Type"] == "AWS::EC2::SecurityGroup"]
+    rules = resources[group]["Properties"].get("SecurityGroupIngress", []) + [
+        r["Properties"] for r in resources.values() if r["Type"] == "AWS::EC2::SecurityGroupIngress"
+    ]
+    for rule in rules:
+        itself = {"Fn::GetAtt": [group, "GroupId"]}
+        assert rule.get("CidrIp") == {"Ref": "VpcCidr"} or rule.get("SourceSecurityGroupId") == (
+            itself
+        ), rule
+    for path in (INFRA / "cluster-launcher").glob("*.yaml"):
+        values = [v for d in documents(path) for _, v in walk(d)]
+        assert "0.0.0.0/0" not in values and "::/0" not in values, path.name
+
+
+def server_options(command: list[str]) -> dict[str, str]:
+    """--flag value and --flag=value pairs of the `mlflow server` a container runs."""
+    text = command[-1]
+    argv = shlex.split(text[text.index("mlflow server") :])
+    options = {}
+    for i, token in enumerate(argv):
+        key, sep, value = token.partition("=")
+        if key.startswith("--"):
+            options[key] = value if sep else argv[i + 1]
+    return options
+
+
+def test_mlflow_servers_authenticate_and_allow_the_hosts_clients_send():
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    compose = documents(INFRA / "mlflow" / "docker-compose.yaml")[0]["services"]["mlflow"]
+    (deployment,) = [
+        d for d in documents(INFRA / "mlflow" / "mlflow-k8s.yaml") if d["kind"] == "Deployment"
+    ]
+    (k8s,) = deployment["spec"]["template"]["spec"]["containers"]
+    ray_clients = {
+        urlsplit(env["value"]).netloc
+        for _, _, spec in cluster_specs()
+        for pod in pod_templates(spec)
+        for c in pod.containers
+        for env in c.model_extra["env"]
+        if env["name"] == "MLFLOW_TRACKING_URI"
+    }
+    forwarded = {"localhost:5000", "127.0.0.1:5000"}  # published or port-forwarded port 5000
+    k8s_env = {e["name"]: e for e in k8s["env"]}
+    servers = [
+        (compose["command"], set(compose["environment"]), forwarded | {"mlflow:5000"}),
+        (k8s["command"], set(k8s_env), forwarded | ray_clients),
+    ]
+    for command, env, clients in servers:
+        options = server_options(command)
+        assert options["--app-name"] == "basic-auth"
+        assert {"MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"} <= env
+        allowed = options["--allowed-hosts"].split(",")
+        assert all(is_allowed_host_header(allowed, host) for host in clients), clients
+    for key in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert "secretKeyRef" in k8s_env[key]["valueFrom"]
+    for _, _, spec in cluster_specs():  # the Ray pods log in
+        for pod in pod_templates(spec):
+            for c in pod.containers:
+                names = {e["name"]: e for e in c.model_extra["env"]}
+                for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    assert "secretKeyRef" in names[key]["valueFrom"]
+
+
+def test_image_installs_its_distributions_python_pinned_versions_and_probe_tools():
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    base = re.search(r"^FROM nvidia/cuda:(\d+\.\d+)\.\d+-\S+-ubuntu(\d+\.\d+)", text, re.M)
+    cuda, ubuntu = base.groups()
+    apt = re.search(r"apt-get install -y --no-install-recommends ([^&]+)&&", text, re.S).group(1)
+    packages = apt.replace("\\", " ").split()
+    for package in packages:
+        version = re.fullmatch(r"python(\d\.\d+)(?:-\w+)?", package)
+        assert version is None or version.group(1) == UBUNTU_PYTHON[ubuntu], package
+    assert {"python3", "python3-venv", "bash", "wget"} <= set(packages)  # probes: bash -c wget
+    index = re.search(r"download\.pytorch\.org/whl/cu(\d+)", text).group(1)
+    assert index == cuda.replace(".", ""), f"torch wheels for CUDA {index}, base image {cuda}"
+    pins = dict(re.findall(r"\b([a-z]+)(?:\[[^\]]*\])?==([\d.]+)", text))
+    project = [Requirement(r) for r in metadata.requires("vitray")]  # pyproject's, installed
+    wanted = {r.name: r.specifier for r in project if r.marker is None}
+    for package in PINNED:
+        assert package in pins, f"{package} is not pinned"
+        assert wanted[package].contains(pins[package]), f"{package}=={pins[package]}"
