@@ -15,7 +15,16 @@ from PIL import Image
 from jobs.cluster.raynode import node_env
 from jobs.config import CONFIGS
 
-from helpers import decompression_bomb_png, encode, free_port, photo, stop_group, wait_healthy
+from helpers import (
+    MlflowServer,
+    decompression_bomb_png,
+    encode,
+    free_port,
+    photo,
+    start_mlflow,
+    stop_group,
+    wait_healthy,
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -51,35 +60,25 @@ def ray_local():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow server on 127.0.0.1 (SQLite, local artifacts), stopped by its group."""
-    root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_mlflow(tmp_path_factory.mktemp("mlflow"), port)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(uri)
         yield uri
     finally:
         stop_group(proc)
+
+
+@pytest.fixture
+def restartable_mlflow(tmp_path):
+    """An MLflow server of this test's own, started; the test may stop and restart it."""
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

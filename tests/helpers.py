@@ -8,6 +8,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 import zlib
@@ -102,6 +103,52 @@ def search_config(tmp: Path, digits: Path, uri: str, name: str, epochs: int = 3,
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+def start_mlflow(root: Path, port: int) -> subprocess.Popen:
+    """A real MLflow server on 127.0.0.1:`port` (SQLite and artifacts under `root`) in its
+    own session, for `stop_group`; started again on the same `root`, it serves the same
+    runs."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+class MlflowServer:
+    """A real MLflow server that a test stops and starts again: the same port, the same
+    store, as when an operator restarts it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = start_mlflow(self.root, self.port)
+        wait_healthy(self.uri)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc = None
 
 
 def stop_group(proc: subprocess.Popen, seconds: float = 30) -> None:

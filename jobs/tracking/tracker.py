@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from jobs.config import JobConfig, MlflowSection, shown
 from jobs.tracking import runs, search_report
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.figures import log_figures
+from jobs.tracking.metrics import MlflowMetrics, retrying
 from jobs.tracking.model import log_vit_model, register_vit_model
 
 if TYPE_CHECKING:
@@ -27,27 +27,6 @@ if TYPE_CHECKING:
     from jobs.training.start import Start
 
 INIT_ARTIFACT = "init_checkpoint"
-
-
-class MlflowMetrics:
-    """Rank 0's metrics, logged to one run; the client is made where it is first used (on
-    a Ray Train worker), so the object pickles."""
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id, self.client = uri, run_id, None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "client": None}
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
-        if self.client is None:
-            self.client = MlflowClient(self.uri)
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
 
 
 class MlflowTracker:
@@ -80,12 +59,15 @@ class MlflowTracker:
     @contextlib.contextmanager
     def active(self, run_id: str) -> Iterator[None]:
         """System metrics of this node while training; the run marked FAILED if training
-        raises, FINISHED after the outcome is logged."""
+        raises, FINISHED after the outcome is logged (retried through an outage: MLflow's
+        own end of the run then marks it once more, quickly)."""
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
+        client = mlflow.MlflowClient(self.uri)
         with mlflow.start_run(run_id=run_id, log_system_metrics=True):
             yield
+            retrying("marking the run FINISHED", lambda: client.set_terminated(run_id))
 
     def log_start(self, start: Start, run_id: str) -> None:
         """The resized checkpoint as its own artifact, once per run (not again on resume)."""
@@ -105,26 +87,42 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         client = MlflowClient(self.uri)
-        client.log_text(run_id, yaml.safe_dump(shown(cfg), sort_keys=False), "config.yaml")
+        config = yaml.safe_dump(shown(cfg), sort_keys=False)
+        retrying("logging config.yaml", lambda: client.log_text(run_id, config, "config.yaml"))
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as d:
-                client.log_artifacts(run_id, d, "checkpoint/final")
+                retrying(
+                    "logging checkpoint/final",
+                    lambda: client.log_artifacts(run_id, d, "checkpoint/final"),
+                )
         best = sorted(result.best_checkpoints, key=lambda cm: cm[1].get("val_top1", 0))
         if best:
             checkpoint, metrics = best[-1]
             with checkpoint.as_directory() as d:
-                client.log_artifacts(run_id, d, "checkpoint/best")
-                model_uri = log_vit_model(d)  # the best checkpoint, ready for the registry
+                retrying(
+                    "logging checkpoint/best",
+                    lambda: client.log_artifacts(run_id, d, "checkpoint/best"),
+                )
+                # the best checkpoint, ready for the registry
+                model_uri = retrying("logging the model", lambda: log_vit_model(d))
                 with tempfile.TemporaryDirectory() as out:
                     before = start.before if start else None
-                    log_figures(d, cfg.data, run_id, self.uri, Path(out), before=before)
+                    retrying(
+                        "logging the figures",
+                        lambda: log_figures(
+                            d, cfg.data, run_id, self.uri, Path(out), before=before
+                        ),
+                    )
             top1 = f"{metrics.get('val_top1', 0):.4f}"
-            client.set_tag(run_id, "best_val_top1", top1)
+            retrying("tagging best_val_top1", lambda: client.set_tag(run_id, "best_val_top1", top1))
             if cfg.mlflow.register_as:
                 about = f"Best checkpoint of {cfg.run.name} (run {run_id}): val_top1 {top1}."
                 tags = {"best_val_top1": top1, "source_run": run_id}
                 name, alias = cfg.mlflow.register_as, cfg.mlflow.alias
-                register_vit_model(model_uri, name, alias, self.uri, about, tags)
+                retrying(
+                    f"registering {name}",
+                    lambda: register_vit_model(model_uri, name, alias, self.uri, about, tags),
+                )
         elif cfg.mlflow.register_as:
             raise RuntimeError(
                 f"mlflow.register_as {cfg.mlflow.register_as}: the run reported no checkpoint "

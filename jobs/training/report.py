@@ -94,11 +94,14 @@ class Reporter:
         }
 
     def publish(self, metrics: dict[str, float], step: int) -> None:
-        """Rank 0: the metrics to the sink, and a progress line (kept at each epoch's end)."""
+        """Rank 0: the metrics to the sink (closed after the last step), and a progress
+        line (kept at each epoch's end)."""
         if self.rank != 0:
             return
         if self.sink is not None:
             self.sink.log(metrics, step)
+            if step == self.total_steps:
+                self.sink.close()
         if self.progress is None:
             return
         rate = (step - self.start_step) / (time.perf_counter() - self.run_start)

@@ -18,6 +18,10 @@ class MetricsSink(Protocol):
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def close(self) -> None:
+        """After the last report: send what an outage held back (retried, for a bounded
+        time)."""
+
 
 class Tracker(Protocol):
     """Runs, metrics, artifacts and checkpoint references of one tracking backend."""
