@@ -68,6 +68,29 @@ def test_two_trial_search_nests_runs_registers_best_and_reloads(
     assert (served.predict(images).argmax(1) == expected.argmax(1)).all()
 
 
+def test_trials_of_two_workers_drive_a_trainer_and_register_its_reported_checkpoint(
+    ray_local, digits_dir, mlflow_server, tmp_path, capsys
+):
+    """Each trial a thin driver (1 CPU) whose TorchTrainer reserves 2 workers of 0.25 CPU:
+    with a decode task of 0.25, one trial holds 1.75 of this machine's 2 CPUs, so the search
+    runs one at a time. The chosen model is the checkpoint its trainer reported."""
+    from mlflow import MlflowClient
+
+    path = search_config(
+        tmp_path, digits_dir / "digits", mlflow_server, "ddp", epochs=2, register_as="ddp"
+    )
+    cfg = load_config(path, ["scaling.num_workers=2", "scaling.cpus_per_worker=0.25"])
+    outcome = tracked_search(cfg)
+    assert "1 at a time" in capsys.readouterr().out  # tune.max_concurrent 2, capped
+    assert outcome.stopped_because is None
+    assert len(outcome.results) == 2 and all(r.metrics["epoch"] >= 1 for r in outcome.results)
+    chosen = next(r for r in outcome.results if r.metrics[TRIAL_RUN_KEY] == outcome.best_run_id)
+    assert outcome.best_checkpoint.path == chosen.metrics["checkpoint_path"]
+    version = MlflowClient(mlflow_server).get_model_version_by_alias("ddp", "champion")
+    assert version.version == outcome.registered.version
+    assert outcome.best_run_id in version.description
+
+
 def test_four_trial_asha_searches_never_hang(ray_local, digits_dir, mlflow_server, tmp_path):
     """The hang of docs/design.md#tune-trials: trials stopped early kept their resources and
     the next trial waited forever. Three searches in a row, each must finish well inside its
