@@ -1,8 +1,11 @@
 """`vitray pretrain` end to end: real local Ray (2 CPU workers, gloo DDP), a real MLflow
 server on 127.0.0.1 with SQLite, real digits shards. Slow: marked, still run in CI."""
 
+import errno
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,12 +148,12 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(
     not crash the rerun: it logs to a new run of this store and says so."""
     from mlflow import MlflowClient
 
-    from jobs.tracking.runs import open_run
+    from jobs.tracking.runs import RUN_RECORD, open_run
 
     tmp = digits_dir / "elsewhere"  # config() reads the digits beside it
     run_dir = tmp / "runs" / "elsewhere"
-    (run_dir / "checkpoint_000001").mkdir(parents=True)
-    torch.save({"mlflow_run_id": "0" * 32}, run_dir / "checkpoint_000001" / "train_state.pt")
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_RECORD).write_text(json.dumps({"mlflow_run_id": "0" * 32}))
     cfg = config(tmp, mlflow_server, **{"run.name": "elsewhere"})
     run_id = open_run(cfg, mlflow_server, str(run_dir), "pretrain", {"train": 1257, "val": 180})
     run = MlflowClient(mlflow_server).get_run(run_id)
@@ -178,3 +181,103 @@ def test_pretraining_registers_its_best_model_where_a_fine_tune_starts(
     assert version.tags["source_run"] == outcome.mlflow_run_id
     model = load_any("models:/digits-pretrained@champion", mlflow_server, image_size=32)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def one_worker(tmp, uri, name: str, epochs: int, **sets):
+    """A run of one worker (no DDP start-up) for `epochs` epochs, a checkpoint at each end."""
+    more = {"run.name": name, "train.epochs": epochs, "scaling.num_workers": 1}
+    return config(tmp, uri, **more, **{"scaling.cpus_per_worker": 1}, **sets)
+
+
+def steps_logged_since(uri: str, run_id: str, since_ms: float) -> list[int]:
+    from mlflow import MlflowClient
+
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    return sorted(m.step for m in history if m.timestamp > since_ms)
+
+
+def test_a_checkpoint_cut_short_does_not_block_a_rerun(ray_local, digits_dir, mlflow_server):
+    """A crash while a checkpoint was copied to storage leaves a directory Ray never
+    registered, newest by name: here half the weights and half the train state. The rerun
+    resumes from the last registered checkpoint, in the same MLflow run."""
+    tmp = digits_dir / "cut"
+    tmp.mkdir()
+    first = tracked_fit(one_worker(tmp, mlflow_server, "cut", epochs=1))
+    epoch = first.result.metrics["step"]
+    run_dir = tmp / "runs" / "cut"
+    (saved,) = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    cut = run_dir / "checkpoint_9999-12-31_23-59-59.999999"
+    cut.mkdir()
+    for name in ("model.safetensors", "train_state.pt"):
+        data = (saved / name).read_bytes()
+        (cut / name).write_bytes(data[: len(data) // 2])
+
+    finished_at = time.time() * 1000
+    again = tracked_fit(one_worker(tmp, mlflow_server, "cut", epochs=2))
+    assert again.result.metrics["step"] == 2 * epoch
+    assert again.mlflow_run_id == first.mlflow_run_id
+    assert steps_logged_since(mlflow_server, first.mlflow_run_id, finished_at)[0] > epoch
+
+
+def fill(directory: Path) -> None:
+    """Write zeros into `directory` until its file system is full."""
+    with open(directory / "filler", "wb", buffering=0) as f:
+        with pytest.raises(OSError) as full:
+            while f.write(bytes(1 << 20)):
+                pass
+    assert full.value.errno == errno.ENOSPC
+
+
+def test_a_full_disk_stops_the_run_by_name_and_a_rerun_with_room_resumes(
+    ray_local, digits_dir, mlflow_server
+):
+    """The run's storage is a 64 MB tmpfs, filled by another file once the first
+    checkpoint is registered, so the second save fails: the run stops naming the path and
+    the full disk, the first checkpoint is intact, and once there is room again the same
+    command resumes from it in the same MLflow run."""
+    import threading
+
+    from jobs.tracking.runs import RUN_RECORD
+
+    tmp = digits_dir / "full"
+    store = tmp / "runs"
+    store.mkdir(parents=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(store)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (root or CAP_SYS_ADMIN): {mounted.stderr}")
+    try:
+        cfg = one_worker(tmp, mlflow_server, "full", epochs=2, **{"run.max_failures": 0})
+        failed: dict = {}
+
+        def first_run() -> None:
+            try:
+                tracked_fit(cfg)
+            except Exception as e:
+                failed["error"] = e
+
+        thread = threading.Thread(target=first_run)
+        thread.start()
+        run_dir = store / "full"
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoint_manager_snapshot.json").exists():  # registered
+            assert time.time() < deadline and thread.is_alive(), "no checkpoint registered"
+            time.sleep(0.2)
+        (saved,) = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+        before = {f.name: f.read_bytes() for f in saved.iterdir()}
+        fill(store)
+        thread.join(timeout=600)
+        assert "error" in failed, "the run finished on a full disk"
+        message = str(failed["error"])
+        assert "no space left on device" in message and str(run_dir) in message
+        assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
+        epoch = torch.load(saved / "train_state.pt", weights_only=True)["step"]
+        first_run_id = json.loads((run_dir / RUN_RECORD).read_text())["mlflow_run_id"]
+
+        (store / "filler").unlink()
+        failed_at = time.time() * 1000
+        again = tracked_fit(cfg)
+        assert again.result.metrics["step"] == 2 * epoch and again.mlflow_run_id == first_run_id
+        assert steps_logged_since(mlflow_server, first_run_id, failed_at)[0] > epoch
+    finally:
+        subprocess.run(["umount", "--lazy", str(store)], check=True)
