@@ -30,8 +30,9 @@ def alive_nodes() -> list[dict[str, float]]:
 
 
 def hosts_workers(cfg: JobConfig, node: dict[str, float]) -> bool:
-    """A node a worker may land on: any node, or one with a GPU for a GPU job."""
-    return not cfg.scaling.use_gpu or node.get("GPU", 0) >= 1
+    """A node a worker may land on: one with CPUs, and a GPU for a GPU job (a KubeRay head
+    often has neither)."""
+    return node.get("CPU", 0) > 0 and (not cfg.scaling.use_gpu or node.get("GPU", 0) >= 1)
 
 
 def sized(cfg: JobConfig, driver_cpus: float = 0.0) -> JobConfig:

@@ -79,7 +79,7 @@ def test_auto_cpus_per_worker_leave_one_decode_task_room_on_the_largest_node(clu
     cfg = sized(gpu_job("auto", "scaling.num_workers=16", "train.batch_size=256"))
     assert cfg.scaling.cpus_per_worker == 11.87  # (96 - 1) / 8 workers a node, rounded down
     check_capacity(cfg)
-    cluster({"CPU": 2.0})
+    cluster({"CPU": 0.0}, {"CPU": 2.0})  # a head that runs nothing, and one node
     cpu = config("scaling.cpus_per_worker=auto", "data.cpus_per_task=0.25")
     assert sized(cpu).scaling.cpus_per_worker == 0.87  # (2 - 0.25) / 2 workers
     assert sized(cpu, driver_cpus=1).scaling.cpus_per_worker == 0.37  # a search trial's driver
