@@ -5,7 +5,9 @@ cluster's head node. The job's directory holds the project's packages (an allowl
 virtualenv, data, runs, stores or secrets) and the files the command names, so a config in
 the user's own directory works; `--image` names a container image that holds the code
 instead. Ray's token auth stays on: the client sends the token Ray finds in
-`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token.
+`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token. The client's MLflow
+credentials travel in the job's runtime environment (never printed), so the job logs to an
+authenticating MLflow server as the client's user.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ INPUTS = "inputs"  # where the files a command names travel, inside the job's di
 CONFIG_PATHS = ("data.dataset", "init.checkpoint", "run.storage_path")
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "RAY_DATA_LOG_LEVEL",
     "VITRAY_DATA",

@@ -2,12 +2,15 @@
 machine, all on 127.0.0.1, to try the cluster path (`vitray submit`) before a real one.
 
 Each Ray node is a `ray start --block` process in its own session: stopping that process
-stops everything the node started. `up` records what it started in a state file; `down`
-stops exactly those processes, by their ids, and checks that they are gone.
+stops everything the node started. `up` records each process in a state file the moment it
+starts, so that `down` stops exactly those, by their ids, even after an interrupted `up`;
+`down` signals a process only while it is still the one `up` started (same start time and
+command line), never a process that has since been given a recorded pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,12 +23,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from jobs.cluster.raynode import node_env
 
 DEFAULT_STATE = Path(".vitray") / "cluster"
+MLFLOW_ADMIN = "admin"  # the user MLflow's basic-auth app creates at its first start
 
 
 def free_port() -> int:
@@ -39,13 +46,68 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def spawn(command: list[str], log: Path, env: dict[str, str]) -> int:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+def state_path(state_dir: Path) -> Path:
+    return state_dir / "state.json"
+
+
+def save_state(state_dir: Path, state: dict[str, Any]) -> None:
+    """Replace the state file in one step (temp + rename): an `up` killed mid-write leaves
+    the previous complete file, never a truncated one."""
+    tmp = state_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, state_path(state_dir))
+
+
+def identity(pid: int) -> dict[str, Any]:
+    """What tells this process from a later one given the same pid. A process that has just
+    been started reads an empty command line for a moment, until its exec completes."""
+    proc = psutil.Process(pid)
+    deadline = time.monotonic() + 5
+    while not (cmdline := proc.cmdline()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {"pid": pid, "create_time": proc.create_time(), "cmdline": cmdline}
+
+
+def still_ours(recorded: dict[str, Any]) -> bool:
+    """The process `up` started, running or exited. An exited one is still signalled, as
+    its group: its pid is not reused while the processes it started hold its group id."""
+    try:
+        proc = psutil.Process(recorded["pid"])
+        if proc.create_time() != recorded["create_time"]:
+            return False
+        return proc.status() == psutil.STATUS_ZOMBIE or proc.cmdline() == recorded["cmdline"]
+    except psutil.NoSuchProcess:
+        return True
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then act on them as usual: a
+    process must not start without its pid reaching the state file. The children started
+    here get the default handlers back when they exec."""
+    received: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda s, _: received.append(s)) for s in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        for kind in received:
+            signal.raise_signal(kind)
+
+
+def spawn(
+    state_dir: Path, state: dict[str, Any], name: str, command: list[str], env: dict[str, str]
+) -> None:
+    """Start `command` in its own session, logging to NAME.log, and record it in the state
+    file before anything else happens."""
+    with open(state_dir / f"{name}.log", "ab") as out, signals_deferred():
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    return proc.pid
+        state["processes"].append({"name": name, **identity(proc.pid)})
+        save_state(state_dir, state)
 
 
 def wait_http(url: str, seconds: float, what: str) -> None:
@@ -69,14 +131,18 @@ def auth_env(state_dir: Path) -> dict[str, str]:
     }
 
 
-def write_token(state_dir: Path) -> None:
-    """A new token at every `up`, created readable by its owner only in one step (O_EXCL:
-    no moment where it exists with looser permissions, no file planted there is reused)."""
-    path = state_dir / "auth_token"
-    path.unlink(missing_ok=True)
+def write_secret(path: Path, value: str) -> None:
+    """`value` in a file readable by its owner only from its creation (O_EXCL: no moment
+    where it exists with looser permissions, no file planted there is reused)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+        f.write(value)
+
+
+def write_token(state_dir: Path) -> None:
+    """A new Ray token at every `up`."""
+    (state_dir / "auth_token").unlink(missing_ok=True)
+    write_secret(state_dir / "auth_token", secrets.token_hex(32))
 
 
 def cluster_env(state_dir: Path) -> dict[str, str]:
@@ -113,61 +179,126 @@ def wait_nodes(address: str, count: int, env: dict[str, str], seconds: float = 1
     raise RuntimeError(f"{alive}/{count} Ray nodes alive after {seconds:.0f} s")
 
 
-def up(state_dir: Path, workers: int, cpus: int, mlflow: bool = True) -> dict[str, Any]:
-    state_file = state_dir / "state.json"
-    if state_file.exists():
-        raise ValueError(f"a local cluster is already up ({state_file}); run `down` first")
+def mlflow_password_path(state_dir: Path) -> Path:
+    return state_dir.resolve() / "mlflow_password"
+
+
+def mlflow_auth_env(state_dir: Path) -> dict[str, str]:
+    """MLflow's basic-auth app, its users kept in the state directory. The admin password is
+    made once and kept (owner-only) beside them: MLflow reads it only when it creates the
+    admin user, at the first start against an empty user store."""
+    password = mlflow_password_path(state_dir)
+    if not password.exists():
+        write_secret(password, secrets.token_urlsafe(24))
+    config = state_dir.resolve() / "mlflow_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{state_dir.resolve()}/mlflow_auth.db\n"
+        f"admin_username = {MLFLOW_ADMIN}\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password.read_text(),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),  # its CSRF key, per start
+    }
+
+
+def mlflow_server(state_dir: Path, port: int, auth: bool) -> list[str]:
+    """MLflow on 127.0.0.1; MLflow compares a request's Host header with --allowed-hosts
+    exactly, so they are the two names a client here sends, with the port."""
+    root = state_dir.resolve()
+    return [
+        bin_path("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination", str(root / "mlartifacts"),
+        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+        "--workers", "1", *(["--app-name", "basic-auth"] if auth else []),
+    ]  # fmt: skip
+
+
+def start_mlflow(state_dir: Path, state: dict[str, Any], env: dict[str, str], auth: bool) -> None:
+    port = free_port()
+    env = {**env, **(mlflow_auth_env(state_dir) if auth else {})}
+    state["mlflow"] = f"http://127.0.0.1:{port}"
+    if auth:
+        state["mlflow_user"] = MLFLOW_ADMIN
+        state["mlflow_password_file"] = str(mlflow_password_path(state_dir))
+    spawn(state_dir, state, "mlflow", mlflow_server(state_dir, port, auth), env)
+    wait_http(f"{state['mlflow']}/health", 120, "the MLflow server")
+
+
+def loopback_env(env: dict[str, str]) -> dict[str, str]:
+    """Ray replaces 127.0.0.1 by the machine's address wherever it reads one (a node's, the
+    head's), so that other machines reach the node; its servers then listen on every
+    interface. Unless Ray believes it runs single-node (its switch for macOS and Windows):
+    then the head's address stays 127.0.0.1 and each of its servers binds there. For the
+    head and for clients given the head's address; a worker node refuses the switch."""
+    return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def worker_address(gcs: int) -> str:
+    """The head as a worker node reaches it: 127.1 is 127.0.0.1 to the resolver but not to
+    Ray's rewrite, and the node takes its own address (127.0.0.1, where its servers then
+    bind) from the route to it."""
+    return f"127.1:{gcs}"
+
+
+def start_ray(
+    state_dir: Path, state: dict[str, Any], env: dict[str, str], workers: int, cpus: int
+) -> None:
+    gcs, dashboard = free_port(), free_port()
+    state.update(ray_address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}")
+    common = ["--num-cpus", str(cpus), "--block"]
+    head = [
+        bin_path("ray"), "start", "--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+        "--include-dashboard", "true", *common,
+    ]  # fmt: skip
+    spawn(state_dir, state, "head", head, loopback_env(env))
+    wait_http(f"{state['dashboard']}/api/version", 120, "the Ray dashboard")
+    for i in range(workers):
+        # Nodes on one machine would share /tmp/ray, and each node's runtime-env agent
+        # re-extracts a job's working_dir there, pulling it from under the job's driver.
+        # A short path of its own per node (Unix socket paths are limited to 107 bytes).
+        temp = tempfile.mkdtemp(prefix="vitray-node-")
+        state["temp_dirs"].append(temp)
+        save_state(state_dir, state)
+        node = [bin_path("ray"), "start", "--address", worker_address(gcs), "--temp-dir", temp]
+        worker_env = {**env, "GRPC_DNS_RESOLVER": "native"}
+        spawn(state_dir, state, f"worker-{i}", [*node, *common], worker_env)
+    wait_nodes(state["ray_address"], 1 + workers, loopback_env(env))
+
+
+def up(
+    state_dir: Path, workers: int, cpus: int, mlflow: bool = True, mlflow_auth: bool = False
+) -> dict[str, Any]:
+    if state_path(state_dir).exists():
+        raise ValueError(
+            f"a local cluster is already up ({state_path(state_dir)}); run `down` first"
+        )
     state_dir.mkdir(parents=True, exist_ok=True)
-    state_dir.chmod(0o700)  # its token and logs are the owner's only
+    state_dir.chmod(0o700)  # its secrets and logs are the owner's only
     write_token(state_dir)
     env = {**cluster_env(state_dir), **node_env(cpus)}
-    gcs, dashboard = free_port(), free_port()
-    address = f"127.0.0.1:{gcs}"
-    state: dict[str, Any] = {"pids": [], "temp_dirs": [], "logs": str(state_dir)}
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--block"]
+    state: dict[str, Any] = {"processes": [], "temp_dirs": [], "logs": str(state_dir)}
+    save_state(state_dir, state)
     try:
-        head = [
-            bin_path("ray"), "start", "--head", "--port", str(gcs),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-            "--include-dashboard", "true", *common,
-        ]  # fmt: skip
-        state["pids"].append(spawn(head, state_dir / "head.log", env))
-        wait_http(f"http://127.0.0.1:{dashboard}/api/version", 120, "the Ray dashboard")
-        for i in range(workers):
-            # Nodes on one machine would share /tmp/ray, and each node's runtime-env agent
-            # re-extracts a job's working_dir there, pulling it from under the job's driver.
-            # A short path of its own per node (Unix socket paths are limited to 107 bytes).
-            temp = tempfile.mkdtemp(prefix="vitray-node-")
-            state["temp_dirs"].append(temp)
-            node = [bin_path("ray"), "start", "--address", address, "--temp-dir", temp, *common]
-            state["pids"].append(spawn(node, state_dir / f"worker-{i}.log", env))
-        wait_nodes(address, 1 + workers, env)
-        state.update(ray_address=address, dashboard=f"http://127.0.0.1:{dashboard}")
+        start_ray(state_dir, state, env, workers, cpus)
         if mlflow:
-            port = free_port()
-            server = [
-                bin_path("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                "--backend-store-uri", f"sqlite:///{state_dir.resolve()}/mlflow.db",
-                "--artifacts-destination", str(state_dir.resolve() / "mlartifacts"),
-                "--workers", "1",
-            ]  # fmt: skip
-            state["pids"].append(spawn(server, state_dir / "mlflow.log", env))
-            state["mlflow"] = f"http://127.0.0.1:{port}"
-            wait_http(f"{state['mlflow']}/health", 120, "the MLflow server")
+            start_mlflow(state_dir, state, env, mlflow_auth)
     except BaseException:
-        stop_pids(state["pids"])
-        remove_dirs(state["temp_dirs"])
+        stop(state_dir, state)
         raise
-    state_file.write_text(json.dumps(state, indent=2))
     return state
 
 
 def alive(pid: int) -> bool:
+    """Running: an exited child of ours that is not reaped yet (a zombie) is not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return True
 
 
 def wait_gone(pids: list[int], seconds: float) -> None:
@@ -176,43 +307,47 @@ def wait_gone(pids: list[int], seconds: float) -> None:
         time.sleep(0.2)
 
 
+def signal_groups(pids: list[int], kind: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, kind)
+        except ProcessLookupError:
+            pass
+
+
 def stop_pids(pids: list[int], seconds: float = 10) -> list[int]:
     """SIGTERM each process group we started, then SIGKILL what is left; returns survivors.
     MLflow and worker nodes stop in seconds; a head node under `ray start --block` takes
     ~35 s to shut its services down one by one, with nothing to save: it gets 10 s."""
-    for pid in reversed(pids):  # workers and MLflow before the head
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    signal_groups(list(reversed(pids)), signal.SIGTERM)  # workers and MLflow before the head
     wait_gone(pids, seconds)
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    signal_groups(pids, signal.SIGKILL)
     wait_gone(pids, 10)  # a killed process is gone once its parent has reaped it
     return [p for p in pids if alive(p)]
 
 
-def remove_dirs(paths: list[str]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def down(state_dir: Path) -> None:
-    state_file = state_dir / "state.json"
-    if not state_file.exists():
-        raise ValueError(f"no local cluster recorded in {state_file}")
-    state = json.loads(state_file.read_text())
-    survivors = stop_pids(state["pids"])
+def stop(state_dir: Path, state: dict[str, Any]) -> None:
+    """Stop what `state` records; the state file goes only when all of it is gone."""
+    mine = [p["pid"] for p in state["processes"] if still_ours(p)]
+    for other in (p for p in state["processes"] if p["pid"] not in mine):
+        print(
+            f"not stopping pid {other['pid']}: it is no longer the {other['name']} process "
+            "`up` started (another process has its id)"
+        )
+    survivors = stop_pids(mine)
     if survivors:
         raise RuntimeError(f"processes still alive after down: {survivors}")
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    if current.exists() and current.read_text().strip().endswith(
-        state["ray_address"].split(":")[1]
-    ):
+    gcs_port = state.get("ray_address", ":").split(":")[1]
+    if gcs_port and current.exists() and current.read_text().strip().endswith(gcs_port):
         current.unlink()  # `ray start` left it; ray.init() would try to join the dead cluster
-    remove_dirs(state.get("temp_dirs", []))
-    state_file.unlink()
-    print(f"stopped {len(state['pids'])} process group(s) started by `up`")
+    for path in state["temp_dirs"]:
+        shutil.rmtree(path, ignore_errors=True)
+    state_path(state_dir).unlink()
+    print(f"stopped {len(mine)} process group(s) started by `up`")
+
+
+def down(state_dir: Path) -> None:
+    if not state_path(state_dir).exists():
+        raise ValueError(f"no local cluster recorded in {state_path(state_dir)}")
+    stop(state_dir, json.loads(state_path(state_dir).read_text()))

@@ -9,7 +9,6 @@ import posixpath
 import shlex
 import subprocess
 import sys
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,45 @@ def tracking_uri(section: MlflowSection) -> str:
     return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail at start, not after an hour of training, when the server is down."""
+def check_reachable(uri: str, timeout: float = 30.0) -> None:
+    """Fail at start, not after an hour of training, when the server is down or refuses
+    this client. A real API route with the client's credentials, as MLflow sends them:
+    /health skips the server's Host and authentication checks."""
     if not uri.startswith(("http://", "https://")):
         return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-            if r.status != 200:
-                raise ConnectionError(f"status {r.status}")
+        response = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=timeout,
+            raise_on_status=False,
+        )
     except Exception as e:
         raise ConnectionError(redact(f"MLflow tracking server {uri} is not reachable: {e}")) from e
+    answer = f"HTTP {response.status_code}: {response.text.strip()[:200]}"
+    if "Invalid Host header" in response.text:  # MLflow compares it with --allowed-hosts
+        raise ConnectionError(
+            redact(
+                f"MLflow tracking server {uri} refused its own address ({answer}); its "
+                "--allowed-hosts must list this URI's host:port exactly"
+            )
+        )
+    if response.status_code in (401, 403):
+        raise ConnectionError(
+            redact(
+                f"MLflow tracking server {uri} refused the credentials ({answer}); set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                "MLFLOW_TRACKING_TOKEN, to an account of that server"
+            )
+        )
+    if response.status_code != 200:
+        raise ConnectionError(redact(f"MLflow tracking server {uri} answered {answer}"))
 
 
 def git_commit() -> str:
