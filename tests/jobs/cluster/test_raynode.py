@@ -1,9 +1,17 @@
 """The Ray that vitray starts keeps a data task's worker process between epochs."""
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
+import pytest
+
+from helpers import ROOT, free_port
 
 
 def test_a_task_worker_survives_an_idle_gap_while_training_holds_every_cpu(ray_local):
@@ -29,3 +37,28 @@ def test_a_task_worker_survives_an_idle_gap_while_training_holds_every_cpu(ray_l
         assert psutil.pid_exists(pid), "Ray killed the idle worker: next epoch starts a new one"
     finally:
         remove_placement_group(group)
+
+
+@pytest.mark.ray
+def test_a_local_run_starts_its_own_ray_whatever_cluster_ran_here_before():
+    """Without RAY_ADDRESS a command starts its own Ray. Ray's default would join the
+    cluster recorded in <temp>/ray/ray_current_cluster: one left by an earlier `ray start`
+    (here: nothing listens there), and the command waited for it forever."""
+    temp = tempfile.mkdtemp(prefix="vr-")  # short: Ray's socket paths are limited
+    try:
+        (Path(temp) / "ray").mkdir()
+        (Path(temp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        env = {**os.environ, "RAY_TMPDIR": temp, "RAY_DISABLE_USAGE_STATS": "1"}
+        env.pop("RAY_ADDRESS", None)
+        code = (
+            "import ray; from jobs.cluster.raynode import ensure_ray; ensure_ray(); "
+            "print('nodes', len(ray.nodes())); ray.shutdown()"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "nodes 1" in done.stdout
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
