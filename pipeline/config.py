@@ -68,6 +68,18 @@ class DataConfig(BaseModel):
     # blocks reach a consumer sooner, but Ray Train splits them per worker at a cost: 64-row
     # blocks made 2-worker digits epochs 2.0-2.5 s instead of 1.7 (one 1,257-row block).
     decode_batch_size: int = Field(2048, ge=1, description="rows per output block of a decode task")
+    task_bytes: int = Field(
+        64 * 2**20,
+        gt=0,
+        description="Parquet bytes (compressed) one decode task reads, row group by row group; "
+        "a small split gets smaller tasks, two per decode slot of the cluster",
+    )
+    val_subset: int | None = Field(
+        None,
+        ge=1,
+        description="rows of the val split evaluated during training: the same seeded sample "
+        "of row groups at every evaluation; the whole split at the end (None: always whole)",
+    )
     # bad input
     strict: bool = False
     max_pixels: int = Field(MAX_PIXELS, gt=0)

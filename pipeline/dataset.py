@@ -1,19 +1,25 @@
 """`build_dataset(cfg, split)`: a streaming Ray Dataset of uint8 patches and labels.
 
-The driver plans read units (`pipeline.readers`: a Parquet row group of ~8 MB, a WebDataset
-tar, a chunk of image files), each epoch in a new random order for training, rows within a
-unit too; one Ray task per unit reads, decodes, crops, flips and patchifies it at an
-explicit CPU fraction, and yields it `decode_batch_size` rows at a time. Consumers iterate
+The driver plans read units from metadata alone (`pipeline.readers`: a Parquet row group of
+~8 MB, a WebDataset tar, a chunk of image files; a prepared dataset's manifest gives every
+row group's rows and bytes, so no file is opened) and groups consecutive row groups into
+tasks of `data.task_bytes` (64 MB). A task carries only its units (paths, row groups); it
+reads, decodes, crops, flips and patchifies one unit at a time at an explicit CPU fraction
+and yields it `decode_batch_size` rows at a time. For training, tasks come in a new random
+order every epoch, and the units of a task and the rows of a unit too. Consumers iterate
 with a local shuffle buffer and normalise on the device.
 
 Why not `ray.data.read_parquet` + `map_batches`: on Ray 2.60 it packs row groups into
 128 MB read units (one task decoded a whole 60 MB shard while the other core idled) and
 lists files in a 1-CPU task, which never starts once train workers hold the CPUs of a
-small node (measured: a 2-core pipeline hung).
+small node (measured: a 2-core pipeline hung). One task per 8 MB row group would make
+about 190,000 tasks of 14M images (1.5 TB), and one per small shard as many as shards.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +31,17 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.prepare import prepare
-from pipeline.readers import Unit, batches, count_rows, open_source, plan_units, read_unit
+from pipeline.readers import (
+    Unit,
+    batches,
+    count_rows,
+    open_source,
+    plan_tasks,
+    plan_units,
+    read_unit,
+    sample_units,
+    task_source,
+)
 from pipeline.sources import Source, SourceError, data_home
 from pipeline.transforms import preprocess_batch
 
@@ -33,6 +49,7 @@ from pipeline.transforms import preprocess_batch
 # worker, which keeps its batches (jobs/train.CachedBatches): it is deterministic, so
 # evaluations after the first need no Ray Data execution.
 CACHE_EVAL_BYTES = 64 * 2**20
+SUBSET_SEED = 0  # the val subset is one fixed sample, whatever the run's seed
 
 
 @dataclass
@@ -72,22 +89,53 @@ def describe_dataset(cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo(source, source.class_names, known)
 
 
-def load_units(
+def load_tasks(
     batch: dict[str, np.ndarray], source: Source, chunk_rows: int, **kwargs: Any
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Ray task body: read the batch's units and yield their rows preprocessed,
-    `chunk_rows` at a time, so that consumers start on a unit before it is all decoded."""
+    """Ray task body: read the units of the batch's tasks one at a time and yield their rows
+    preprocessed, `chunk_rows` at a time, so that consumers start on a unit before the
+    next is read."""
     # One image at a time: intra-op threads only oversubscribe the cores that the other
     # decode tasks use (measured 5x slower at 0.5 CPU per task on 2 cores).
     torch.set_num_threads(1)
-    for i in range(len(batch["path"])):
-        path, group, files = (batch[key][i] for key in ("path", "row_group", "files"))
-        rows = read_unit(source, Unit(path=str(path), row_group=int(group), files=list(files)))
-        if kwargs["train"]:  # a new row order every epoch, free: the unit is in memory
-            order = np.random.default_rng().permutation(len(rows["label"]))
-            rows = {key: column[order] for key, column in rows.items()}
-        for chunk in batches(rows, chunk_rows):
-            yield preprocess_batch(chunk, **kwargs)
+    rng = np.random.default_rng()
+    for task in batch["units"]:
+        units = json.loads(task)
+        if kwargs["train"]:  # a new order every epoch, free: a task's units are listed
+            units = [units[i] for i in rng.permutation(len(units))]
+        for unit in units:
+            rows = read_unit(source, unit)
+            if kwargs["train"]:  # a new row order every epoch, free: the unit is in memory
+                order = rng.permutation(len(rows["label"]))
+                rows = {key: column[order] for key, column in rows.items()}
+            for chunk in batches(rows, chunk_rows):
+                yield preprocess_batch(chunk, **kwargs)
+
+
+def decode_slots(cfg: DataConfig) -> int:
+    """Decode tasks that run at once: the cluster's CPUs (this machine's before Ray starts)
+    over each task's CPU fraction."""
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count()
+    return max(1, int((cpus or 1) / cfg.cpus_per_task))
+
+
+def task_bytes(cfg: DataConfig, total_bytes: int) -> int:
+    """`data.task_bytes`, or less on a small split: two tasks per decode slot at least, so
+    that every core has work and none waits on the last long task."""
+    return max(1, min(cfg.task_bytes, total_bytes // (2 * decode_slots(cfg))))
+
+
+def plan_split(
+    cfg: DataConfig, info: DatasetInfo, split: str, subset: int | None = None
+) -> list[list[Unit]]:
+    """The tasks of a split (of a `subset` of its rows), from metadata only."""
+    files = info.source.split_files(split)
+    units = plan_units(info.source, files)
+    if not units or count_rows(info.source, files) == 0:
+        raise SourceError(f"{cfg.dataset} split {split!r} has no rows: {files[:4]}")
+    if subset is not None:
+        units = sample_units(units, subset, SUBSET_SEED)
+    return plan_tasks(units, task_bytes(cfg, sum(max(unit["bytes"], 0) for unit in units)))
 
 
 def build_dataset(
@@ -97,25 +145,26 @@ def build_dataset(
     num_classes: int | None = None,
     keep_ids: bool = False,
     check_labels: bool = True,
+    subset: int | None = None,
 ) -> ray.data.Dataset:
     """A lazy, streaming dataset of {patches (B, N, P*P*C) uint8, label, ok[, id]}.
 
     Training splits get random crops and flips and a new unit order every epoch; other
-    splits get the deterministic resize + center crop. Bad configuration and bad paths
+    splits get the deterministic resize + center crop. `subset` rows: the same seeded
+    sample of the split on every call (`sample_units`). Bad configuration and bad paths
     fail here, on the driver, before any Ray task runs.
     """
     check_sizes(cfg, patch_size)
     info = describe_dataset(cfg)
-    files = info.source.split_files(split)
-    units = plan_units(info.source, files)
-    if not units or count_rows(info.source, files) == 0:
-        raise SourceError(f"{cfg.dataset} split {split!r} has no rows: {files[:4]}")
+    tasks = plan_split(cfg, info, split, subset)
     if not check_labels:  # inference: labels pass through as they are, even none (-1)
         num_classes = None
     elif num_classes is None and info.class_names is not None:
         num_classes = len(info.class_names)
     train = split == "train"
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ray.data.from_items(
+        [{"units": json.dumps(task)} for task in tasks], override_num_blocks=len(tasks)
+    )
     if train:
         ds = ds.randomize_block_order()  # a new order on every execution, i.e. every epoch
     with warnings.catch_warnings():
@@ -123,9 +172,9 @@ def build_dataset(
         # a scheduling strategy, the one way to keep data tasks in a trial's group.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         ds = ds.map_batches(
-            load_units,
+            load_tasks,
             fn_kwargs=dict(
-                source=info.source,
+                source=task_source(info.source),
                 chunk_rows=cfg.decode_batch_size,
                 cfg=cfg,
                 patch_size=patch_size,

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.builtin import Item
 from pipeline.console import ConsoleLine
 from pipeline.decode import BadImage, image_bytes, load, open_image
-from pipeline.readers import open_source, plan_units, read_unit
+from pipeline.readers import open_source, plan_units, read_unit, row_group_sizes
 from pipeline.sources import (
     MANIFEST,
     Source,
@@ -123,10 +123,13 @@ class ShardWriter:
         self.writer = None
         shard = self.shards[-1]
         path = self.out / shard["file"]
-        row_groups = pq.ParquetFile(path).metadata.num_row_groups
+        groups = row_group_sizes(pq.read_metadata(path))
         shard.update(
             rows=self.file_rows,
-            row_groups=row_groups,
+            row_groups=len(groups),
+            # planning reads these instead of every footer (pipeline.readers.open_parquet)
+            row_group_rows=[rows for rows, _ in groups],
+            row_group_bytes=[size for _, size in groups],
             bytes=path.stat().st_size,
             sha256=_sha256(path),
         )

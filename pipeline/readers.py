@@ -2,12 +2,12 @@
 and `vitray bench data`'s DataLoader all see the same rows of the same files.
 
 A reader plans read units on the driver (`plan_units`: a Parquet row group, a WebDataset
-tar, a chunk of folder files) and reads one unit wherever the rows are needed
-(`read_unit`), as columns {image (encoded bytes, None when missing), label, id, error[,
-path, row]}: `error` says why a row is bad where the reader knows it already (None: not
-known to be bad), `path` and `row` where a bad row came from. Hugging Face's features (which
-column is the Image, which the ClassLabel) are read and its `{bytes, path}` image struct
-unpacked here and nowhere else.
+tar, a chunk of folder files), which `plan_tasks` groups into the work of one task, and
+reads one unit wherever the rows are needed (`read_unit`), as columns {image (encoded
+bytes, None when missing), label, id, error[, path, row]}: `error` says why a row is bad
+where the reader knows it already (None: not known to be bad), `path` and `row` where a bad
+row came from. Hugging Face's features (which column is the Image, which the ClassLabel)
+are read and its `{bytes, path}` image struct unpacked here and nowhere else.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import re
 import tarfile
 import zlib
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import NamedTuple, TypedDict
 
 import numpy as np
@@ -29,16 +31,21 @@ import pyarrow.parquet as pq
 from pipeline.sources import Source, SourceError, resolve_source
 
 Rows = dict[str, np.ndarray]
-FILES_PER_UNIT = 256  # image-folder files read by one task
+FILES_PER_UNIT = 256  # image-folder files read at once
+# Footers of Parquet files that no manifest describes, read at once: on object storage each
+# costs a round trip or two, and 10,000 of them one after the other take minutes.
+FOOTER_THREADS = 32
 
 
 class Unit(TypedDict):
-    """What one task reads at once. Every kind fills every key (unused: "", -1, []) so that
-    units are the rows of one Ray Dataset."""
+    """What is read at once, and what it costs. Every kind fills every key (unused: "", -1,
+    []) so that units group into tasks alike."""
 
     path: str  # a Parquet file or a tar
     row_group: int
     files: list[str]  # folder files
+    rows: int  # the rows read: all of the unit's, or its first ones when cut; -1: unknown
+    bytes: int  # what reading it fetches (Parquet: its compressed column chunks); -1: unknown
 
 
 def object_array(values: list) -> np.ndarray:
@@ -57,6 +64,22 @@ def footer(source: Source, path: str) -> pq.FileMetaData:
         return pq.read_metadata(path, filesystem=source.filesystem)
     except (OSError, pa.ArrowException) as e:
         raise SourceError(f"cannot read Parquet file {path}: {e}") from e
+
+
+def read_footers(source: Source, paths: list[str]) -> dict[str, pq.FileMetaData]:
+    """The footers of `paths`, `FOOTER_THREADS` at once, in order."""
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        return dict(zip(paths, pool.map(partial(footer, source), paths), strict=True))
+
+
+def row_group_sizes(meta: pq.FileMetaData) -> list[tuple[int, int]]:
+    """(rows, compressed bytes) of each row group of a file: what `vitray prepare` records in
+    the manifest, so that planning opens no file."""
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    return [
+        (g.num_rows, sum(g.column(c).total_compressed_size for c in range(g.num_columns)))
+        for g in groups
+    ]
 
 
 def hf_features(schema: pa.Schema) -> dict[str, dict]:
@@ -127,26 +150,30 @@ def parquet_roles(source: Source, footers: dict[str, pq.FileMetaData]) -> Source
 
 
 def open_parquet(source: Source) -> Source:
-    """Columns, rows and row groups of every file: from the manifest, else from the
-    footers, checked here, on the driver, before any task runs."""
+    """Columns and the rows and bytes of each row group of every file: from the manifest,
+    else from the footers (read in parallel; a manifest written before it recorded row
+    groups' sizes too), checked here, on the driver, before any task runs."""
     if source.label_field is not None:
         raise SourceError(
             f"{source.spec} is Parquet: data.label_field is for WebDataset json "
             "labels; name the label column with data.label_column"
         )
     known = {
-        posixpath.join(source.root, shard["file"]): (shard["rows"], shard["row_groups"])
+        posixpath.join(source.root, shard["file"]): list(
+            zip(shard["row_group_rows"], shard["row_group_bytes"], strict=True)
+        )
         for split in (source.manifest or {"splits": {}})["splits"].values()
         for shard in split["shards"]
-        if "row_groups" in shard
+        if "row_group_bytes" in shard
     }
     files = source.split_files("all")
-    footers = {path: footer(source, path) for path in files if path not in known}
+    footers = read_footers(source, [path for path in files if path not in known])
     source = parquet_roles(source, footers)
     for path, meta in footers.items():
         check_columns(source, path, meta.schema.to_arrow_schema())
-        known[path] = (meta.num_rows, meta.num_row_groups)
-    if not any(rows for rows, _ in known.values()):
+        known[path] = row_group_sizes(meta)
+    rows = {path: sum(n for n, _ in groups) for path, groups in known.items()}
+    if not any(rows.values()):
         columns = {
             posixpath.basename(path): meta.schema.to_arrow_schema().names
             for path, meta in list(footers.items())[:3]
@@ -155,19 +182,15 @@ def open_parquet(source: Source) -> Source:
             f"{source.spec} holds no rows: its {len(files)} Parquet file(s) are empty "
             f"(columns: {columns})"
         )
-    return dataclasses.replace(
-        source,
-        rows={path: rows for path, (rows, _) in known.items()},
-        row_groups={path: groups for path, (_, groups) in known.items()},
-    )
+    return dataclasses.replace(source, rows=rows, row_groups=known)
 
 
 def parquet_units(source: Source, files: list[str]) -> list[Unit]:
     """One unit per row group."""
     return [
-        Unit(path=path, row_group=g, files=[])
+        Unit(path=path, row_group=g, files=[], rows=rows, bytes=size)
         for path in files
-        for g in range(source.row_groups[path])
+        for g, (rows, size) in enumerate(source.row_groups[path])
     ]
 
 
@@ -178,16 +201,16 @@ def parquet_rows(source: Source, files: list[str]) -> int:
 def read_parquet(source: Source, unit: Unit) -> Rows:
     """A row group; `row` counts from the start of the file. Ids come from an `id` column,
     else from Hugging Face's image paths, else are None. A row group that cannot be read
-    is as many bad rows, a row without a label a bad row."""
+    is as many bad rows, a row without a label a bad row. A cut unit gives its first rows."""
     path, group = unit["path"], unit["row_group"]
     pf = pq.ParquetFile(path, filesystem=source.filesystem)
-    n = pf.metadata.row_group(group).num_rows
+    n = min(pf.metadata.row_group(group).num_rows, unit["rows"])
     start = sum(pf.metadata.row_group(g).num_rows for g in range(group))
     where = {"path": object_array([path] * n), "row": np.arange(start, start + n)}
     roles = [source.image_column, source.label_column]
     columns = [*roles, *(["id"] if "id" in pf.schema_arrow.names else [])]
     try:
-        table = pf.read_row_group(group, columns=list(dict.fromkeys(columns)))
+        table = pf.read_row_group(group, columns=list(dict.fromkeys(columns))).slice(0, n)
     except (OSError, pa.ArrowException) as e:
         return {
             "image": object_array([None] * n),
@@ -365,7 +388,7 @@ def open_tar(source: Source) -> Source:
 
 
 def tar_units(source: Source, files: list[str]) -> list[Unit]:
-    return [Unit(path=path, row_group=-1, files=[]) for path in files]
+    return [Unit(path=path, row_group=-1, files=[], rows=-1, bytes=-1) for path in files]
 
 
 def read_tar(source: Source, unit: Unit) -> Rows:
@@ -389,7 +412,7 @@ def read_tar(source: Source, unit: Unit) -> Rows:
 
 def folder_units(source: Source, files: list[str]) -> list[Unit]:
     chunks = [files[i : i + FILES_PER_UNIT] for i in range(0, len(files), FILES_PER_UNIT)]
-    return [Unit(path="", row_group=-1, files=chunk) for chunk in chunks]
+    return [Unit(path="", row_group=-1, files=chunk, rows=len(chunk), bytes=-1) for chunk in chunks]
 
 
 def read_folder(source: Source, unit: Unit) -> Rows:
@@ -456,6 +479,12 @@ def open_source(
     return READERS[source.kind].open(dataclasses.replace(source, **given))
 
 
+def task_source(source: Source) -> Source:
+    """What a task needs to read its units: the source without its file list, manifest and
+    counts, which grow with the shards and would otherwise travel to every task."""
+    return dataclasses.replace(source, files=[], manifest=None, rows={}, row_groups={})
+
+
 def count_rows(source: Source, files: list[str]) -> int | None:
     """The rows of `files`, from metadata only; None where that needs reading them."""
     return READERS[source.kind].rows(source, files)
@@ -464,6 +493,54 @@ def count_rows(source: Source, files: list[str]) -> int | None:
 def plan_units(source: Source, files: list[str]) -> list[Unit]:
     """The read units of `files`, on the driver."""
     return READERS[source.kind].units(source, files)
+
+
+def plan_tasks(units: list[Unit], target_bytes: int) -> list[list[Unit]]:
+    """Consecutive units grouped into the work of one task, up to `target_bytes` each (a
+    larger unit alone): thousands of small shards make few tasks, and a task still yields
+    unit by unit. A unit of unknown size is a task of its own."""
+    tasks: list[list[Unit]] = []
+    size = 0
+    for unit in units:
+        fits = tasks and min(unit["bytes"], tasks[-1][-1]["bytes"]) >= 0
+        if fits and size + unit["bytes"] <= target_bytes:
+            tasks[-1].append(unit)
+            size += unit["bytes"]
+        else:
+            tasks.append([unit])
+            size = unit["bytes"]
+    return tasks
+
+
+def sample_units(units: list[Unit], rows: int, seed: int) -> list[Unit]:
+    """`rows` rows (all, if fewer) from whole units taken in a `seed`ed random order, the
+    last one cut, in plan order: the same rows on every call. Whole units rather than
+    scattered rows, because a row costs reading its whole row group."""
+    if any(unit["rows"] < 0 for unit in units):
+        raise SourceError("a sample of rows needs the row count of every unit: prepare it")
+    taken: dict[int, int] = {}  # unit -> its first rows taken
+    left = rows
+    for i in np.random.default_rng(seed).permutation(len(units)).tolist():
+        if left <= 0:
+            break
+        if units[i]["rows"]:
+            taken[i] = min(units[i]["rows"], left)
+            left -= taken[i]
+    return [cut(units[i], taken[i]) for i in sorted(taken)]
+
+
+def cut(unit: Unit, rows: int) -> Unit:
+    """The unit's first `rows` rows (a folder unit's first files)."""
+    if rows >= unit["rows"]:
+        return unit
+    size = unit["bytes"] * rows // unit["rows"] if unit["bytes"] >= 0 else -1
+    return Unit(
+        path=unit["path"],
+        row_group=unit["row_group"],
+        files=unit["files"][:rows],
+        rows=rows,
+        bytes=size,
+    )
 
 
 def read_unit(source: Source, unit: Unit) -> Rows:

@@ -45,10 +45,11 @@ class Source:
     files: list[str] = field(default_factory=list)  # data files under root, sorted
     manifest: dict | None = None
     spec: str = ""
-    # Parquet only, filled when the source is opened (pipeline.readers.open_source): rows and
-    # row groups of each file, from the manifest or the footers
+    # Parquet only, filled when the source is opened (pipeline.readers.open_source): rows of
+    # each file and (rows, compressed bytes) of each of its row groups, from the manifest or
+    # the footers
     rows: dict[str, int] = field(default_factory=dict)
-    row_groups: dict[str, int] = field(default_factory=dict)
+    row_groups: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     # where images and labels are, given by the user or found on opening: Parquet columns,
     # or WebDataset extensions (None: any image extension) and the key of a json label
     image_column: str | None = None

@@ -242,3 +242,49 @@ def test_bad_configuration_fails_before_ray_work(tmp_path, digits):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="holds no"):
         resolve_source(str(tmp_path / "empty"))
+
+
+def test_a_task_reads_and_yields_one_row_group_at_a_time(tmp_path, monkeypatch):
+    """A task of several row groups yields each before it reads the next."""
+    from pipeline.dataset import load_tasks, plan_split
+    from pipeline.readers import task_source
+
+    prepare("builtin:digits", tmp_path / "d", shard_size="4kb", progress=False)
+    cfg = DataConfig(dataset=str(tmp_path / "d"), image_size=16, task_bytes=20_000)
+    info = describe_dataset(cfg)
+    tasks = plan_split(cfg, info, "train")
+    assert max(len(task) for task in tasks) > 1
+    task = max(tasks, key=len)
+    reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda self, i, **kw: reads.append(i) or read_row_group(self, i, **kw),
+    )
+    out = load_tasks(
+        {"units": np.array([json.dumps(task)])},
+        source=task_source(info.source),
+        chunk_rows=10_000,
+        cfg=cfg,
+        patch_size=4,
+        train=False,
+        num_classes=10,
+        keep_ids=False,
+    )
+    first = next(out)
+    assert len(reads) == 1 and len(first["label"]) == task[0]["rows"]
+    rest = list(out)
+    assert len(reads) == len(task)
+    assert [len(b["label"]) for b in [first, *rest]] == [u["rows"] for u in task]
+
+
+def test_a_val_subset_is_the_same_rows_every_time_and_of_the_size_asked(ray_local, tmp_path):
+    prepare("builtin:digits", tmp_path / "d", shard_size="4kb", progress=False)
+    cfg = DataConfig(dataset=str(tmp_path / "d"), image_size=16)
+    first = collect(build_dataset(cfg, "val", 4, keep_ids=True, subset=70))
+    again = collect(build_dataset(cfg, "val", 4, keep_ids=True, subset=70))
+    assert len(first["id"]) == 70 and len(set(first["id"])) == 70
+    assert sorted(first["id"]) == sorted(again["id"])
+    everything = collect(build_dataset(cfg, "val", 4, keep_ids=True))
+    assert set(first["id"]) < set(everything["id"]) and len(everything["id"]) == 180
