@@ -48,7 +48,8 @@ def sized(cfg: JobConfig, driver_cpus: float = 0.0) -> JobConfig:
     if not hosts:
         raise ValueError(
             "scaling.cpus_per_worker: auto sizes workers from a node that can host one, and "
-            "this Ray cluster has no GPU node yet; set scaling.cpus_per_worker to a number"
+            "this Ray cluster has none yet (nodes added on demand are not in view); set "
+            "scaling.cpus_per_worker to a number"
         )
     node = max(hosts, key=lambda n: n.get("CPU", 0))
     workers = cfg.scaling.num_workers

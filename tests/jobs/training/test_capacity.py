@@ -88,7 +88,9 @@ def test_auto_cpus_per_worker_leave_one_decode_task_room_on_the_largest_node(clu
 
 def test_auto_cpus_per_worker_need_a_node_that_hosts_workers(cluster):
     cluster({"CPU": 4.0})
-    with pytest.raises(ValueError, match="no GPU node yet; set scaling.cpus_per_worker"):
+    with pytest.raises(
+        ValueError, match=r"has none yet .*; set scaling.cpus_per_worker to a number"
+    ):
         sized(gpu_job("auto"))
 
 
