@@ -155,13 +155,14 @@ def cluster_env(state_dir: Path) -> dict[str, str]:
     return env
 
 
-def wait_nodes(address: str, count: int, env: dict[str, str], seconds: float = 120) -> None:
-    """Until `count` Ray nodes are alive (asked through `ray list nodes`)."""
+def wait_nodes(dashboard: str, count: int, env: dict[str, str], seconds: float = 120) -> None:
+    """Until `count` Ray nodes are alive (asked through `ray list nodes` of the dashboard:
+    Ray would rewrite the head's 127.0.0.1 address to the machine's)."""
     deadline = time.monotonic() + seconds
     alive = 0
     while time.monotonic() < deadline:
         out = subprocess.run(
-            [bin_path("ray"), "list", "nodes", "--address", address, "--format", "json"],
+            [bin_path("ray"), "list", "nodes", "--address", dashboard, "--format", "json"],
             capture_output=True,
             text=True,
             env=env,
@@ -233,14 +234,14 @@ def loopback_env(env: dict[str, str]) -> dict[str, str]:
     head's), so that other machines reach the node; its servers then listen on every
     interface. Unless Ray believes it runs single-node (its switch for macOS and Windows):
     then the head's address stays 127.0.0.1 and each of its servers binds there. For the
-    head and for clients given the head's address; a worker node refuses the switch."""
+    head only: a worker node refuses the switch."""
     return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def worker_address(gcs: int) -> str:
-    """The head as a worker node reaches it: 127.1 is 127.0.0.1 to the resolver but not to
-    Ray's rewrite, and the node takes its own address (127.0.0.1, where its servers then
-    bind) from the route to it."""
+    """The head as a worker node reaches it: 127.1 is 127.0.0.1 to the system's resolver
+    (gRPC's native one, which the node is told to use) but not to Ray's rewrite, and the
+    node takes its own address (127.0.0.1, where its servers then bind) from the route."""
     return f"127.1:{gcs}"
 
 
@@ -267,7 +268,7 @@ def start_ray(
         node = [bin_path("ray"), "start", "--address", worker_address(gcs), "--temp-dir", temp]
         worker_env = {**env, "GRPC_DNS_RESOLVER": "native"}
         spawn(state_dir, state, f"worker-{i}", [*node, *common], worker_env)
-    wait_nodes(state["ray_address"], 1 + workers, loopback_env(env))
+    wait_nodes(state["dashboard"], 1 + workers, env)
 
 
 def up(

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from jobs.cluster.jobs_api import stage
+from jobs.cluster.jobs_api import runtime_env, stage
 from jobs.config import CONFIGS, ConfigError
 
 
@@ -82,3 +82,14 @@ def test_equals_forms_and_the_clients_mlflow_store_travel_too(user_dir, tmp_path
     assert shipped["train"]["max_steps"] == 7
     # not a mlflow.db in the job's temporary directory on the cluster
     assert shipped["mlflow"]["tracking_uri"] == f"sqlite:///{user_dir / 'mlflow.db'}"
+
+
+def test_the_clients_mlflow_credentials_travel_to_the_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
+    env_vars = runtime_env(None, tmp_path)["env_vars"]
+    assert env_vars["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert env_vars["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    assert env_vars["MLFLOW_TRACKING_TOKEN"] == "t0ken"
+    assert runtime_env("vitray:0.1.0", None)["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
