@@ -44,6 +44,12 @@ def build_datasets(cfg: JobConfig, plan: TrainPlan, materialize: bool = False) -
         split: quiet_progress(build_dataset(cfg.data, split, plan.vit.patch_size, plan.num_classes))
         for split in ("train", "val")
     }
+    if cfg.data.val_subset:  # evaluated during training; the whole val split at the end
+        datasets["val_subset"] = quiet_progress(
+            build_dataset(
+                cfg.data, "val", plan.vit.patch_size, plan.num_classes, subset=cfg.data.val_subset
+            )
+        )
     if materialize:
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
     return datasets
@@ -75,7 +81,7 @@ def build_trainer(
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets)),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage_dir(cfg),

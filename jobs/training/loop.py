@@ -100,6 +100,8 @@ class Runner:
     report: Callable[[dict[str, Any], Any], None]  # (metrics, checkpoint or None)
     make_checkpoint: Callable[[str], Any]  # a directory -> the runner's Checkpoint
     checkpoint: Any  # the checkpoint to resume from, or None
+    # part of val evaluated at the end of each epoch but the last (data.val_subset)
+    val_subset: Any = None
     metrics: MetricsSink | None = None  # rank 0's tracking
     progress: Callable[[str, bool], None] | None = None  # rank 0's (line, keep) to show
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
@@ -119,13 +121,15 @@ def quiet_report_logs(level: str) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
-    quiet_report_logs(JobConfig.model_validate(config["job"]).run.ray_train_log_level)
+    cfg = JobConfig.model_validate(config["job"])
+    quiet_report_logs(cfg.run.ray_train_log_level)
     rank = ray.train.get_context().get_world_rank()
     runner = Runner(
         rank=rank,
         device=ray.train.torch.get_device(),
         train=ray.train.get_dataset_shard("train"),
         val=ray.train.get_dataset_shard("val"),
+        val_subset=ray.train.get_dataset_shard("val_subset") if cfg.data.val_subset else None,
         report=report_to_ray_train,
         make_checkpoint=ray.train.Checkpoint.from_directory,
         checkpoint=ray.train.get_checkpoint(),
@@ -324,9 +328,12 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
             evaluated_as,
         )
 
-    val = runner.val
-    if fits_in_cache(cfg.data, plan.val_rows):
-        val = CachedBatches(runner.val)
+    # a subset when given (the same rows every time), the whole split at the end
+    subset = runner.val_subset is not None
+    val = runner.val_subset if subset else runner.val
+    if fits_in_cache(cfg.data, cfg.data.val_subset if subset else plan.val_rows):
+        val = CachedBatches(val)
+    last_val = runner.val if subset else val
     rep = Reporter(
         runner.rank,
         cfg.micro_batch,
@@ -351,7 +358,8 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
                 metrics = rep.metrics(step, scheduler.get_last_lr()[-1])
                 end_of_epoch = rep.end_of_epoch(step)
                 if end_of_epoch:
-                    metrics.update(evaluate(model.compute, val, cfg.micro_batch, runner.device))
+                    shard = last_val if step == plan.total_steps else val
+                    metrics.update(evaluate(model.compute, shard, cfg.micro_batch, runner.device))
                 rep.publish(metrics, step)
                 report(metrics, end_of_epoch, runner, save_to)
                 rep.reset()

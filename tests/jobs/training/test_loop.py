@@ -385,3 +385,14 @@ def test_ray_train_reports_upload_checkpoints_in_the_background(monkeypatch):
     report_to_ray_train({"step": 1}, None)
     assert calls[0]["checkpoint_upload_mode"] == ray.train.CheckpointUploadMode.ASYNC
     assert calls[0]["delete_local_checkpoint_after_upload"] is True
+
+
+def test_a_val_subset_is_evaluated_during_training_and_the_whole_split_at_the_end():
+    cfg = job(**{"train.epochs": 3, "train.report_every": 100, "data.val_subset": 8})
+    plan = plan_for(cfg, 64)
+    reports: list = []
+    runner = runner_for(plan, reports)
+    runner.val_subset = separable_shard(plan.vit, 8, seed=2)
+    run_training({"job": cfg.model_dump(mode="json"), "plan": plan.to_dict()}, runner)
+    evaluated = [m["val_images"] for m, _ in reports if "val_top1" in m]
+    assert evaluated == [8, 8, plan.val_rows]
