@@ -2,8 +2,14 @@
 one image tag, request the GPUs their configs need, hold no secrets, require authentication,
 admit only what they must, and chain pretraining's registered model into the fine-tunes."""
 
+import base64
+import os
 import re
 import shlex
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -16,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from jobs.cli import COMMANDS
 from jobs.config import JobConfig, load_config
 
-from helpers import ROOT
+from helpers import ROOT, free_port, stop_group, wait_healthy
 
 INFRA = ROOT / "infra"
 MANIFESTS = sorted(INFRA.rglob("*.yaml"))
@@ -389,3 +395,68 @@ def test_image_installs_its_distributions_python_pinned_versions_and_probe_tools
     for package in PINNED:
         assert package in pins, f"{package} is not pinned"
         assert wanted[package].contains(pins[package]), f"{package}=={pins[package]}"
+
+
+@pytest.mark.slow
+def test_the_k8s_mlflow_command_refuses_strangers_and_serves_its_clients(tmp_path):
+    """The Deployment's own command, run here (SQLite for PostgreSQL, local artifacts,
+    127.0.0.1 on a free port, one worker): no credentials 401, a Host header it does not
+    list refused, the admin of its environment at the in-cluster service name served."""
+    (deployment,) = [
+        d for d in documents(INFRA / "mlflow" / "mlflow-k8s.yaml") if d["kind"] == "Deployment"
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    port = free_port()
+    script = container["command"][-1]
+    for old, new in {
+        "--host 0.0.0.0": "--host 127.0.0.1",
+        "--port 5000": f"--port {port}",
+        "--workers 4": "--workers 1",
+        "s3://your-bucket/mlflow": str(tmp_path / "artifacts"),
+    }.items():
+        assert old in script, old
+        script = script.replace(old, new)
+    secrets = {
+        "POSTGRES_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "a-test-password-0123",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-session-key",
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+    }
+    env = {e["name"]: secrets.get(e["name"], e.get("value")) for e in container["env"]}
+    env = {k: v for k, v in env.items() if v is not None}  # optional keys: no Secret here
+    env |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        container["command"][:-1] + [script],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", seconds=600)  # migrates two fresh stores
+
+        def status(host: str, user: str = "", password: str = "") -> int:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+                "?experiment_name=Default",
+                headers={"Host": host},
+            )
+            if user:
+                login = base64.b64encode(f"{user}:{password}".encode()).decode()
+                request.add_header("Authorization", f"Basic {login}")
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        service = "mlflow.mlflow.svc.cluster.local:5000"
+        admin = ("admin", secrets["MLFLOW_AUTH_ADMIN_PASSWORD"])
+        assert status(service) == 401
+        assert status(service, "admin", "wrong") == 401
+        assert status("attacker.example:5000", *admin) in (400, 403)
+        assert status(service, *admin) == 200
+        assert status("localhost:5000", *admin) == 200  # through kubectl port-forward
+    finally:
+        stop_group(proc)
