@@ -294,37 +294,40 @@ def up(
     return state
 
 
-def alive(pid: int) -> bool:
-    """Running: an exited child of ours that is not reaped yet (a zombie) is not."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+def in_sessions(sessions: set[int]) -> list[int]:
+    """The running processes of these sessions. Each process `up` starts leads a session of
+    its own, and the processes it starts stay in it (Ray's workers in groups of their own):
+    a session id, like a pid, is not reused while a process of the session lives."""
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(proc.pid) in sessions:
+                found.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return found
 
 
-def wait_gone(pids: list[int], seconds: float) -> None:
+def wait_gone(sessions: set[int], seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+    while in_sessions(sessions) and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
-def signal_groups(pids: list[int], kind: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.killpg(pid, kind)
-        except ProcessLookupError:
-            pass
-
-
 def stop_pids(pids: list[int], seconds: float = 10) -> list[int]:
-    """SIGTERM each process group we started, then SIGKILL what is left; returns survivors.
-    MLflow and worker nodes stop in seconds; a head node under `ray start --block` takes
-    ~35 s to shut its services down one by one, with nothing to save: it gets 10 s."""
-    signal_groups(list(reversed(pids)), signal.SIGTERM)  # workers and MLflow before the head
-    wait_gone(pids, seconds)
-    signal_groups(pids, signal.SIGKILL)
-    wait_gone(pids, 10)  # a killed process is gone once its parent has reaped it
-    return [p for p in pids if alive(p)]
+    """SIGTERM each process `up` started (as a group), then SIGKILL whatever is left in
+    their sessions; returns survivors. MLflow and worker nodes stop in seconds; a head node
+    under `ray start --block` takes ~35 s to shut its services down one by one, with
+    nothing to save: it gets 10 s."""
+    for pid in reversed(pids):  # workers and MLflow before the head
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    wait_gone(set(pids), seconds)
+    for pid in in_sessions(set(pids)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_gone(set(pids), 10)  # a killed process is gone once its parent has reaped it
+    return in_sessions(set(pids))
 
 
 def stop(state_dir: Path, state: dict[str, Any]) -> None:

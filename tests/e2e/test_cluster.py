@@ -1,13 +1,18 @@
 """The cluster path, live: `vitray cluster local up` (a Ray head + 1 worker node + an MLflow
-server, all on 127.0.0.1, token auth on), `vitray submit` of a 2-worker pretrain spread
-over both nodes, `vitray jobs`, a failing job, and `down` leaving no process behind.
-Slow: marked, still run in CI."""
+server with authentication, all on 127.0.0.1, token auth on), refusing clients without the
+token or the password, `vitray submit` of a 2-worker pretrain spread over both nodes,
+`vitray jobs`, a failing job, `down` leaving no process behind, and `down` after an
+interrupted `up`. Slow: marked, still run in CI."""
 
+import ipaddress
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -40,7 +45,7 @@ def train_worker_nodes(cluster: dict) -> set[str]:
     out = subprocess.run(
         [
             str(Path(sys.executable).parent / "ray"), "list", "actors",
-            "--address", cluster["ray_address"], "--format", "json",
+            "--address", cluster["dashboard"], "--format", "json",
             "--filter", "class_name=RayTrainWorker",
         ],
         capture_output=True, text=True, env={**os.environ, **cluster["env"]}, timeout=120,
@@ -49,49 +54,129 @@ def train_worker_nodes(cluster: dict) -> set[str]:
     return {actor["node_id"] for actor in json.loads(out.stdout[out.stdout.index("[") :])}
 
 
+def cluster_processes(state: dict) -> list[int]:
+    """Every process of the cluster `state` records: in the session of a process `up`
+    started, or naming the cluster's GCS port."""
+    sessions = {p["pid"] for p in state["processes"]}
+    gcs_port = state["ray_address"].split(":")[1]
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            command = " ".join(proc.info["cmdline"] or [])
+            ours = os.getsid(proc.pid) in sessions or gcs_port in command
+            if ours and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
+def assert_down_stops_everything(state_dir: Path, state: dict) -> None:
+    down = vitray("cluster", "local", "down", "--state", str(state_dir), timeout=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not (state_dir / "state.json").exists()
+    assert not cluster_processes(state), "processes of the cluster still running after down"
+
+
+def test_down_after_an_interrupted_up_stops_what_it_had_started(tmp_path):
+    """`up` killed (SIGKILL: nothing of its own cleanup runs) once it has started the head
+    node, before the rest: the state file it leaves is enough for `down`."""
+    state_dir = tmp_path / "cluster"
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    command = [sys.executable, "-m", "jobs.cli", "cluster", "local", "up", "--workers", "1"]
+    up = subprocess.Popen(
+        [*command, "--cpus", "1", "--state", str(state_dir)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        state: dict = {"processes": []}
+        while not state["processes"] and time.monotonic() < deadline and up.poll() is None:
+            time.sleep(0.2)
+            if (state_dir / "state.json").exists():
+                state = json.loads((state_dir / "state.json").read_text())
+    finally:
+        up.kill()
+        up.wait()
+    assert state["processes"], "up recorded no process"
+    assert psutil.pid_exists(state["processes"][0]["pid"])  # the head outlived `up`
+    assert_down_stops_everything(state_dir, state)
+
+
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster")
     up = vitray(
-        "cluster", "local", "up", "--workers", "1", "--cpus", "2", "--state", str(state_dir)
-    )
+        "cluster", "local", "up", "--workers", "1", "--cpus", "2", "--mlflow-auth",
+        "--state", str(state_dir),
+    )  # fmt: skip
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
     state = json.loads((state_dir / "state.json").read_text())
-    # clients use the cluster's token (token auth on, as `up` prints)
+    password = Path(state["mlflow_password_file"]).read_text()
+    assert password not in up.stdout + up.stderr
+    # clients use the cluster's token (token auth on) and MLflow's admin, as `up` prints
     state["env"] = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(state_dir / "auth_token")}
+    state["mlflow_env"] = {
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": password,
+    }
     try:
         yield state
     finally:
-        down = vitray("cluster", "local", "down", "--state", str(state_dir), timeout=180)
-        assert down.returncode == 0, down.stdout + down.stderr
-        left = [pid for pid in state["pids"] if psutil.pid_exists(pid)]
-        assert not left, f"processes left after down: {left}"
-        gcs_port = state["ray_address"].split(":")[1]
-        strays = [
-            p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if gcs_port in " ".join(p.info["cmdline"] or [])
-        ]
-        assert not strays, f"Ray processes of the cluster still running: {strays}"
+        assert_down_stops_everything(state_dir, state)
 
 
-def test_up_serves_ray_and_mlflow_on_localhost_only(local_cluster):
-    without_token = vitray(
-        "jobs",
-        "list",
-        "--address",
-        local_cluster["dashboard"],
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH="/nonexistent",
-    )
-    assert without_token.returncode != 0  # token auth is on: no token, no jobs
-    assert local_cluster["ray_address"].startswith("127.0.0.1:")
-    assert local_cluster["dashboard"].startswith("http://127.0.0.1:")
-    assert local_cluster["mlflow"].startswith("http://127.0.0.1:")
+def http_status(url: str, headers: dict[str, str]) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
-def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, digits_dir, tmp_path):
-    """Submitted from the user's own directory, with the user's own config file."""
+def listening(pids: list[int]) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening socket of `pids` and their
+    descendants."""
+    found = []
+    for pid in pids:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                for conn in proc.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+            except psutil.NoSuchProcess:  # an idle worker Ray just let go
+                pass
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def test_up_refuses_clients_without_the_token_and_listens_on_localhost_only(local_cluster):
+    jobs = f"{local_cluster['dashboard']}/api/jobs/"
+    assert http_status(jobs, {}) in (401, 403)
+    assert http_status(jobs, {"Authorization": "Bearer wrong"}) in (401, 403)
+    token = Path(local_cluster["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert http_status(jobs, {"Authorization": f"Bearer {token}"}) == 200
+    experiments = f"{local_cluster['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(experiments, {}) == 401  # MLflow's basic-auth app
+
+    sockets = listening([p["pid"] for p in local_cluster["processes"]])
+    ports = {port for _, _, port in sockets}
+    assert int(local_cluster["ray_address"].split(":")[1]) in ports  # the GCS, found
+    assert int(local_cluster["dashboard"].rsplit(":", 1)[1]) in ports
+    exposed = [s for s in sockets if not is_loopback(s[1])]
+    assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
+
+
+def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(
+    local_cluster, digits_dir, tmp_path, monkeypatch
+):
+    """Submitted from the user's own directory, with the user's own config file; the job
+    logs to MLflow with the client's credentials, which no output shows."""
     from mlflow import MlflowClient
 
     shutil.copy(CONFIGS / "demo-pretrain.yaml", tmp_path / "my.yaml")
@@ -107,8 +192,10 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
         "--set", "mlflow.experiment=cluster-test",
         cwd=tmp_path,
         **local_cluster["env"],
+        **local_cluster["mlflow_env"],
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert local_cluster["mlflow_env"]["MLFLOW_TRACKING_PASSWORD"] not in run.stdout + run.stderr
     assert "SUCCEEDED" in run.stdout and run.stdout.count("step 10/10") == 1  # printed once
     assert "Reporting training result" not in run.stdout  # Ray Train's per-report INFO lines
     assert "Execution plan of Dataset" not in run.stdout  # Ray Data's lines per epoch
@@ -119,6 +206,8 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(local_cluster, dig
     assert len(train_worker_nodes(local_cluster)) == 2  # one Train worker on each node
     job_id = run.stdout.split("submitted ", 1)[1].split(":", 1)[0]
 
+    for key, value in local_cluster["mlflow_env"].items():
+        monkeypatch.setenv(key, value)
     client = MlflowClient(local_cluster["mlflow"])
     experiment = client.get_experiment_by_name("cluster-test")
     (mlflow_run,) = client.search_runs([experiment.experiment_id])
