@@ -1,11 +1,11 @@
 """`vitray cluster local up|down`: a multi-node Ray cluster and an MLflow server on this
 machine, all on 127.0.0.1, to try the cluster path (`vitray submit`) before a real one.
 
-Each Ray node is a `ray start --block` process in its own session: stopping that process
-stops everything the node started. `up` records each process in a state file the moment it
-starts, so that `down` stops exactly those, by their ids, even after an interrupted `up`;
-`down` signals a process only while it is still the one `up` started (same start time and
-command line), never a process that has since been given a recorded pid.
+Each Ray node is a `ray start --block` process in its own session, and so is MLflow:
+stopping a session stops everything its process started. `up` records each process in a
+state file the moment it starts, so that `down` stops exactly those, by their ids, even
+after an interrupted `up`; `down` signals a process only while it is still the one `up`
+started (same start time and command line), never one that has since been given its pid.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def identity(pid: int) -> dict[str, Any]:
 
 
 def still_ours(recorded: dict[str, Any]) -> bool:
-    """The process `up` started, running or exited. An exited one is still signalled, as
-    its group: its pid is not reused while the processes it started hold its group id."""
+    """The process `up` started, running or exited. An exited one's session is still
+    ours: its id is not reused while a process of the session lives."""
     try:
         proc = psutil.Process(recorded["pid"])
         if proc.create_time() != recorded["create_time"]:
