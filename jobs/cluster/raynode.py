@@ -39,7 +39,10 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None  # empty means unset, as for Ray itself
+    address = os.environ.get("RAY_ADDRESS")  # empty means unset, as for Ray itself
     if not address:
         set_node_env()
+        # "local", not None: with None, Ray joins whatever cluster last started on this
+        # machine (its /tmp/ray/ray_current_cluster), another user's or a stopped one.
+        address = "local"
     ray.init(address=address, log_to_driver=True)
