@@ -241,6 +241,10 @@ def build_tuner(cfg: JobConfig, trainable: Any, concurrent: int) -> Any:
             max_t=cfg.train.epochs,
             grace_period=t.grace_period,
             reduction_factor=t.reduction_factor,
+            # A trial at train.epochs ends by itself. Stopped there by ASHA instead, a
+            # multi-worker trial's process was killed while its trainer shut down, leaving
+            # the workers' placement group to Ray's cleaner (which needs the state API).
+            stop_last_trials=False,
         )
         if t.scheduler == "asha"
         else FIFOScheduler()
