@@ -150,6 +150,12 @@ class MlflowServer:
             stop_group(self.proc)
             self.proc = None
 
+    def crash(self) -> None:
+        """SIGKILL to its group: gone at once, no shutdown."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
 
 def stop_group(proc: subprocess.Popen, seconds: float = 30) -> None:
     """Stop a server we started in its own session: SIGTERM to its process group, then

@@ -126,7 +126,7 @@ class MlflowMetrics:
                 f"{self.buffer_reports} reports); the run's tag {DROPPED_TAG} counts them"
             )
 
-    def flush(self) -> bool:
+    def flush(self) -> None:
         """Try to send what is pending; an outage is warned about once, when it starts."""
         held = len(self.pending)
         try:
@@ -141,12 +141,11 @@ class MlflowMetrics:
                     f"are kept (the last {self.buffer_reports} reports) and sent when it is back"
                 )
             self.next_try = time.monotonic() + self.retry_every_s
-            return False
+            return
         if self.down_since is not None:
             down_s = time.monotonic() - self.down_since
             warn(f"MLflow at {self.uri} is back after {down_s:.0f} s: {held} reports sent")
             self.down_since = None
-        return True
 
     def send_all(self) -> None:
         """The pending reports in batches, each removed once it is logged; then the count of
