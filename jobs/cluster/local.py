@@ -98,13 +98,23 @@ def signals_deferred() -> Iterator[None]:
 
 
 def spawn(
-    state_dir: Path, state: dict[str, Any], name: str, command: list[str], env: dict[str, str]
+    state_dir: Path,
+    state: dict[str, Any],
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    cwd: str | None = None,
 ) -> None:
     """Start `command` in its own session, logging to NAME.log, and record it in the state
     file before anything else happens."""
     with open(state_dir / f"{name}.log", "ab") as out, signals_deferred():
         proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
         state["processes"].append({"name": name, **identity(proc.pid)})
         save_state(state_dir, state)
@@ -256,19 +266,30 @@ def start_ray(
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--include-dashboard", "true", *common,
     ]  # fmt: skip
-    spawn(state_dir, state, "head", head, loopback_env(env))
+    temp = node_dir(state_dir, state)
+    head_env = {**loopback_env(env), "TMPDIR": f"{temp}/tmp"}
+    spawn(state_dir, state, "head", [*head, "--temp-dir", temp], head_env, cwd=f"{temp}/work")
     wait_http(f"{state['dashboard']}/api/version", 120, "the Ray dashboard")
     for i in range(workers):
-        # Nodes on one machine would share /tmp/ray, and each node's runtime-env agent
-        # re-extracts a job's working_dir there, pulling it from under the job's driver.
-        # A short path of its own per node (Unix socket paths are limited to 107 bytes).
-        temp = tempfile.mkdtemp(prefix="vitray-node-")
-        state["temp_dirs"].append(temp)
-        save_state(state_dir, state)
+        temp = node_dir(state_dir, state)
         node = [bin_path("ray"), "start", "--address", worker_address(gcs), "--temp-dir", temp]
-        worker_env = {**env, "GRPC_DNS_RESOLVER": "native"}
-        spawn(state_dir, state, f"worker-{i}", [*node, *common], worker_env)
+        worker_env = {**env, "GRPC_DNS_RESOLVER": "native", "TMPDIR": f"{temp}/tmp"}
+        spawn(state_dir, state, f"worker-{i}", [*node, *common], worker_env, cwd=f"{temp}/work")
     wait_nodes(state["dashboard"], 1 + workers, env)
+
+
+def node_dir(state_dir: Path, state: dict[str, Any]) -> str:
+    """A node's own disk, as on separate machines: its Ray temp dir, TMPDIR (tmp/) and
+    working directory (work/), shared with no other node. Sharing /tmp/ray, one node's
+    runtime-env agent re-extracted a job's working_dir from under another's driver; sharing
+    a working directory, a relative path worked here and failed on a real cluster. Short,
+    because Unix socket paths are limited to 107 bytes."""
+    temp = tempfile.mkdtemp(prefix="vitray-node-")
+    state["temp_dirs"].append(temp)
+    save_state(state_dir, state)
+    for sub in ("tmp", "work"):
+        os.mkdir(f"{temp}/{sub}")
+    return temp
 
 
 def up(
@@ -341,10 +362,6 @@ def stop(state_dir: Path, state: dict[str, Any]) -> None:
     survivors = stop_pids(mine)
     if survivors:
         raise RuntimeError(f"processes still alive after down: {survivors}")
-    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    gcs_port = state.get("ray_address", ":").split(":")[1]
-    if gcs_port and current.exists() and current.read_text().strip().endswith(gcs_port):
-        current.unlink()  # `ray start` left it; ray.init() would try to join the dead cluster
     for path in state["temp_dirs"]:
         shutil.rmtree(path, ignore_errors=True)
     state_path(state_dir).unlink()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from jobs.training.loop import train_loop_per_worker
 from jobs.training.plan import TrainPlan, make_plan
 from jobs.training.progress import ProgressFeed
 from jobs.training.runlock import run_lock
-from jobs.training.start import data_for_start
+from jobs.training.start import data_for_start, start_workdir
 from jobs.training.tracker import MetricsSink, Tracker
 from pipeline.dataset import build_dataset, quiet_progress
 
@@ -125,17 +124,16 @@ def fit(
     """
     tracker.check()
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
-    with run_lock(run_dir):
-        return fit_locked(cfg, tracker, kind, materialize, run_dir)
+    with run_lock(run_dir), start_workdir(run_dir) as workdir:
+        return fit_locked(cfg, tracker, kind, materialize, run_dir, workdir)
 
 
 def fit_locked(
-    cfg: JobConfig, tracker: Tracker, kind: str, materialize: bool, run_dir: str
+    cfg: JobConfig, tracker: Tracker, kind: str, materialize: bool, run_dir: str, workdir: str
 ) -> Outcome:
     """`fit` while this process alone holds `run_dir`."""
     import ray
 
-    workdir = run_dir if "://" not in run_dir else tempfile.mkdtemp()
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
     cfg = data_for_start(cfg, start)
     ensure_ray()

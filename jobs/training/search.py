@@ -23,7 +23,6 @@ running trial goes silent, and names that trial.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from jobs.training.evaluation import evaluate_checkpoint
 from jobs.training.fit import build_datasets, build_trainer, storage_dir
 from jobs.training.loop import Runner, run_training
 from jobs.training.plan import TrainPlan, make_plan
-from jobs.training.start import data_for_start
+from jobs.training.start import data_for_start, start_workdir
 from jobs.training.tracker import Tracker
 from pipeline.dataset import ensure_prepared
 
@@ -297,14 +296,20 @@ class SearchOutcome:
 
 def search(cfg: JobConfig, tracker: Tracker) -> SearchOutcome:
     """Run (or resume) the search in `cfg.tune`; returns the best trial and its run."""
-    from ray import tune
 
     if not cfg.tune.space:
         raise ValueError("tune.space is empty: name at least one config key to search")
     tracker.check()
     cfg = with_values(cfg, {"data.dataset": absolute(ensure_prepared(cfg.data.dataset))})
     run_dir = f"{storage_dir(cfg)}/{cfg.run.name}"
-    workdir = f"{run_dir}-init" if "://" not in run_dir else tempfile.mkdtemp()
+    with start_workdir(f"{run_dir}-init") as workdir:
+        return search_from(cfg, tracker, run_dir, workdir)
+
+
+def search_from(cfg: JobConfig, tracker: Tracker, run_dir: str, workdir: str) -> SearchOutcome:
+    """`search`, its starting checkpoint fetched into `workdir`."""
+    from ray import tune
+
     plan, start = make_plan(cfg, fetch=tracker.fetch_checkpoint, workdir=workdir)
     cfg = data_for_start(cfg, start)
     ensure_ray()

@@ -11,7 +11,9 @@ the job's data config to follow.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,3 +120,16 @@ def resized_start(
     source_posemb = load_file(source_dir / WEIGHTS_FILE).get("pos_embed")
     before = (source_posemb, source.grid_size) if source_posemb is not None else None
     return Start(config, model.state_dict(), Path(directory), tags, before, preprocessing)
+
+
+@contextmanager
+def start_workdir(path: str) -> Iterator[str]:
+    """Where a run writes the checkpoint it starts from: `path`, beside its checkpoints,
+    when storage is a filesystem (kept, to look at later); a temp dir removed when the run
+    ends when storage is object storage (`s3://...`: the driver's disk is no run's storage,
+    and a fetched model left there would fill it run by run)."""
+    if "://" not in path:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="vitray-start-") as tmp:
+        yield tmp
