@@ -4,14 +4,13 @@ prepared digits, a pretrained model, and real image bytes of every awkward kind.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from jobs.bench.scale import moto_server
 from jobs.cluster.raynode import node_env
 from jobs.config import CONFIGS
 
@@ -85,19 +84,8 @@ def restartable_mlflow(tmp_path):
 def s3_server():
     """A real S3-protocol server (moto's server mode) on 127.0.0.1, stopped by its group.
     Yields the endpoint URL; `s3_env` points the AWS variables at it."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(endpoint, path="/moto-api/")
+    with moto_server() as (endpoint, _):
         yield endpoint
-    finally:
-        stop_group(proc)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from jobs.config import JobConfig
+from jobs.config import CONFIGS, JobConfig, load_config
 from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
 from jobs.training.search import SearchOutcome, search
@@ -35,6 +35,38 @@ def tracked_fit(cfg: JobConfig, **kwargs: Any) -> Outcome:
 def tracked_search(cfg: JobConfig) -> SearchOutcome:
     """`vitray tune`: a search with the config's MLflow tracker."""
     return search(cfg, MlflowTracker(cfg.mlflow))
+
+
+def pretrain_config(tmp: Path, uri: str, **sets: Any) -> JobConfig:
+    """The demo pretraining, small and quick to learn: checkpoints under tmp/runs, the
+    prepared digits beside tmp (`digits_dir`), tracked at `uri`; `sets` override keys."""
+    overrides = {
+        "train.batch_size": 64,
+        "train.lr": 0.001,
+        "train.warmup_steps": 5,
+        "train.report_every": 5,
+        "run.storage_path": str(tmp / "runs"),
+        "mlflow.tracking_uri": uri,
+        "data.dataset": str(tmp.parent / "digits"),
+        **sets,
+    }
+    return load_config(CONFIGS / "demo-pretrain.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def kill_a_train_worker_after_its_first_checkpoint(run_dir: Path) -> None:
+    """SIGKILL to a Ray Train worker once a checkpoint of `run_dir` is stored."""
+    import psutil
+
+    deadline = time.time() + 600
+    while not list(run_dir.glob("checkpoint_*/train_state.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].kill()
 
 
 def free_port() -> int:

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +36,7 @@ import psutil
 import pyarrow.fs as pafs
 
 from jobs.bench.common import write_result
-from jobs.cluster.local import free_port
+from jobs.cluster.local import free_port, wait_http
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset, plan_split, quiet_progress
 from pipeline.prepare import prepare
@@ -53,13 +52,9 @@ S3_VARIABLES = {  # moto accepts any credentials; real servers take the caller's
 
 
 @contextlib.contextmanager
-def s3_endpoint() -> Iterator[tuple[str, int | None]]:
-    """(endpoint, server pid): AWS_ENDPOINT_URL if set, else a moto server started on
-    127.0.0.1 for the duration, with the AWS variables aimed at it (pyarrow and Ray's
-    workers read them)."""
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        yield os.environ["AWS_ENDPOINT_URL"], None
-        return
+def moto_server() -> Iterator[tuple[str, int]]:
+    """moto's S3 server on 127.0.0.1 for the duration, stopped by its process group:
+    (endpoint, pid)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -69,8 +64,7 @@ def s3_endpoint() -> Iterator[tuple[str, int | None]]:
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(f"{endpoint}/moto-api/")
-        os.environ.update({"AWS_ENDPOINT_URL": endpoint, **S3_VARIABLES})
+        wait_http(f"{endpoint}/moto-api/", 60, "the S3 server")
         yield endpoint, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -81,18 +75,17 @@ def s3_endpoint() -> Iterator[tuple[str, int | None]]:
             proc.wait()
 
 
-def wait_healthy(url: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise ConnectionError(
-                    f"the S3 server at {url} did not answer in {seconds} s"
-                ) from e
-            time.sleep(0.2)
+@contextlib.contextmanager
+def s3_endpoint() -> Iterator[tuple[str, int | None]]:
+    """(endpoint, server pid): AWS_ENDPOINT_URL if set, else a moto server started on
+    127.0.0.1 for the duration, with the AWS variables aimed at it (pyarrow and Ray's
+    workers read them)."""
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield os.environ["AWS_ENDPOINT_URL"], None
+        return
+    with moto_server() as (endpoint, pid):
+        os.environ.update({"AWS_ENDPOINT_URL": endpoint, **S3_VARIABLES})
+        yield endpoint, pid
 
 
 def seed_shards(rows_per_shard: int, workdir: Path) -> tuple[Path, dict]:

@@ -10,27 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.config import CONFIGS, load_config
+from jobs.config import CONFIGS
 from vit import load_checkpoint
 
-from helpers import free_port, tracked_fit
+from helpers import (
+    free_port,
+    kill_a_train_worker_after_its_first_checkpoint,
+    pretrain_config,
+    tracked_fit,
+)
 
 DEMO = CONFIGS / "demo-pretrain.yaml"
 pytestmark = pytest.mark.slow
-
-
-def config(tmp_path, uri, **sets):
-    overrides = {
-        "train.batch_size": 64,
-        "train.lr": 0.001,
-        "train.warmup_steps": 5,
-        "train.report_every": 5,
-        "run.storage_path": str(tmp_path / "runs"),
-        "mlflow.tracking_uri": uri,
-        "data.dataset": str(tmp_path.parent / "digits"),
-        **sets,
-    }
-    return load_config(DEMO, [f"{k}={v}" for k, v in overrides.items()])
 
 
 def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflow_server):
@@ -38,7 +29,9 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
 
     tmp = digits_dir / "run"
     tmp.mkdir()
-    outcome = tracked_fit(config(tmp, mlflow_server, **{"train.max_steps": 250, "run.name": "two"}))
+    outcome = tracked_fit(
+        pretrain_config(tmp, mlflow_server, **{"train.max_steps": 250, "run.name": "two"})
+    )
     metrics = outcome.result.metrics
     assert metrics["step"] == 250 and metrics["val_top1"] > 0.25  # chance is 0.1
     client = MlflowClient(mlflow_server)
@@ -71,7 +64,7 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
 
 
 def test_unreachable_tracking_server_fails_at_start(tmp_path):
-    cfg = config(tmp_path, f"http://127.0.0.1:{free_port()}")
+    cfg = pretrain_config(tmp_path, f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionError, match="not reachable"):
         tracked_fit(cfg)
 
@@ -88,7 +81,7 @@ def test_a_job_the_cluster_cannot_hold_fails_before_any_run(
 ):
     tmp = digits_dir / tmp_path.name
     tmp.mkdir()
-    cfg = config(tmp, f"sqlite:///{tmp}/mlflow.db", **sets)
+    cfg = pretrain_config(tmp, f"sqlite:///{tmp}/mlflow.db", **sets)
     with pytest.raises(ValueError, match=message):
         tracked_fit(cfg)
     assert not (tmp / "mlflow.db").exists()  # no MLflow run was opened
@@ -101,26 +94,16 @@ def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
     The same command again, with more steps: it resumes there, in the same MLflow run."""
     import threading
 
-    import psutil
     from mlflow import MlflowClient
 
     tmp = digits_dir / "kill"
     tmp.mkdir()
-    cfg = config(tmp, mlflow_server, **{"train.max_steps": 60, "run.name": "kill"})
+    cfg = pretrain_config(tmp, mlflow_server, **{"train.max_steps": 60, "run.name": "kill"})
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(done=tracked_fit(cfg)))
     thread.start()
     run_dir = tmp / "runs" / "kill"
-    deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoint_*/train_state.pt")) and time.time() < deadline:
-        time.sleep(0.5)
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert workers, "no Ray Train worker process found"
-    workers[-1].kill()  # SIGKILL, mid-run, after the first checkpoint
+    kill_a_train_worker_after_its_first_checkpoint(run_dir)  # SIGKILL, mid-run
     thread.join(timeout=600)
     first = outcome["done"]
     assert first.result.metrics["step"] == 60  # the planned step count, not more, not less
@@ -132,7 +115,9 @@ def test_killed_worker_restarts_and_a_rerun_continues_the_same_run(
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
     finished_at = time.time() * 1000
-    again = tracked_fit(config(tmp, mlflow_server, **{"train.max_steps": 70, "run.name": "kill"}))
+    again = tracked_fit(
+        pretrain_config(tmp, mlflow_server, **{"train.max_steps": 70, "run.name": "kill"})
+    )
     assert again.result.metrics["step"] == 70
     assert again.mlflow_run_id == first.mlflow_run_id
     history = client.get_metric_history(first.mlflow_run_id, "loss")
@@ -150,11 +135,11 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(
 
     from jobs.tracking.runs import RUN_RECORD, open_run
 
-    tmp = digits_dir / "elsewhere"  # config() reads the digits beside it
+    tmp = digits_dir / "elsewhere"  # pretrain_config() reads the digits beside it
     run_dir = tmp / "runs" / "elsewhere"
     run_dir.mkdir(parents=True)
     (run_dir / RUN_RECORD).write_text(json.dumps({"mlflow_run_id": "0" * 32}))
-    cfg = config(tmp, mlflow_server, **{"run.name": "elsewhere"})
+    cfg = pretrain_config(tmp, mlflow_server, **{"run.name": "elsewhere"})
     run_id = open_run(cfg, mlflow_server, str(run_dir), "pretrain", {"train": 1257, "val": 180})
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run_id != "0" * 32 and run.info.status == "RUNNING"
@@ -173,7 +158,7 @@ def test_pretraining_registers_its_best_model_where_a_fine_tune_starts(
     tmp = digits_dir / "registered"
     tmp.mkdir()
     sets = {"train.max_steps": 10, "scaling.num_workers": 1, "run.name": "registered"}
-    cfg = config(tmp, mlflow_server, **sets, **{"mlflow.register_as": "digits-pretrained"})
+    cfg = pretrain_config(tmp, mlflow_server, **sets, **{"mlflow.register_as": "digits-pretrained"})
     outcome = tracked_fit(cfg)
     version = MlflowClient(mlflow_server).get_model_version_by_alias(
         "digits-pretrained", "champion"
@@ -186,7 +171,7 @@ def test_pretraining_registers_its_best_model_where_a_fine_tune_starts(
 def one_worker(tmp, uri, name: str, epochs: int, **sets):
     """A run of one worker (no DDP start-up) for `epochs` epochs, a checkpoint at each end."""
     more = {"run.name": name, "train.epochs": epochs, "scaling.num_workers": 1}
-    return config(tmp, uri, **more, **{"scaling.cpus_per_worker": 1}, **sets)
+    return pretrain_config(tmp, uri, **more, **{"scaling.cpus_per_worker": 1}, **sets)
 
 
 def steps_logged_since(uri: str, run_id: str, since_ms: float) -> list[int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,13 @@ import torch
 from jobs.config import CONFIGS, JobConfig, load_config
 from vit import load_checkpoint
 
-from helpers import search_config, tracked_fit, tracked_search
+from helpers import (
+    kill_a_train_worker_after_its_first_checkpoint,
+    pretrain_config,
+    search_config,
+    tracked_fit,
+    tracked_search,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,35 +36,7 @@ DEMO = CONFIGS / "demo-pretrain.yaml"
 
 def gpu_job(tmp: Path, uri: str, **sets: object) -> JobConfig:
     """The demo pretraining on digits, one worker on the GPU."""
-    overrides = {
-        "scaling.use_gpu": True,
-        "scaling.num_workers": 1,
-        "train.batch_size": 64,
-        "train.lr": 0.001,
-        "train.warmup_steps": 5,
-        "train.report_every": 5,
-        "run.storage_path": str(tmp / "runs"),
-        "mlflow.tracking_uri": uri,
-        "data.dataset": str(tmp.parent / "digits"),
-        **sets,
-    }
-    return load_config(DEMO, [f"{k}={v}" for k, v in overrides.items()])
-
-
-def kill_a_train_worker_after_its_first_checkpoint(run_dir: Path) -> None:
-    """SIGKILL to a Ray Train worker once a checkpoint of `run_dir` is stored."""
-    import psutil
-
-    deadline = time.time() + 600
-    while not list(run_dir.glob("checkpoint_*/train_state.pt")) and time.time() < deadline:
-        time.sleep(0.5)
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert workers, "no Ray Train worker process found"
-    workers[-1].kill()
+    return pretrain_config(tmp, uri, **{"scaling.use_gpu": True, "scaling.num_workers": 1, **sets})
 
 
 def test_micro_batches_run_in_bf16_and_never_wait_for_the_gpu():
