@@ -38,6 +38,7 @@ def train_in_process(
         device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
         train=datasets["train"],
         val=datasets["val"],
+        val_subset=datasets.get("val_subset"),
         report=lambda metrics, checkpoint: reports.append(metrics),
         make_checkpoint=lambda d: keep and shutil.copytree(d, keep, dirs_exist_ok=True),
         checkpoint=None,

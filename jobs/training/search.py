@@ -217,6 +217,7 @@ def run_trial(
         device=torch.device("cuda" if use_gpu else "cpu"),
         train=datasets["train"],
         val=datasets["val"],
+        val_subset=datasets.get("val_subset"),
         report=lambda metrics, ckpt: tune.report(
             {**metrics, TRIAL_RUN_KEY: run_id}, checkpoint=ckpt
         ),
