@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     # finished" INFO line between the progress lines each time a dataset runs here.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # \r bars in logs
+    # MLflow prints a run's URL each time a run ends, with the credentials of the tracking
+    # URI in it; the commands print the run's URL themselves, the password masked.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:

@@ -69,6 +69,21 @@ def mlflow_server(tmp_path_factory):
         stop_group(proc)
 
 
+@pytest.fixture(scope="session")
+def mlflow_with_auth(tmp_path_factory):
+    """The MLflow server of `cluster local up --mlflow-auth`, alone (no Ray), stopped by its
+    recorded pid: yields its state directory and state (URI, admin user, password file)."""
+    from jobs.cluster.local import cluster_env, start_mlflow, stop
+
+    state_dir = tmp_path_factory.mktemp("cluster")
+    state = {"processes": [], "temp_dirs": []}
+    start_mlflow(state_dir, state, cluster_env(state_dir), auth=True)
+    try:
+        yield state_dir, state
+    finally:
+        stop(state_dir, state)
+
+
 @pytest.fixture
 def restartable_mlflow(tmp_path):
     """An MLflow server of this test's own, started; the test may stop and restart it."""

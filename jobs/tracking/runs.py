@@ -267,8 +267,9 @@ def experiment_and_metrics(uri: str, run_id: str) -> tuple[str, dict[str, float]
 
 
 def command_line() -> str:
-    """How this process was started, as a user would type it."""
-    return shlex.join(["vitray", *sys.argv[1:]])
+    """How this process was started, as a user would type it, less the passwords of URIs
+    (`--set mlflow.tracking_uri=http://user:password@host`)."""
+    return redact(shlex.join(["vitray", *sys.argv[1:]]))
 
 
 def experiment_id_of(client: Any, name: str) -> str:

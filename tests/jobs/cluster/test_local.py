@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cluster.local import cluster_env, down, identity, start_mlflow, stop, write_token
+from jobs.cluster.local import cluster_env, down, identity, write_token
 from jobs.tracking.runs import check_reachable
 
 
@@ -27,19 +27,6 @@ def test_an_inherited_token_does_not_override_the_clusters(tmp_path, monkeypatch
     env = cluster_env(tmp_path)
     assert "RAY_AUTH_TOKEN" not in env
     assert env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path.resolve() / "auth_token")
-
-
-@pytest.fixture(scope="module")
-def mlflow_with_auth(tmp_path_factory):
-    """The MLflow server of `cluster local up --mlflow-auth`, alone (no Ray), stopped by its
-    recorded pid."""
-    state_dir = tmp_path_factory.mktemp("cluster")
-    state = {"processes": [], "temp_dirs": []}
-    start_mlflow(state_dir, state, cluster_env(state_dir), auth=True)
-    try:
-        yield state_dir, state
-    finally:
-        stop(state_dir, state)
 
 
 def test_mlflow_with_auth_serves_its_admin_and_refuses_others(mlflow_with_auth, monkeypatch):
