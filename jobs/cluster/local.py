@@ -260,11 +260,22 @@ def start_ray(
 ) -> None:
     gcs, dashboard = free_port(), free_port()
     state.update(ray_address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}")
-    common = ["--num-cpus", str(cpus), "--block"]
+
+    # Each node's dashboard agent on a port of its own: on Ray's fixed default (52365), held
+    # by any other Ray on the machine, the head's agent failed and no job could be submitted.
+    def common() -> list[str]:
+        return [
+            "--num-cpus",
+            str(cpus),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--block",
+        ]
+
     head = [
         bin_path("ray"), "start", "--head", "--port", str(gcs), "--node-ip-address", "127.0.0.1",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--include-dashboard", "true", *common,
+        "--include-dashboard", "true", *common(),
     ]  # fmt: skip
     temp = node_dir(state_dir, state)
     head_env = {**loopback_env(env), "TMPDIR": f"{temp}/tmp"}
@@ -274,7 +285,7 @@ def start_ray(
         temp = node_dir(state_dir, state)
         node = [bin_path("ray"), "start", "--address", worker_address(gcs), "--temp-dir", temp]
         worker_env = {**env, "GRPC_DNS_RESOLVER": "native", "TMPDIR": f"{temp}/tmp"}
-        spawn(state_dir, state, f"worker-{i}", [*node, *common], worker_env, cwd=f"{temp}/work")
+        spawn(state_dir, state, f"worker-{i}", [*node, *common()], worker_env, cwd=f"{temp}/work")
     wait_nodes(state["dashboard"], 1 + workers, env)
 
 
