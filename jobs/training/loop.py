@@ -281,10 +281,12 @@ def report(
         runner.report(metrics, None)
         return
     directory = Path(tempfile.mkdtemp(prefix="vitray-checkpoint-"))
+    handed_over = False  # to Ray, which deletes it once stored
     try:
         runner.report(metrics, runner.make_checkpoint(str(save_to(directory))))
+        handed_over = runner.uploads_in_background
     finally:
-        if not runner.uploads_in_background:
+        if not handed_over:  # stored already, or never to be: a failed save (a full disk)
             shutil.rmtree(directory, ignore_errors=True)
 
 

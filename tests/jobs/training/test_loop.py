@@ -373,6 +373,26 @@ def test_a_checkpoint_uploaded_in_the_background_keeps_its_directory(tmp_path):
         shutil.rmtree(later, ignore_errors=True)
 
 
+def test_a_save_that_fails_leaves_no_directory_behind(monkeypatch, tmp_path):
+    """A save that fails (a full disk) hands Ray nothing to delete: the loop removes what it
+    wrote, or every restart of the run would leave another checkpoint on the full disk."""
+    import tempfile
+
+    from jobs.training.loop import report
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    runner = runner_for(plan_for(job(), 64), [])
+    runner.uploads_in_background = True
+
+    def save_to(directory: Path) -> Path:
+        (directory / "model.safetensors").write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        report({"step": 1}, True, runner, save_to)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ray_train_reports_upload_checkpoints_in_the_background(monkeypatch):
     """Every report to Ray Train asks for the ASYNC upload: Ray delivers reports in order,
     so one synchronous report after a checkpoint would wait for its upload."""
