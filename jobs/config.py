@@ -187,6 +187,11 @@ class JobConfig(Section):
                 f"tune.grace_period {self.tune.grace_period} is above train.epochs "
                 f"{self.train.epochs}: ASHA could never stop a trial early"
             )
+        if self.tune.select == "peak" and self.data.val_subset:
+            raise ValueError(
+                "tune.select: peak compares every epoch's val_top1, and with data.val_subset "
+                "all but the last are scored on a sample: use tune.select: final"
+            )
         per_step = self.scaling.num_workers * self.train.grad_accum
         if self.train.batch_size % per_step:
             raise ValueError(

@@ -29,6 +29,17 @@ if TYPE_CHECKING:
 INIT_ARTIFACT = "init_checkpoint"
 
 
+def best_checkpoint(kept: list[tuple[Any, dict]], by_score: bool) -> tuple[Any, dict] | None:
+    """The (checkpoint, metrics) logged as best and registered: the highest val_top1, or
+    the last one when not `by_score`. With data.val_subset every evaluation but the last
+    scores a sample of val: a lucky sample must not beat the whole split."""
+    if not kept:
+        return None
+    if by_score:
+        return max(kept, key=lambda cm: (cm[1].get("val_top1", 0), cm[1].get("step", 0)))
+    return max(kept, key=lambda cm: cm[1].get("step", 0))
+
+
 class MlflowTracker:
     def __init__(self, section: MlflowSection) -> None:
         self.uri = runs.tracking_uri(section)
@@ -95,9 +106,9 @@ class MlflowTracker:
                     "logging checkpoint/final",
                     lambda: client.log_artifacts(run_id, d, "checkpoint/final"),
                 )
-        best = sorted(result.best_checkpoints, key=lambda cm: cm[1].get("val_top1", 0))
+        best = best_checkpoint(result.best_checkpoints, by_score=not cfg.data.val_subset)
         if best:
-            checkpoint, metrics = best[-1]
+            checkpoint, metrics = best
             with checkpoint.as_directory() as d:
                 retrying(
                     "logging checkpoint/best",

@@ -87,7 +87,9 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.num_to_keep,
-                checkpoint_score_attribute="val_top1",
+                # scores on a val sample (data.val_subset) and on the whole split do not
+                # compare: then the latest checkpoints are kept, the last scored on all of val
+                checkpoint_score_attribute=None if cfg.data.val_subset else "val_top1",
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,

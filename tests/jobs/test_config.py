@@ -56,6 +56,14 @@ def test_bad_searches_name_the_key_before_ray_starts(override, message):
         load_config(TUNE, ["init.checkpoint=runs/x", "train.epochs=10", override])
 
 
+def test_a_peak_search_on_a_val_sample_is_refused():
+    """Peak compares every epoch's score; with data.val_subset all but the last score a
+    sample, so a lucky sample could be registered."""
+    with pytest.raises(ConfigError, match="use tune.select: final"):
+        load_config(TUNE, ["init.checkpoint=runs/x", "tune.select=peak", "data.val_subset=60"])
+    load_config(TUNE, ["init.checkpoint=runs/x", "tune.select=final", "data.val_subset=60"])
+
+
 def test_search_space_keys_reach_into_optional_sections_and_free_dicts():
     space = (
         "tune.space={data.randaugment.magnitude: {randint: [1, 9]}, "
