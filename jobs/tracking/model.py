@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -17,6 +18,15 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
 
 from vit import load_checkpoint, read_checkpoint_meta
+
+
+def requirements() -> list[str]:
+    """What loading the model needs, pinned to this environment. Named rather than inferred:
+    MLflow infers them by loading the model in a subprocess (seconds per model, and on a
+    loaded machine its 120 s timeout, after which it records cloudpickle alone), and it
+    left torch out."""
+    packages = ("mlflow", "torch", "numpy", "safetensors", "vitray")
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
 def log_vit_model(
@@ -44,6 +54,7 @@ def log_vit_model(
             artifacts=artifacts,
             signature=infer_signature(example, output),
             input_example=example,
+            pip_requirements=requirements(),
         )
     return info.model_uri
 
