@@ -51,7 +51,6 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
     assert len(losses) >= 10 and losses[-1] < losses[0]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint/final")}
     assert "checkpoint/final/model.safetensors" in artifacts
-    import mlflow.artifacts
     import mlflow.pyfunc
     import numpy as np
 
@@ -60,12 +59,6 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
     flavor = served.metadata.flavors["python_function"]
     assert "model_code_path" in flavor and "python_model" not in flavor  # code, not a pickle
     assert served.predict(np.zeros((2, 3, 16, 16), dtype=np.float32)).shape == (2, 10)
-    requirements = Path(
-        mlflow.artifacts.download_artifacts(
-            f"{logged[0].model_uri}/requirements.txt", tracking_uri=mlflow_server
-        )
-    )
-    assert {r.split("==")[0] for r in requirements.read_text().split()} >= {"torch", "vitray"}
     model = load_checkpoint(outcome.result.checkpoint.path, image_size=32)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
