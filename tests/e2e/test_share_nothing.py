@@ -209,7 +209,7 @@ def test_pretrain_on_s3_survives_a_killed_worker_and_a_search_starts_from_its_mo
         "--set", "data.dataset=s3://vitray-data/digits",
         "--set", "run.storage_path=s3://vitray-runs/runs",
         "--set", "run.name=share-tune",
-        "--set", "train.epochs=2",
+        "--set", "train.epochs=1",
         "--set", "tune.num_samples=2",
         "--set", "tune.grace_period=1",
         "--set", "mlflow.experiment=share-nothing",
