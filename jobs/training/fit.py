@@ -61,7 +61,10 @@ def build_trainer(
     metrics: MetricsSink | None = None,
     progress: Any = None,
     callbacks: list | None = None,
+    score_by: tuple[str, str] = ("val_top1", "max"),
 ) -> Any:
+    """Ray's trainer of the plan. Its checkpoints are kept by `score_by` (metric, mode): a
+    search's trial passes the search's own, so that the peak it may pick is never pruned."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -89,8 +92,8 @@ def build_trainer(
                 num_to_keep=cfg.run.num_to_keep,
                 # scores on a val sample (data.val_subset) and on the whole split do not
                 # compare: then the latest checkpoints are kept, the last scored on all of val
-                checkpoint_score_attribute=None if cfg.data.val_subset else "val_top1",
-                checkpoint_score_order="max",
+                checkpoint_score_attribute=None if cfg.data.val_subset else score_by[0],
+                checkpoint_score_order=score_by[1],
             ),
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_train_log_level),

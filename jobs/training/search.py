@@ -183,6 +183,21 @@ class SearchStopped(RuntimeError):
     """The watchdog stopped the search: a trial stalled."""
 
 
+def trial_trainer(
+    cfg: JobConfig, plan: TrainPlan, datasets: dict[str, Any], metrics: Any, run_id: str | None
+) -> Any:
+    """The TorchTrainer a multi-worker trial drives: its end-of-epoch reports forwarded to
+    Tune with the trial's MLflow run, its checkpoints kept by the search's metric."""
+    return build_trainer(
+        cfg,
+        plan,
+        datasets,
+        metrics,
+        callbacks=[EpochReports(run_id)],
+        score_by=(cfg.tune.metric, cfg.tune.mode),
+    )
+
+
 def run_trial(
     sample: dict[str, Any], base: dict, parent_id: str | None, tracker: Tracker, start
 ) -> None:
@@ -207,8 +222,7 @@ def run_trial(
     if cfg.scaling.num_workers > 1:
         datasets = ray.get(datasets_outside_trial.remote(cfg, plan.replace(init_weights=None)))
         cfg = with_values(cfg, {"run.name": f"{cfg.run.name}/{context.get_trial_id()}"})
-        metrics = tracker.metrics(run_id)
-        build_trainer(cfg, plan, datasets, metrics, callbacks=[EpochReports(run_id)]).fit()
+        trial_trainer(cfg, plan, datasets, tracker.metrics(run_id), run_id).fit()
         return
     datasets = build_datasets(cfg, plan)
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()

@@ -16,6 +16,7 @@ from jobs.training.search import (
     concurrent_trials,
     finish,
     trial_resources,
+    trial_trainer,
 )
 
 from helpers import search_config
@@ -135,3 +136,22 @@ def test_the_chosen_model_is_the_reported_checkpoint_or_the_search_fails(ray_loc
                        r"\(val_top1 0.5000\) reported no checkpoint") as error:  # fmt: skip
         finish(job, plan, without, None, None, dog)
     assert "checkpoint_path" in str(error.value)
+
+
+@pytest.mark.parametrize("metric, mode", [("val_top1", "max"), ("val_loss", "min")])
+def test_a_multi_worker_trial_keeps_its_checkpoints_by_the_searchs_metric(
+    cfg, monkeypatch, metric, mode
+):
+    """Its trainer prunes checkpoints past `run.num_to_keep` by a score: by val_top1 alone,
+    the peak of a search on another metric could be deleted before the search picks it."""
+    from ray.train import UserCallback
+
+    from jobs.training import search
+    from jobs.training.plan import make_plan
+
+    # the reports' callback needs a live Tune session, which building a trainer does not
+    monkeypatch.setattr(search, "EpochReports", lambda run_id: UserCallback())
+    trial = cfg(*TWO_WORKERS, f"tune.metric={metric}", f"tune.mode={mode}")
+    plan, _ = make_plan(trial, start=None)
+    kept = trial_trainer(trial, plan, {}, None, None).run_config.checkpoint_config
+    assert (kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (metric, mode)
