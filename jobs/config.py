@@ -79,8 +79,9 @@ class ScalingSection(Section):
     use_gpu: bool = False
     cpus_per_worker: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         0.5,
-        description="auto: the largest node's CPUs less one decode task's, shared by the "
-        "workers on it (one per GPU)",
+        description="auto: the largest size at which the nodes hold every worker and each "
+        "keeps room for one decode task (under autoscaling: the largest node's CPUs, shared by "
+        "the workers on it, one per GPU)",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are laid out on nodes (SPREAD: one per node first)"

@@ -35,38 +35,65 @@ def hosts_workers(cfg: JobConfig, node: dict[str, float]) -> bool:
     return node.get("CPU", 0) > 0 and (not cfg.scaling.use_gpu or node.get("GPU", 0) >= 1)
 
 
+def workers_that_fit(cfg: JobConfig, nodes: list[dict[str, float]], cpus: float) -> int:
+    """How many workers of `cpus` CPUs (and one GPU each for a GPU job) `nodes` hold: Ray
+    places each worker whole on one node, so totals alone overstate it."""
+    count = 0
+    for node in filter(lambda n: hosts_workers(cfg, n), nodes):
+        fit = math.floor(node.get("CPU", 0) / cpus + 1e-9)
+        count += min(fit, int(node.get("GPU", 0))) if cfg.scaling.use_gpu else fit
+    return count
+
+
 def sized(cfg: JobConfig, driver_cpus: float = 0.0) -> JobConfig:
-    """`cfg` with `scaling.cpus_per_worker: auto` made a number: the CPUs of the largest node
-    that can host a worker, less one decode task's (and a search trial's driver), shared by
-    the workers that node holds (one per GPU for a GPU job; for a CPU job, the workers
-    spread evenly over the nodes). What is left is room for one decode task on that node,
-    so the pipeline always runs."""
+    """`cfg` with `scaling.cpus_per_worker: auto` made a number, so that every node keeps
+    room for one decode task (and a search trial's driver) beside its workers, and the
+    pipeline always runs. On a fixed cluster: the largest size at which the nodes in view,
+    whatever their sizes, hold every worker. Under `scaling.autoscaling`: the largest node
+    that can host a worker shared by the workers one such node holds (one per GPU; for a
+    CPU job, the workers spread evenly over the nodes), more of its kind added on demand."""
     if cfg.scaling.cpus_per_worker != "auto":
         return cfg
-    nodes = alive_nodes()
-    hosts = [n for n in nodes if hosts_workers(cfg, n)]
+    hosts = [n for n in alive_nodes() if hosts_workers(cfg, n)]
     if not hosts:
         raise ValueError(
             "scaling.cpus_per_worker: auto sizes workers from a node that can host one, and "
             "this Ray cluster has none yet (nodes added on demand are not in view); set "
             "scaling.cpus_per_worker to a number"
         )
-    node = max(hosts, key=lambda n: n.get("CPU", 0))
-    workers = cfg.scaling.num_workers
-    per_node = (
-        min(workers, int(node["GPU"])) if cfg.scaling.use_gpu else math.ceil(workers / len(hosts))
-    )
-    spare = node.get("CPU", 0) - cfg.data.cpus_per_task - driver_cpus
-    cpus = math.floor(100 * spare / per_node) / 100  # Ray counts CPUs to 1e-4: keep it short
-    if cpus <= 0:
+    workers, reserved = cfg.scaling.num_workers, cfg.data.cpus_per_task + driver_cpus
+    spare = [{**n, "CPU": n.get("CPU", 0) - reserved} for n in hosts]
+    if cfg.scaling.autoscaling:
+        node = max(spare, key=lambda n: n["CPU"])
+        gpus = int(node.get("GPU", 0))
+        per_node = min(workers, gpus) if cfg.scaling.use_gpu else math.ceil(workers / len(hosts))
+        sizes = [node["CPU"] / per_node]
+    else:  # each node's spare CPUs split k ways, largest first
+        sizes = sorted({n["CPU"] / k for n in spare for k in range(1, workers + 1)}, reverse=True)
+    # Ray counts CPUs to 1e-4: keep the size short
+    fitting = [
+        c
+        for c in (math.floor(100 * size) / 100 for size in sizes)
+        if c > 0 and (cfg.scaling.autoscaling or workers_that_fit(cfg, spare, c) >= workers)
+    ]
+    if not fitting:
         raise ValueError(
-            f"scaling.cpus_per_worker: auto leaves nothing: the largest node that can host a "
-            f"worker has {node.get('CPU', 0):g} CPU, one decode task takes "
-            f"{cfg.data.cpus_per_task:g}, a trial driver {driver_cpus:g}, and {per_node} "
-            "worker(s) share the rest"
+            f"scaling.cpus_per_worker: auto finds no size at which {workers} worker(s) fit "
+            f"and leave each node {reserved:g} CPU (one decode task of "
+            f"{cfg.data.cpus_per_task:g}, a trial driver of {driver_cpus:g}): the nodes that "
+            f"can host a worker have {describe(hosts)}"
         )
-    print(f"scaling.cpus_per_worker: auto -> {cpus:g} ({per_node} worker(s) a node)", flush=True)
+    cpus = fitting[0]
+    print(f"scaling.cpus_per_worker: auto -> {cpus:g}", flush=True)
     return with_values(cfg, {"scaling.cpus_per_worker": cpus})
+
+
+def describe(nodes: list[dict[str, float]]) -> str:
+    """'16, 8, 8 CPU' (and '; 8, 1 GPU' when any has GPUs)."""
+    text = ", ".join(f"{n.get('CPU', 0):g}" for n in nodes) + " CPU"
+    if any(n.get("GPU", 0) for n in nodes):
+        text += "; " + ", ".join(f"{n.get('GPU', 0):g}" for n in nodes) + " GPU"
+    return text
 
 
 def check_capacity(cfg: JobConfig, driver_cpus: float = 0.0) -> None:
@@ -104,6 +131,13 @@ def check_capacity(cfg: JobConfig, driver_cpus: float = 0.0) -> None:
             for k, amount in worker.items()
             if amount > largest[k] + 1e-9
         ]
+        fit = workers_that_fit(cfg, nodes, worker["CPU"])
+        if not problems and fit < workers:
+            gpu = " and 1 GPU" if cfg.scaling.use_gpu else ""
+            problems = [
+                f"{workers} worker(s) of {worker['CPU']:g} CPU{gpu}, each whole on one node, "
+                f"and its nodes ({describe(nodes)}) hold {fit}"
+            ]
     if problems:
         raise ValueError(
             "this Ray cluster cannot hold the job, which would wait forever: it needs "

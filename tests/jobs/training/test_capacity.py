@@ -86,6 +86,24 @@ def test_auto_cpus_per_worker_leave_one_decode_task_room_on_the_largest_node(clu
     check_capacity(sized(cpu))
 
 
+def test_workers_of_nodes_of_mixed_sizes_fit_each_on_one_node(cluster):
+    """Totals and the largest node said yes to two workers of 15 CPUs on nodes of 16, 8
+    and 8 CPUs, and the second worker waited forever: auto sized them from the largest."""
+    cluster({"CPU": 16.0}, {"CPU": 8.0}, {"CPU": 8.0})
+    with pytest.raises(ValueError, match=r"2 worker\(s\) of 15 CPU, each whole on one node, "
+                       r"and its nodes \(16, 8, 8 CPU\) hold 1"):  # fmt: skip
+        check_capacity(config("scaling.num_workers=2", "scaling.cpus_per_worker=15"))
+    cpu = config("scaling.num_workers=2", "scaling.cpus_per_worker=auto", "data.cpus_per_task=1")
+    assert sized(cpu).scaling.cpus_per_worker == 7.5  # both on the 16-CPU node, 1 left
+    cluster({"CPU": 30.0, "GPU": 1.0}, {"CPU": 10.0, "GPU": 2.0})
+    three = ["scaling.num_workers=3", "train.batch_size=96", "scaling.autoscaling=false"]
+    with pytest.raises(ValueError, match=r"3 worker\(s\) of 9 CPU and 1 GPU, each whole on "
+                       r"one node, and its nodes \(30, 10 CPU; 1, 2 GPU\) hold 2"):  # fmt: skip
+        check_capacity(gpu_job(9, *three))  # 28 of 40 CPUs, 3 of 3 GPUs in all
+    assert sized(gpu_job("auto", *three)).scaling.cpus_per_worker == 4.5  # (10 - 1) / 2
+    check_capacity(sized(gpu_job("auto", *three)))
+
+
 def test_auto_cpus_per_worker_need_a_node_that_hosts_workers(cluster):
     cluster({"CPU": 4.0})
     with pytest.raises(
