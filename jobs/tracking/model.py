@@ -10,6 +10,7 @@ import json
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
@@ -68,9 +69,25 @@ def register_vit_model(
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(model_uri, name, tags=tags)
     client = MlflowClient(uri)
+    version = registered_from(client, model_uri, name) or mlflow.register_model(
+        model_uri, name, tags=tags
+    )
     client.update_model_version(version.name, version.version, description=description)
     client.set_registered_model_alias(name, alias, version.version)
     print(f"registered models:/{version.name}/{version.version} as @{alias}", flush=True)
     return version
+
+
+def registered_from(client: Any, model_uri: str, name: str) -> ModelVersion | None:
+    """The version of `name` made from `model_uri` already, if any: a registration retried
+    after an outage may have got through the first time with its answer lost, and must not
+    add a second version. Searched by run id (a name may hold quotes, which MLflow's filter
+    grammar cannot escape) and matched here."""
+    run_id = client.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
+    made = [
+        v
+        for v in client.search_model_versions(f"run_id = '{run_id}'")
+        if v.name == name and v.source == model_uri
+    ]
+    return max(made, key=lambda v: int(v.version), default=None)

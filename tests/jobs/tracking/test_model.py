@@ -1,0 +1,47 @@
+"""A checkpoint logged as an MLflow model and registered, on a real MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from jobs.tracking.metrics import retrying
+from jobs.tracking.model import log_vit_model, register_vit_model
+from vit import ViT, ViTConfig, save_checkpoint
+
+
+@pytest.fixture
+def logged(tmp_path, monkeypatch) -> tuple[str, str]:
+    """(tracking URI, logged model URI) of a micro ViT logged into a run of a SQLite store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # the store's artifacts: ./mlruns
+    model = ViT(ViTConfig.from_preset("micro/4", depth=1, num_classes=10, image_size=16))
+    checkpoint = save_checkpoint(model, tmp_path / "ckpt", [str(i) for i in range(10)])
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run():
+        return uri, log_vit_model(checkpoint)
+
+
+def test_a_registration_retried_after_a_lost_answer_adds_no_second_version(logged, monkeypatch):
+    """The first try registers the version, then the server goes away before the alias is
+    set; the retry finds that version instead of making version 2."""
+    uri, model_uri = logged
+    real = MlflowClient.update_model_version
+    outage = iter([ConnectionError("server gone")])
+
+    def flaky(self, *args, **kwargs):
+        for error in outage:
+            raise error
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "update_model_version", flaky)
+    version = retrying(
+        "registering digits",
+        lambda: register_vit_model(model_uri, "digits", "champion", uri, "best", {}),
+    )
+    client = MlflowClient(uri)
+    assert [v.version for v in client.search_model_versions("name = 'digits'")] == [1]
+    assert client.get_model_version_by_alias("digits", "champion").version == version.version
+    again = register_vit_model(model_uri, "digits-2", "champion", uri, "best", {})
+    assert again.version == 1 and again.name == "digits-2"  # another name: its own version
