@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from jobs.training.mix import mix_batch
 from jobs.training.optim import build_optimizer
 from jobs.training.plan import TrainPlan
 from jobs.training.report import Reporter, all_sum
+from jobs.training.staging import remove_orphans, staging_dir
 from jobs.training.state import restore, save
 from jobs.training.tracker import MetricsSink
 from pipeline.dataset import fits_in_cache
@@ -280,7 +280,7 @@ def report(
     if not (end_of_epoch and runner.rank == 0):
         runner.report(metrics, None)
         return
-    directory = Path(tempfile.mkdtemp(prefix="vitray-checkpoint-"))
+    directory = staging_dir()
     handed_over = False  # to Ray, which deletes it once stored
     try:
         runner.report(metrics, runner.make_checkpoint(str(save_to(directory))))
@@ -314,6 +314,8 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
     cfg = JobConfig.model_validate(config["job"])
     plan = TrainPlan.from_dict(config["plan"])
     torch.manual_seed(cfg.train.seed + runner.rank)
+    for orphan in remove_orphans():  # a killed worker's unstored checkpoint, on this node
+        logging.getLogger(__name__).warning("removed %s, left by a worker that ended", orphan)
 
     model, optimizer, scheduler, step = build_model(cfg, plan, runner)
     evaluated_as = Preprocessing(*cfg.data.eval_transform)
