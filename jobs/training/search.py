@@ -23,14 +23,17 @@ running trial goes silent, and names that trial.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.train import UserCallback
 from ray.tune import Callback, Stopper
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.util.queue import Queue
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig, with_values
@@ -100,19 +103,51 @@ def concurrent_trials(cfg: JobConfig) -> int:
     return max(1, min(cfg.tune.max_concurrent, fits))
 
 
-class EpochReports(TuneReportCallback):
-    """A multi-worker trial's reports to Tune: rank 0's end-of-epoch metrics (the ones with
-    a checkpoint and the metric schedulers compare), the checkpoint's path and the trial's
-    MLflow run."""
+class EpochReports(UserCallback):
+    """A multi-worker trial's reports: rank 0's end-of-epoch metrics (the ones with a
+    checkpoint, which schedulers compare), the checkpoint's path and the trial's MLflow run,
+    put on `queue` for the trial's own thread to hand to Tune (`forward_reports`).
 
-    def __init__(self, run_id: str | None) -> None:
-        super().__init__()
-        self.run_id = run_id
+    Ray's TuneReportCallback hands them over from Tune's side instead, and races the end of
+    the trial: a last report taken while the trial function returns deadlocks Tune's result
+    queue, and the trial hangs with its training done."""
+
+    def __init__(self, run_id: str | None, queue: Any) -> None:
+        self.run_id, self.queue = run_id, queue
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
         if checkpoint is not None:
-            rank0 = {**metrics[0], TRIAL_RUN_KEY: self.run_id}
-            super().after_report(run_context, [rank0], checkpoint)
+            self.queue.put(
+                {**metrics[0], CHECKPOINT_PATH_KEY: checkpoint.path, TRIAL_RUN_KEY: self.run_id}
+            )
+
+
+def forward_reports(trainer: Any, queue: Any) -> None:
+    """`trainer.fit()` in a thread of its own while this one (the trial function's) reports
+    to Tune whatever the trainer's EpochReports put on `queue`; returns once the trainer has
+    ended and every report has been handed over, and raises what the trainer raised."""
+    from ray import tune
+    from ray.util.queue import Empty
+
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # raised again in the trial's thread
+            failure.append(e)
+
+    fitting = threading.Thread(target=fit, name="trial-trainer", daemon=True)
+    fitting.start()
+    while True:
+        ended = not fitting.is_alive()  # read before the queue: a report put last is seen
+        try:
+            tune.report(queue.get(timeout=1.0))
+        except Empty:
+            if ended:
+                break
+    if failure:
+        raise failure[0]
 
 
 @ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")
@@ -184,16 +219,20 @@ class SearchStopped(RuntimeError):
 
 
 def trial_trainer(
-    cfg: JobConfig, plan: TrainPlan, datasets: dict[str, Any], metrics: Any, run_id: str | None
+    cfg: JobConfig,
+    plan: TrainPlan,
+    datasets: dict[str, Any],
+    metrics: Any,
+    reports: EpochReports,
 ) -> Any:
-    """The TorchTrainer a multi-worker trial drives: its end-of-epoch reports forwarded to
-    Tune with the trial's MLflow run, its checkpoints kept by the search's metric."""
+    """The TorchTrainer a multi-worker trial drives: its end-of-epoch reports to `reports`,
+    its checkpoints kept by the search's metric."""
     return build_trainer(
         cfg,
         plan,
         datasets,
         metrics,
-        callbacks=[EpochReports(run_id)],
+        callbacks=[reports],
         score_by=(cfg.tune.metric, cfg.tune.mode),
     )
 
@@ -222,7 +261,10 @@ def run_trial(
     if cfg.scaling.num_workers > 1:
         datasets = ray.get(datasets_outside_trial.remote(cfg, plan.replace(init_weights=None)))
         cfg = with_values(cfg, {"run.name": f"{cfg.run.name}/{context.get_trial_id()}"})
-        trial_trainer(cfg, plan, datasets, tracker.metrics(run_id), run_id).fit()
+        queue = Queue(actor_options={"num_cpus": 0})
+        reports = EpochReports(run_id, queue)
+        trainer = trial_trainer(cfg, plan, datasets, tracker.metrics(run_id), reports)
+        forward_reports(trainer, queue)
         return
     datasets = build_datasets(cfg, plan)
     use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()

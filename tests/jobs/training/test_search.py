@@ -100,7 +100,7 @@ def test_a_multi_worker_trials_data_runs_outside_its_placement_group(ray_local, 
 
 def test_the_chosen_model_is_the_reported_checkpoint_or_the_search_fails(ray_local, cfg, tmp_path):
     """Trials that drive a TorchTrainer report no Tune checkpoint, only the path of their
-    trainer's (TuneReportCallback's `checkpoint_path`). The search takes the model from that
+    trainer's (`checkpoint_path` in their reports). The search takes the model from that
     path; when the chosen trial reported none, it fails saying so, instead of finishing
     with nothing registered."""
     from ray import tune
@@ -139,19 +139,54 @@ def test_the_chosen_model_is_the_reported_checkpoint_or_the_search_fails(ray_loc
 
 
 @pytest.mark.parametrize("metric, mode", [("val_top1", "max"), ("val_loss", "min")])
-def test_a_multi_worker_trial_keeps_its_checkpoints_by_the_searchs_metric(
-    cfg, monkeypatch, metric, mode
-):
+def test_a_multi_worker_trial_keeps_its_checkpoints_by_the_searchs_metric(cfg, metric, mode):
     """Its trainer prunes checkpoints past `run.num_to_keep` by a score: by val_top1 alone,
     the peak of a search on another metric could be deleted before the search picks it."""
     from ray.train import UserCallback
 
-    from jobs.training import search
     from jobs.training.plan import make_plan
 
-    # the reports' callback needs a live Tune session, which building a trainer does not
-    monkeypatch.setattr(search, "EpochReports", lambda run_id: UserCallback())
     trial = cfg(*TWO_WORKERS, f"tune.metric={metric}", f"tune.mode={mode}")
     plan, _ = make_plan(trial, start=None)
-    kept = trial_trainer(trial, plan, {}, None, None).run_config.checkpoint_config
+    kept = trial_trainer(trial, plan, {}, None, UserCallback()).run_config.checkpoint_config
     assert (kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (metric, mode)
+
+
+def test_a_trial_hands_tune_every_report_its_trainer_made_the_last_one_too(ray_local, tmp_path):
+    """A trainer whose last report comes just as it ends: each report with a checkpoint
+    reaches Tune in order with the trial's run, the rest do not, and a trainer that fails
+    fails the trial with its error."""
+    from types import SimpleNamespace
+
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from jobs.training.search import EpochReports, forward_reports
+
+    class Trainer:
+        def __init__(self, reports: EpochReports, fail: bool) -> None:
+            self.reports, self.fail = reports, fail
+
+        def fit(self) -> None:
+            for epoch in (1, 2, 3):
+                self.reports.after_report(None, [{"epoch": epoch - 0.5}], None)
+                saved = SimpleNamespace(path=f"/checkpoints/{epoch}")
+                self.reports.after_report(None, [{"epoch": epoch}], saved)
+            if self.fail:
+                raise RuntimeError("rank 1 ran out of memory")
+
+    def trial(config: dict) -> None:
+        queue = Queue(actor_options={"num_cpus": 0})
+        forward_reports(Trainer(EpochReports("run-1", queue), config["fail"]), queue)
+
+    results = tune.Tuner(
+        trial,
+        param_space={"fail": tune.grid_search([False, True])},
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="forward"),
+    ).fit()
+    ok, failed = sorted(results, key=lambda r: r.error is not None)
+    history = ok.metrics_dataframe
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert list(history["checkpoint_path"]) == [f"/checkpoints/{e}" for e in (1, 2, 3)]
+    assert set(history["mlflow_run_id"]) == {"run-1"}
+    assert "rank 1 ran out of memory" in str(failed.error)
