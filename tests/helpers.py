@@ -69,6 +69,13 @@ def kill_a_train_worker_after_its_first_checkpoint(run_dir: Path) -> None:
     workers[-1].kill()
 
 
+def ended_pid() -> int:
+    """The pid of a process that has run and ended (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

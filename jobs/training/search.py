@@ -33,7 +33,7 @@ import ray
 from ray.train import UserCallback
 from ray.tune import Callback, Stopper
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
-from ray.util.queue import Queue
+from ray.util.queue import Empty, Queue
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig, with_values
@@ -127,7 +127,6 @@ def forward_reports(trainer: Any, queue: Any) -> None:
     to Tune whatever the trainer's EpochReports put on `queue`; returns once the trainer has
     ended and every report has been handed over, and raises what the trainer raised."""
     from ray import tune
-    from ray.util.queue import Empty
 
     failure: list[BaseException] = []
 

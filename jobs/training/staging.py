@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import psutil
+
 PREFIX = "vitray-checkpoint-"
 
 
@@ -18,23 +20,13 @@ def staging_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_orphans(root: str | Path | None = None) -> list[Path]:
     """Remove the staging directories under `root` (the temp dir) whose process has ended;
     returns them. A directory of a live process, or named otherwise, is left alone."""
     removed = []
     for path in Path(root or tempfile.gettempdir()).glob(f"{PREFIX}*-*"):
         pid = path.name.removeprefix(PREFIX).split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and not alive(int(pid)):
+        if path.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -4,6 +4,8 @@ the datasets the Ray Train path gets."""
 from jobs.config import CONFIGS, load_config
 from jobs.training.inprocess import train_in_process
 
+from helpers import ended_pid
+
 
 def test_a_val_subset_is_evaluated_each_epoch_and_the_whole_split_at_the_end(ray_local, digits_dir):
     cfg = load_config(
@@ -24,14 +26,10 @@ def test_a_val_subset_is_evaluated_each_epoch_and_the_whole_split_at_the_end(ray
 def test_a_starting_run_removes_the_checkpoint_a_killed_worker_left_on_its_node(
     ray_local, digits_dir, tmp_path, monkeypatch
 ):
-    import subprocess
-    import sys
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    killed = subprocess.Popen([sys.executable, "-c", "pass"])
-    killed.wait()
-    left = tmp_path / f"vitray-checkpoint-{killed.pid}-k1ll"
+    left = tmp_path / f"vitray-checkpoint-{ended_pid()}-k1ll"
     left.mkdir()
     (left / "model.safetensors").write_bytes(b"half a checkpoint")
     cfg = load_config(

@@ -4,17 +4,11 @@ on the node; those of live processes never are."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 
 from jobs.training.staging import remove_orphans, staging_dir
 
-
-def ended_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+from helpers import ended_pid
 
 
 def test_only_the_staging_directories_of_ended_processes_are_removed(tmp_path, monkeypatch):
