@@ -2,6 +2,8 @@
 
 - `digits`: the 1,797 real 8x8 handwritten digits (UCI), as PNG bytes, with a fixed
   stratified train/val/test split.
+- `fashion-mnist`: Zalando's 70,000 28x28 clothing images in 10 classes, from Debian's
+  `dataset-fashion-mnist` package (read by the IDX reader; its test split is held out).
 - `photos`: JPEG crops of scikit-learn's two sample photographs at realistic sizes
   (256-500 px), labelled by photo and by the quadrant the crop is centred in (8 classes):
   for throughput tests and benchmarks.
@@ -10,11 +12,16 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
 
 import numpy as np
 from PIL import Image
+
+from pipeline.sources import SourceError
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 PHOTO_CLASSES = [
@@ -93,3 +100,41 @@ def photos_items(n: int = 2000, seed: int = 0) -> list[Item]:
         encode, label = _photo_crop(i, seed, photos)
         items.append(Item(f"photos/{i:06d}", label, None, encode))
     return items
+
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+BUILTINS = ("digits", "photos", "fashion-mnist")
+
+
+def fashion_mnist_dir() -> str:
+    """Where Debian keeps Fashion-MNIST's IDX files ($VITRAY_FASHION_MNIST overrides it)."""
+    path = Path(os.environ.get("VITRAY_FASHION_MNIST", FASHION_MNIST))
+    if not (path / "train-images-idx3-ubyte.gz").is_file():
+        raise SourceError(
+            f"builtin:fashion-mnist reads Debian's package, not found at {path}: "
+            "sudo apt-get install dataset-fashion-mnist"
+        )
+    return str(path)
+
+
+def parse_builtin(spec: str) -> tuple[str, dict[str, int]]:
+    name, _, query = spec.removeprefix("builtin:").partition("?")
+    if name not in BUILTINS:
+        raise SourceError(f"unknown built-in dataset {name!r}; choose one of {list(BUILTINS)}")
+    try:
+        options = {k: int(v) for k, v in parse_qsl(query, strict_parsing=bool(query))}
+    except ValueError as e:
+        raise SourceError(f"bad options in {spec!r}: use builtin:photos?n=2000&seed=0") from e
+    allowed = {"digits": {"seed"}, "photos": {"seed", "n"}, "fashion-mnist": set()}[name]
+    unknown = set(options) - allowed
+    if unknown:
+        raise SourceError(f"unknown options for builtin:{name}: {sorted(unknown)}")
+    return name, options
+
+
+def builtin_items(spec: str) -> tuple[list[Item], list[str]]:
+    """The items of digits or photos (made here) and their class names."""
+    name, options = parse_builtin(spec)
+    if name == "digits":
+        return digits_items(**options), DIGIT_CLASSES
+    return photos_items(**options), PHOTO_CLASSES

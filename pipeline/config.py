@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.decode import MAX_PIXELS
 from vit.config import Preprocessing
@@ -24,9 +24,11 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(
-        description="builtin:digits, builtin:photos?n=N, a `vitray prepare` output directory "
-        "(local, s3:// or gs://), a Hugging Face image Parquet directory, a directory of "
-        "WebDataset .tar shards, or an image folder (one subfolder per class)"
+        description="builtin:digits, builtin:fashion-mnist, builtin:photos?n=N, a `vitray "
+        "prepare` output directory (local, s3:// or gs://), Hugging Face image Parquet, a "
+        "`datasets` save_to_disk directory, WebDataset .tar shards, MNIST-format IDX files, "
+        "an image folder (class folders, or split folders of class folders) or a Hugging "
+        "Face imagefolder with metadata; see docs/data.md"
     )
     # where the images and labels are (None: detected, see pipeline.readers)
     image_column: str | None = Field(
@@ -80,6 +82,18 @@ class DataConfig(BaseModel):
         description="rows of the val split evaluated during training: the same seeded sample "
         "of row groups at every evaluation; the whole split at the end (None: always whole)",
     )
+    # a val split where the source has none (Hub datasets: train and test only)
+    val_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="carve this share of train as val where the source has no val split: "
+        "whole read units (image files one by one) in a seeded order, the same on every run",
+    )
+    val_split: str | None = Field(
+        None, description="validate on this split of the source instead (warns when it is test)"
+    )
+    val_seed: int = Field(0, description="the seed of data.val_fraction's choice")
     # bad input
     strict: bool = False
     max_pixels: int = Field(MAX_PIXELS, gt=0)
@@ -98,6 +112,12 @@ class DataConfig(BaseModel):
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"expected 0 < low <= high, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _one_val_source(self) -> DataConfig:
+        if self.val_fraction is not None and self.val_split is not None:
+            raise ValueError("set data.val_fraction or data.val_split, not both")
+        return self
 
     @property
     def eval_transform(self) -> tuple[str, float, str]:

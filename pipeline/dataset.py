@@ -34,7 +34,7 @@ from pipeline.prepare import prepare
 from pipeline.readers import (
     Unit,
     batches,
-    count_rows,
+    carve_units,
     open_source,
     plan_tasks,
     plan_units,
@@ -61,6 +61,7 @@ class DatasetInfo:
     # rows of each split there is (a row may still be a bad image); a split without files is
     # absent, one whose size needs reading every file (WebDataset) too
     split_rows: dict[str, int]
+    val_from: str = "val"  # which rows validate: the source's val, a carve of train, a split
 
 
 def ensure_prepared(spec: str) -> str:
@@ -80,13 +81,51 @@ def check_sizes(cfg: DataConfig, patch_size: int) -> None:
         raise ValueError(f"data.image_size {h}x{w} is not a multiple of patch size {patch_size}")
 
 
+def val_from(cfg: DataConfig, source: Source) -> str:
+    """Which rows validate, in words: the source's val split, a seeded carve of train
+    (data.val_fraction) or another split (data.val_split). Checked here, on the driver."""
+    if cfg.val_fraction is not None:
+        if "val" in source.splits:
+            raise SourceError(
+                f"{cfg.dataset} has a val split; data.val_fraction carves one only where "
+                "there is none"
+            )
+        return f"train, carved (val_fraction {cfg.val_fraction}, seed {cfg.val_seed})"
+    if cfg.val_split is not None:
+        source.split_files(cfg.val_split)  # raises naming the splits there are
+        if cfg.val_split == "test":
+            warnings.warn(
+                f"{cfg.dataset}: validating on the test split (data.val_split: test); its "
+                "scores stop being a held-out estimate once they pick checkpoints or "
+                "hyperparameters",
+                stacklevel=2,
+            )
+        return f"split {cfg.val_split}"
+    return "val"
+
+
+def split_units(cfg: DataConfig, source: Source, split: str) -> list[Unit]:
+    """The read units of a split as a job sees it: train and val carved from train with
+    data.val_fraction, val read from data.val_split, any other split as it is."""
+    if cfg.val_fraction is not None and split in ("train", "val"):
+        return carve_units(source, cfg.val_fraction, cfg.val_seed)[split]
+    if cfg.val_split is not None and split == "val":
+        split = cfg.val_split
+    return plan_units(source, source.split_files(split))
+
+
 def describe_dataset(cfg: DataConfig) -> DatasetInfo:
     """Classes and split sizes from metadata only: a manifest, Parquet footers, a listing."""
     spec = ensure_prepared(cfg.dataset)
     source = open_source(spec, cfg.image_column, cfg.label_column, cfg.label_field)
-    rows = {split: count_rows(source, source.split_files(split)) for split in source.split_names()}
+    where = val_from(cfg, source)
+    names = set(source.split_names()) | ({"val"} if where != "val" else set())
+    rows = {}
+    for split in sorted(names):
+        units = split_units(cfg, source, split)
+        rows[split] = sum(u["rows"] for u in units) if all(u["rows"] >= 0 for u in units) else None
     known = {split: n for split, n in rows.items() if n is not None}
-    return DatasetInfo(source, source.class_names, known)
+    return DatasetInfo(source, source.class_names, known, where)
 
 
 def load_tasks(
@@ -129,9 +168,9 @@ def plan_split(
     cfg: DataConfig, info: DatasetInfo, split: str, subset: int | None = None
 ) -> list[list[Unit]]:
     """The tasks of a split (of a `subset` of its rows), from metadata only."""
-    files = info.source.split_files(split)
-    units = plan_units(info.source, files)
-    if not units or count_rows(info.source, files) == 0:
+    units = split_units(cfg, info.source, split)
+    if not units or info.split_rows.get(split) == 0:
+        files = info.source.split_files(split if split in info.source.splits else "all")
         raise SourceError(f"{cfg.dataset} split {split!r} has no rows: {files[:4]}")
     if subset is not None:
         units = sample_units(units, subset, SUBSET_SEED)

@@ -17,7 +17,6 @@ import random
 import shutil
 import sys
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,16 +26,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.builtin import Item
+from pipeline.builtin import Item, builtin_items, fashion_mnist_dir, parse_builtin
 from pipeline.console import ConsoleLine
 from pipeline.decode import BadImage, image_bytes, load, open_image
-from pipeline.readers import open_source, plan_units, read_unit, row_group_sizes
-from pipeline.sources import (
-    MANIFEST,
-    Source,
-    SourceError,
-    builtin_items,
-)
+from pipeline.kinds import KINDS
+from pipeline.kinds.parquet import row_group_sizes
+from pipeline.readers import count_rows, in_val, open_source, plan_units, read_unit
+from pipeline.sources import MANIFEST, Source, SourceError
 
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
 ROW_GROUP_BYTES = 8 * 2**20  # the unit of parallel reading and decoding (~250 photos)
@@ -151,44 +147,52 @@ def _sha256(path: Path) -> str:
 
 def source_items(
     spec: str, seed: int, columns: dict[str, str]
-) -> tuple[Iterable[Item], int | None, list[str] | None, str]:
-    """(items, their count if known, class names, kind). Sources are read unit by unit by
-    `pipeline.readers`, as streaming reads them, with the `columns` given (image_column,
-    label_column, label_field). Built-ins and folders come sorted by class: they are
-    shuffled with `seed`, so that shards mix classes."""
+) -> tuple[Iterable[Item], int | None, list[str] | None, str, list[str]]:
+    """(items, their count if known, class names, kind, the source's splits). Sources are
+    read unit by unit by `pipeline.readers`, as streaming reads them, with the `columns`
+    given (image_column, label_column, label_field). Built-ins and image files come sorted
+    by class: they are shuffled with `seed`, so that shards mix classes."""
     if spec.startswith("builtin:"):
         if columns:
             raise SourceError(f"{spec} has no columns to choose: {sorted(columns)} do not apply")
+        if parse_builtin(spec)[0] == "fashion-mnist":
+            items, count, classes, _, splits = source_items(fashion_mnist_dir(), seed, {})
+            return items, count, classes, "builtin", splits
         items, classes = builtin_items(spec)
         random.Random(seed).shuffle(items)
-        return items, len(items), classes, "builtin"
+        return items, len(items), classes, "builtin", sorted({i.split or "train" for i in items})
     source = open_source(spec, **columns)
     if source.kind == "vitray":
         raise SourceError(f"{spec} is already a vitray dataset; train on it directly")
-    if source.kind == "folder" and source.class_names is None:
+    if source.class_names is None and source.kind == "folder":
         shown = [posixpath.relpath(f, source.root) for f in source.files[:8]]
         raise SourceError(
             f"{spec} holds images but no class subfolders (its files: {shown}); prepare one "
             "subfolder per class (`vitray predict` reads unlabelled images as they are)"
         )
-    files = list(source.files)
-    if source.kind == "folder":
-        random.Random(seed).shuffle(files)
-    count = len(files) if source.kind == "folder" else None
-    return _unit_items(source, files), count, source.class_names, source.kind
+    by_file = KINDS[source.kind].rows_are_files
+    splits = {}
+    for split, files in source.splits.items():
+        splits[split] = list(files)
+        if by_file:
+            random.Random(seed).shuffle(splits[split])
+    count = count_rows(source, source.files)
+    return _unit_items(source, splits), count, source.class_names, source.kind, sorted(splits)
 
 
-def _unit_items(source: Source, files: list[str]) -> Iterator[Item]:
-    for unit in plan_units(source, files):
-        rows = read_unit(source, unit)
-        # a Parquet file or tar named for a split keeps it; folder files get one by hash
-        split = source.split_of(unit["path"]) if unit["path"] else None
-        for i, data in enumerate(rows["image"]):
-            # Parquet rows without an id (or a Hugging Face path) are named FILE:ROW
-            item_id = rows["id"][i] or f"{posixpath.basename(unit['path'])}:{rows['row'][i]}"
-            yield Item(
-                str(item_id), int(rows["label"][i]), split, read_or_raise(data, rows["error"][i])
-            )
+def _unit_items(source: Source, splits: dict[str, list[str]]) -> Iterator[Item]:
+    for split, files in splits.items():
+        for unit in plan_units(source, files):
+            rows = read_unit(source, unit)
+            for i, data in enumerate(rows["image"]):
+                # Parquet rows without an id (or a Hugging Face path) are named FILE:ROW
+                item_id = rows["id"][i] or f"{posixpath.basename(unit['path'])}:{rows['row'][i]}"
+                yield Item(
+                    str(item_id),
+                    int(rows["label"][i]),
+                    split,
+                    read_or_raise(data, rows["error"][i]),
+                )
 
 
 def read_or_raise(data: bytes | None, error: str | None) -> Callable[[], bytes | None]:
@@ -202,12 +206,13 @@ def read_or_raise(data: bytes | None, error: str | None) -> Callable[[], bytes |
     return read
 
 
-def assign_split(item: Item, val_fraction: float, seed: int) -> str:
-    """The item's own split, else a stable hash of its id: the same on every re-run."""
-    if item.split:
-        return item.split
-    bucket = zlib.crc32(f"{seed}:{item.id}".encode()) % 1_000_000
-    return "val" if bucket < val_fraction * 1_000_000 else "train"
+def assign_split(item: Item, val_fraction: float, seed: int, carve: bool) -> str:
+    """The item's own split; when the source has no val split (`carve`), a `val_fraction`
+    of train by a stable hash of the id: the same on every re-run."""
+    split = item.split or "train"
+    if carve and split == "train" and in_val(seed, item.id, val_fraction):
+        return "val"
+    return split
 
 
 def check_image(item: Item) -> tuple[Item, bytes, str | None]:
@@ -332,7 +337,10 @@ def prepare(
     if done is not None:
         print(f"{out} already holds {spec} (same options); nothing to do", file=sys.stderr)
         return done
-    items, count, class_names, kind = source_items(spec, seed, columns)
+    items, count, class_names, kind, splits = source_items(spec, seed, columns)
+    if class_names is not None and len(class_names) < 2:
+        raise SourceError(f"{spec} has {len(class_names)} class {class_names}: training needs 2")
+    carve = "val" not in splits and val_fraction > 0
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -351,7 +359,7 @@ def prepare(
                 skipped.append({"id": item.id, "reason": error})
                 bar.update(skipped=1)
                 continue
-            split = assign_split(item, val_fraction, seed)
+            split = assign_split(item, val_fraction, seed, carve)
             if split not in writers:
                 writers[split] = ShardWriter(tmp, split, options["shard_size"])
             writers[split].add(item.id, data, item.label)
@@ -363,6 +371,8 @@ def prepare(
             raise SourceError(f"{spec} holds no usable image: {len(skipped)} bad, {reasons}")
         if class_names is None:
             class_names = [str(i) for i in range(max_label + 1)]
+            if len(class_names) < 2:
+                raise SourceError(f"{spec}: every label is {max_label}; training needs 2 classes")
         manifest = {
             "format": FORMAT,
             "version": 1,
@@ -372,6 +382,8 @@ def prepare(
             "class_names": class_names,
             "num_classes": len(class_names),
             "splits": {name: w.close() for name, w in sorted(writers.items())},
+            # which rows validate: the source's own val split, or a seeded share of train
+            "val_from": f"train (val_fraction {val_fraction}, seed {seed})" if carve else "val",
             "skipped": skipped,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

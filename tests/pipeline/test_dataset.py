@@ -13,8 +13,8 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset
 from pipeline.prepare import prepare
-from pipeline.readers import open_source, plan_units, read_unit
-from pipeline.sources import SourceError, resolve_source
+from pipeline.readers import open_source, plan_units, read_unit, resolve_source
+from pipeline.sources import SourceError
 
 from helpers import encode, photo
 

@@ -69,11 +69,13 @@ def test_split_names_follow_hugging_face_datasets(tmp_path):
         "shard-000.tar": None,
     }
     assert {path: split_of_path(f"/r/{path}", "/r") for path in names} == names
-    for cls in ("test", "val"):  # an image folder's subfolders are classes, not splits
+    for cls in ("test", "val"):  # classes to torchvision, splits to `datasets`: refused
         (tmp_path / cls).mkdir()
         (tmp_path / cls / "0.jpg").write_bytes(jpeg(0))
-    folder = open_source(str(tmp_path))
-    assert folder.split_names() == ["train"] and len(folder.split_files("train")) == 2
+    with pytest.raises(
+        SourceError, match=r"split folders \['test', 'val'\], but .* not in a class"
+    ):
+        open_source(str(tmp_path))
 
 
 def test_hugging_face_download_streams_without_prepare(ray_local, tmp_path, monkeypatch):
@@ -132,7 +134,9 @@ def test_columns_are_found_by_their_hugging_face_features(ray_local, tmp_path, c
         ]
     )
     manifest = describe_dataset(DataConfig(dataset=str(tmp_path / "out"))).source.manifest
-    assert manifest["class_names"] == coarse and manifest["splits"]["train"]["rows"] == 6
+    assert manifest["class_names"] == coarse
+    # a source without val: prepare carves one from train (--val-fraction 0.1)
+    assert {k: v["rows"] for k, v in manifest["splits"].items()} == {"train": 4, "val": 2}
 
 
 def test_columns_without_features_are_named_or_chosen(tmp_path):
@@ -145,7 +149,7 @@ def test_columns_without_features_are_named_or_chosen(tmp_path):
     with pytest.raises(SourceError, match=r"00001\.parquet has no image column .*" + columns):
         describe_dataset(cfg)
     chosen = cfg.model_copy(update={"image_column": "img", "label_column": "lbl"})
-    assert describe_dataset(chosen).class_names is None  # no ClassLabel: names unknown
+    assert describe_dataset(chosen).class_names == ["0", "1", "2"]  # numbered 0..largest
     manifest = prepare(
         str(tmp_path / "plain"),
         tmp_path / "out",
@@ -155,8 +159,8 @@ def test_columns_without_features_are_named_or_chosen(tmp_path):
     assert manifest["class_names"] == ["0", "1", "2"]  # prepare: the largest label + 1
     with pytest.raises(SourceError, match=r"has no label column 'nope'; " + columns):
         describe_dataset(chosen.model_copy(update={"label_column": "nope"}))
-    with pytest.raises(SourceError, match=r"label column 'name' is string; labels are class"):
-        describe_dataset(chosen.model_copy(update={"label_column": "name"}))
+    by_name = describe_dataset(chosen.model_copy(update={"label_column": "name"}))
+    assert by_name.class_names == sorted(FRUIT)  # string labels: names, sorted as `datasets`
     with pytest.raises(SourceError, match=r"image column 'lbl' is int64, not encoded image"):
         describe_dataset(chosen.model_copy(update={"image_column": "lbl"}))
     prepared = DataConfig(dataset=str(tmp_path / "out"), label_column="lbl")
@@ -307,7 +311,9 @@ def test_a_source_without_images_stops_naming_what_it_holds(tmp_path, capsys):
 
     for i in range(2):
         (tmp_path / "loose" / f"{i}.txt").write_bytes(b"not an image")
-    with pytest.raises(SourceError, match=r"no class subfolders; its 2 files: \['0\.txt', '1"):
+    with pytest.raises(
+        SourceError, match=r"holds no layout vitray reads .* its 2 files: \['0\.txt', '1"
+    ):
         open_source(str(tmp_path / "loose"))
     for i in range(2):
         (tmp_path / "loose" / f"{i}.jpg").write_bytes(b"not a jpeg")
@@ -316,7 +322,11 @@ def test_a_source_without_images_stops_naming_what_it_holds(tmp_path, capsys):
         prepare(str(tmp_path / "loose"), tmp_path / "out", progress=False)
     (tmp_path / "loose" / "cat").mkdir()
     (tmp_path / "loose" / "0.jpg").rename(tmp_path / "loose" / "cat" / "0.jpg")
-    with pytest.raises(SourceError, match=r"no usable image: 1 bad, \[\('not a readable image"):
+    with pytest.raises(SourceError, match=r"loose has 1 class \['cat'\]: training needs 2"):
+        prepare(str(tmp_path / "loose"), tmp_path / "out", progress=False)
+    (tmp_path / "loose" / "dog").mkdir()
+    (tmp_path / "loose" / "1.jpg").rename(tmp_path / "loose" / "dog" / "1.jpg")
+    with pytest.raises(SourceError, match=r"no usable image: 2 bad, \[\('not a readable image"):
         prepare(str(tmp_path / "loose"), tmp_path / "out", progress=False)
 
 

@@ -1,0 +1,163 @@
+"""MNIST-format IDX files (`train-images-idx3-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]`) as
+torchvision's MNIST, FashionMNIST and KMNIST keep them in their raw folders: a train and a
+test split, the class names torchvision gives the known datasets (named by a folder above
+the files), `0`..`9` otherwise. Each image becomes PNG bytes, so that it travels and
+decodes as any other image."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import posixpath
+import re
+import struct
+
+import numpy as np
+from PIL import Image
+
+from pipeline.kinds.base import Rows, SourceKind, Unit, object_array
+from pipeline.sources import Listing, Source, SourceError
+
+IDX_FILE = re.compile(r"^(train|t10k)-(images-idx3|labels-idx1)-ubyte(\.gz)?$")
+SPLITS = {"train": "train", "t10k": "test"}
+ROWS_PER_UNIT = 10_000
+# torchvision.datasets.{MNIST,FashionMNIST,KMNIST}.classes, by the folder that names them
+KNOWN = {
+    "mnist": [
+        f"{i} - {w}"
+        for i, w in enumerate("zero one two three four five six seven eight nine".split())
+    ],
+    "fashionmnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
+
+
+def dataset_name(path: str) -> str | None:
+    """The known dataset a folder above `path` names (FashionMNIST, fashion-mnist, ...)."""
+    for part in reversed(posixpath.dirname(path).split("/")):
+        key = re.sub(r"[-_ ]", "", part.lower())
+        if key in KNOWN:
+            return key
+    return None
+
+
+def labels_path(images: str) -> str:
+    return images.replace("images-idx3", "labels-idx1")
+
+
+def read_idx(source: Source, path: str) -> np.ndarray:
+    """An IDX file's array (its header gives dtype and shape: uint8 only, as MNIST's)."""
+    with source.filesystem.open_input_stream(path, compression=None) as f:
+        data = f.read()
+    if path.endswith(".gz"):  # decompressed here: pyarrow's detection goes by extension alone
+        data = gzip.decompress(data)
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise SourceError(f"{path} is not an IDX file of unsigned bytes (header {data[:4]!r})")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise SourceError(f"{path} holds {body.size} bytes, its header says {shape}")
+    return body.reshape(shape)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class Idx(SourceKind):
+    name = "idx"
+    layout = "MNIST-format IDX files"
+
+    def claims(self, listing: Listing) -> list[str]:
+        return [f for f in listing.files if IDX_FILE.match(posixpath.basename(f))]
+
+    def resolve(self, listing: Listing, files: list[str]) -> Source:
+        folders = sorted({posixpath.dirname(f) for f in files})
+        if len(folders) > 1:
+            raise SourceError(
+                f"{listing.spec} holds IDX files in {len(folders)} folders "
+                f"{[listing.rel(d) for d in folders]}: point at one of them"
+            )
+        names = {posixpath.basename(f) for f in files}
+        splits = {}
+        for prefix, split in SPLITS.items():
+            images = [f for f in files if posixpath.basename(f).startswith(f"{prefix}-images")]
+            if not images:
+                continue
+            if posixpath.basename(labels_path(images[0])) not in names:
+                raise SourceError(f"{images[0]} has no labels file beside it")
+            splits[split] = images[:1]
+        if not splits:
+            raise SourceError(f"{listing.spec} holds IDX labels but no images: {sorted(names)}")
+        known = dataset_name(files[0])
+        data = sorted(f for fs in splits.values() for f in fs)
+        return Source(
+            self.name,
+            listing.root,
+            listing.filesystem,
+            KNOWN.get(known),
+            data,
+            splits,
+            spec=listing.spec,
+        )
+
+    def open(self, source: Source) -> Source:
+        source = super().open(source)
+        rows, groups, top = {}, {}, -1
+        for path in source.files:
+            images, labels = read_idx(source, path), read_idx(source, labels_path(path))
+            if images.ndim != 3 or labels.shape != images.shape[:1]:
+                raise SourceError(
+                    f"{path}: images {images.shape} and labels {labels.shape} do not pair"
+                )
+            n, size = len(images), images[0].size
+            rows[path] = n
+            groups[path] = [
+                (min(ROWS_PER_UNIT, n - s), min(ROWS_PER_UNIT, n - s) * size)
+                for s in range(0, n, ROWS_PER_UNIT)
+            ]
+            top = max(top, int(labels.max()) if labels.size else -1)
+        classes = source.class_names or [str(i) for i in range(max(top + 1, 10))]
+        if top >= len(classes):
+            raise SourceError(f"{source.spec}: label {top} is past its {len(classes)} classes")
+        return Source(
+            self.name,
+            source.root,
+            source.filesystem,
+            classes,
+            source.files,
+            source.splits,
+            spec=source.spec,
+            rows=rows,
+            row_groups=groups,
+        )
+
+    def read(self, source: Source, unit: Unit) -> Rows:
+        path, start = unit["path"], unit["row_group"] * ROWS_PER_UNIT
+        stop = start + unit["rows"]
+        images = read_idx(source, path)[start:stop]
+        labels = read_idx(source, labels_path(path))[start:stop]
+        split = SPLITS[posixpath.basename(path).split("-")[0]]
+        n = len(images)
+        return {
+            "image": object_array([png(x) for x in images]),
+            "label": labels.astype(np.int64),
+            "id": object_array([f"{split}/{i}" for i in range(start, start + n)]),
+            "error": object_array([None] * n),
+            "path": object_array([path] * n),
+            "row": np.arange(start, start + n),
+        }

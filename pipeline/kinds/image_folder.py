@@ -1,0 +1,102 @@
+"""Image folders as torchvision's `ImageFolder` reads them: one folder per class (files in
+folders nested inside a class folder belong to it), class indices in sorted name order,
+image extensions in any case, other files ignored. Either one root of class folders, or one
+root per split (`train/`, `val/`, `test/`: ImageNet, Imagenette, most Kaggle sets), each
+holding the class folders. Hidden files and folders are skipped, as `datasets` does."""
+
+from __future__ import annotations
+
+from pipeline.kinds.files import FilesKind, check_split_classes
+from pipeline.kinds.hf_imagefolder import has_metadata
+from pipeline.sources import SPLIT_ALIASES, Listing, Source, SourceError
+
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFolder(FilesKind):
+    name = "folder"
+    layout = "an image folder (torchvision ImageFolder)"
+
+    def claims(self, listing: Listing) -> list[str]:
+        if has_metadata(listing):
+            return []
+        return [f for f in listing.files if f.lower().endswith(IMAGE_SUFFIXES)]
+
+    def resolve(self, listing: Listing, files: list[str]) -> Source:
+        parts = {f: listing.rel(f).split("/") for f in files}
+        in_folders = [f for f in files if len(parts[f]) > 1]
+        if not in_folders:  # unlabelled: `vitray predict` reads them; training needs classes
+            return Source(
+                self.name,
+                listing.root,
+                listing.filesystem,
+                None,
+                files,
+                {"train": files},
+                spec=listing.spec,
+            )
+        tops = sorted({parts[f][0] for f in in_folders})
+        split_tops = [t for t in tops if t.lower() in SPLIT_ALIASES]
+        if split_tops and len(split_tops) < len(tops):
+            others = [t for t in tops if t not in split_tops]
+            raise SourceError(
+                f"{listing.spec} could be read two ways: {split_tops} are split names and "
+                f"{others[:6]} are not, so they are either all classes or a mix of splits "
+                "and classes; keep one root per split, each holding only class folders, or "
+                "one root of class folders"
+            )
+        if not split_tops:  # one root of class folders
+            classes = tops
+            labels = {f: classes.index(parts[f][0]) for f in in_folders}
+            return Source(
+                self.name,
+                listing.root,
+                listing.filesystem,
+                classes,
+                in_folders,
+                {"train": in_folders},
+                spec=listing.spec,
+                file_labels=labels,
+            )
+        return self.split_roots(listing, in_folders, parts, split_tops)
+
+    def split_roots(
+        self, listing: Listing, files: list[str], parts: dict[str, list[str]], tops: list[str]
+    ) -> Source:
+        """`train/<class>/...`, `val/<class>/...`: classes from train, in sorted order."""
+        split_of = {top: SPLIT_ALIASES[top.lower()] for top in tops}
+        twice = sorted({s for s in split_of.values() if list(split_of.values()).count(s) > 1})
+        if twice:
+            same = [top for top in tops if split_of[top] in twice]
+            raise SourceError(
+                f"{listing.spec} could be read two ways: folders {same} all name split "
+                f"{twice[0]!r}; keep one of them"
+            )
+        loose = [listing.rel(f) for f in files if len(parts[f]) < 3]
+        if loose:
+            raise SourceError(
+                f"{listing.spec} has split folders {tops}, but {loose[:4]} sit in a split "
+                "folder, not in a class folder inside it: put every image in "
+                "<split>/<class>/"
+            )
+        splits: dict[str, list[str]] = {}
+        names: dict[str, set[str]] = {}
+        for f in files:
+            split = split_of[parts[f][0]]
+            splits.setdefault(split, []).append(f)
+            names.setdefault(split, set()).add(parts[f][1])
+        check_split_classes(listing.spec, self.layout, names)
+        classes = sorted(names.get("train") or set().union(*names.values()))
+        index = {name: i for i, name in enumerate(classes)}
+        labels = {f: index[parts[f][1]] for f in files}
+        return Source(
+            self.name,
+            listing.root,
+            listing.filesystem,
+            classes,
+            files,
+            splits,
+            spec=listing.spec,
+            file_labels=labels,
+        )

@@ -1,0 +1,500 @@
+"""Every layout a peer documents, read differentially: the peer's own writer makes the data
+(`datasets`, plain files in torchvision's layout, IDX bytes as published), the peer's own
+reader is the reference (torchvision's ImageFolder and FashionMNIST, `datasets`'
+load_dataset and load_from_disk), and vitray's direct reading (the code each Ray decode task
+runs) and its prepared manifest must give every file or row the same split and class name.
+Mismatches are counted; the expected count is zero. Cases outside what vitray reads are
+refusals with exit 2 that name the layout."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torchvision
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Image,
+    Value,
+    load_dataset,
+    load_from_disk,
+)
+from PIL import Image as PILImage
+
+from jobs.cli import main
+from pipeline.config import DataConfig
+from pipeline.dataset import build_dataset, describe_dataset
+from pipeline.prepare import prepare
+from pipeline.readers import open_source, plan_units, read_unit
+from pipeline.sources import SourceError
+
+HF_SPLIT = {"train": "train", "validation": "val", "test": "test"}  # `datasets` -> vitray
+
+
+def png(seed: int, size: int = 8) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def streamed(root: Path, **columns: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """id -> (split, class name) of every row as vitray's readers give it, and the classes."""
+    source = open_source(str(root), **columns)
+    names, out = source.class_names, {}
+    for split in source.split_names():
+        for unit in plan_units(source, source.split_files(split)):
+            rows = read_unit(source, unit)
+            for row_id, label, error in zip(rows["id"], rows["label"], rows["error"], strict=True):
+                out[row_id] = (split, names[label] if error is None and label >= 0 else None)
+    return out, names
+
+
+def prepared(root: Path, out: Path, **columns: str) -> tuple[dict[str, tuple[str, str]], list]:
+    """id -> (split, class name) of every row `vitray prepare` wrote (no val carved)."""
+    manifest = prepare(str(root), out, val_fraction=0, progress=False, **columns)
+    names, rows = manifest["class_names"], {}
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            table = pq.read_table(out / shard["file"], columns=["id", "label"])
+            for row_id, label in zip(*table.to_pydict().values(), strict=True):
+                rows[row_id] = (split, names[label])
+    return rows, names
+
+
+def mismatches(reference: dict, got: dict) -> list:
+    """The keys where `got` differs from `reference`, missing and extra ones included."""
+    return [k for k in reference.keys() | got.keys() if reference.get(k) != got.get(k)]
+
+
+def check_both(root: Path, tmp: Path, reference: dict, classes: list[str], **columns) -> None:
+    """vitray's stream and its prepared manifest agree with the reference, row for row."""
+    got, names = streamed(root, **columns)
+    assert names == classes and mismatches(reference, got) == []
+    got, names = prepared(root, tmp / f"prepared-{root.name}", **columns)
+    assert names == classes and mismatches(reference, got) == []
+
+
+# torchvision ImageFolder ---------------------------------------------------------------------
+
+
+def class_tree(root: Path, classes: list[str], per_class: int, seed: int = 0) -> None:
+    """Class folders as people have them: upper-case extensions, images in nested folders,
+    files that are no images (ignored), a hidden folder of thumbnails (skipped)."""
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            ext = (".JPEG", ".png", ".Jpg")[i % 3]
+            nested = "sub/deeper/" if i % 4 == 3 else ""
+            write(root / name / f"{nested}{name}_{i}{ext}", png(seed + 100 * c + i))
+        write(root / name / "README.txt", b"not an image")
+        write(root / name / "labels.csv", b"file,label\n")
+    write(root / ".thumbnails" / "x.png", png(9))
+
+
+def test_one_root_of_class_folders_reads_as_torchvision_imagefolder(tmp_path):
+    root = tmp_path / "pets"
+    class_tree(root, ["tabby", "beagle", "Zebra", "ant"], per_class=7)
+    (root / ".thumbnails").rename(tmp_path / "thumbs")  # torchvision would take it as a class
+    ds = torchvision.datasets.ImageFolder(str(root))
+    reference = {
+        Path(path).relative_to(root).as_posix(): ("train", ds.classes[target])
+        for path, target in ds.samples
+    }
+    assert len(reference) == 28  # nested and upper-case images counted, .txt/.csv ignored
+    check_both(root, tmp_path, reference, ds.classes)
+
+
+def test_hidden_files_are_skipped_as_datasets_skips_them(tmp_path):
+    root = tmp_path / "pets"
+    class_tree(root, ["cat", "dog"], per_class=3)
+    write(root / "cat" / ".hidden.png", png(5))
+    ds = load_dataset("imagefolder", data_dir=str(root), split="train")
+    ds = ds.cast_column("image", Image(decode=False))
+    names = ds.features["label"].names
+    reference = {
+        Path(row["image"]["path"]).relative_to(root).as_posix(): ("train", names[row["label"]])
+        for row in ds
+    }
+    got, classes = streamed(root)
+    assert classes == names and mismatches(reference, got) == []
+
+
+def split_tree(root: Path, val_name: str) -> None:
+    """ImageNet's layout: train/<class>, val/<class>, test/<class>; val lacks a class."""
+    for s, (split, classes) in enumerate(
+        {
+            "train": ["n0144", "n0151", "n0201"],
+            val_name: ["n0144", "n0201"],
+            "test": ["n0151", "n0201"],
+        }.items()
+    ):
+        for c, name in enumerate(classes):
+            for i in range(3):
+                write(root / split / name / f"{name}_{i}.JPEG", png(1000 * s + 10 * c + i))
+
+
+@pytest.mark.parametrize("val_name", ["val", "validation", "valid"])
+def test_one_root_per_split_reads_as_torchvision_per_split_and_datasets(tmp_path, val_name):
+    root = tmp_path / "imagenet"
+    split_tree(root, val_name)
+    reference, train_classes = {}, None
+    for split in ("train", val_name, "test"):
+        ds = torchvision.datasets.ImageFolder(str(root / split))
+        train_classes = train_classes or ds.classes
+        for path, target in ds.samples:
+            ours = "val" if split == val_name else split
+            reference[Path(path).relative_to(root).as_posix()] = (ours, ds.classes[target])
+    check_both(root, tmp_path, reference, train_classes)
+    # `datasets` reads the same tree as the same splits and labels
+    hf = load_dataset("imagefolder", data_dir=str(root)).cast_column("image", Image(decode=False))
+    from_hf = {
+        Path(row["image"]["path"]).relative_to(root).as_posix(): (
+            HF_SPLIT[split],
+            hf[split].features["label"].names[row["label"]],
+        )
+        for split in hf
+        for row in hf[split]
+    }
+    assert mismatches(from_hf, reference) == []
+
+
+# Hugging Face imagefolder with metadata ---------------------------------------------------------
+
+
+def write_metadata(folder: Path, rows: list[dict], fmt: str) -> None:
+    table = pa.Table.from_pylist(rows)
+    if fmt == "csv":
+        lines = ["file_name,label", *(f"{r['file_name']},{r['label']}" for r in rows)]
+        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    elif fmt == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(table, folder / "metadata.parquet")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+@pytest.mark.parametrize("labels", ["strings", "integers"])
+def test_imagefolder_metadata_labels_win_as_in_datasets(tmp_path, fmt, labels):
+    """Split folders of images in misleading class folders; the metadata's labels count."""
+    root = tmp_path / "hf"
+    kinds = ["shirt", "boot", "bag"] if labels == "strings" else [0, 1, 2]
+    for s, split in enumerate(("train", "test")):
+        rows = []
+        for i in range(9 if split == "train" else 4):
+            name = f"{'misc' if i % 2 else 'other'}/{i}.png"
+            write(root / split / name, png(100 * s + i))
+            rows.append({"file_name": name, "label": kinds[(i * 2 + s) % 3]})
+        write_metadata(root / split, rows, fmt)
+    hf = load_dataset("imagefolder", data_dir=str(root)).cast_column("image", Image(decode=False))
+    values = {
+        (split, Path(row["image"]["path"]).relative_to(root).as_posix()): row["label"]
+        for split in hf
+        for row in hf[split]
+    }
+    classes = sorted({str(v) for v in values.values()})
+    if labels == "integers":
+        classes = [str(i) for i in range(max(values.values()) + 1)]
+    reference = {path: (HF_SPLIT[split], str(v)) for (split, path), v in values.items()}
+    check_both(root, tmp_path, reference, classes)
+
+
+# datasets save_to_disk -------------------------------------------------------------------------
+
+
+def hf_rows(n: int, seed: int, names: list[str] | None) -> dict:
+    return {
+        "image": [{"bytes": png(seed + i), "path": None} for i in range(n)],
+        "label": [(i * 7) % 3 if names else ["plum", "fig", "apple"][i % 3] for i in range(n)],
+    }
+
+
+def row_reference(ds) -> list[tuple[str, str]]:
+    """(image digest, class name) of each row as `datasets` gives it."""
+    ds = ds.cast_column("image", Image(decode=False))
+    feature = ds.features["label"]
+    return [
+        (
+            digest(row["image"]["bytes"]),
+            feature.names[row["label"]] if isinstance(feature, ClassLabel) else row["label"],
+        )
+        for row in ds
+    ]
+
+
+def vitray_rows(root: Path, split: str) -> tuple[list[tuple[str, str]], list[str]]:
+    source = open_source(str(root))
+    rows = [read_unit(source, u) for u in plan_units(source, source.split_files(split))]
+    return [
+        (digest(image), source.class_names[label])
+        for r in rows
+        for image, label in zip(r["image"], r["label"], strict=True)
+    ], source.class_names
+
+
+@pytest.mark.parametrize("labels", ["classlabel", "strings"])
+def test_save_to_disk_reads_as_load_from_disk(tmp_path, labels):
+    names = ["cat", "dog", "eel"] if labels == "classlabel" else None
+    label = ClassLabel(names=names) if names else Value("string")
+    features = Features({"image": Image(), "label": label})
+    dd = DatasetDict(
+        {
+            split: Dataset.from_dict(hf_rows(n, 100 * s, names), features=features)
+            for s, (split, n) in enumerate({"train": 23, "validation": 7, "test": 5}.items())
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "dict"), max_shard_size="2KB")  # several Arrow files
+    dd["train"].save_to_disk(str(tmp_path / "one"))
+    loaded = load_from_disk(str(tmp_path / "dict"))
+    classes = names or sorted({"plum", "fig", "apple"})
+    for split in loaded:
+        got, got_classes = vitray_rows(tmp_path / "dict", HF_SPLIT[split])
+        assert got_classes == classes and got == row_reference(loaded[split])
+    got, _ = vitray_rows(tmp_path / "one", "train")
+    assert got == row_reference(load_from_disk(str(tmp_path / "one")))
+    manifest = prepare(str(tmp_path / "dict"), tmp_path / "out", val_fraction=0, progress=False)
+    assert manifest["class_names"] == classes
+    assert {s: v["rows"] for s, v in manifest["splits"].items()} == {
+        "train": 23,
+        "val": 7,
+        "test": 5,
+    }
+    prepared_rows = []
+    for shard in manifest["splits"]["test"]["shards"]:
+        table = pq.read_table(tmp_path / "out" / shard["file"]).to_pydict()
+        prepared_rows += [(digest(b), classes[x]) for b, x in zip(table["image"], table["label"])]
+    assert sorted(prepared_rows) == sorted(row_reference(loaded["test"]))
+
+
+def test_save_to_disk_of_an_imagefolder_reads_the_images_it_points_at(tmp_path):
+    """`datasets` keeps a local image file as its path alone, and so does save_to_disk."""
+    root = tmp_path / "pets"
+    class_tree(root, ["cat", "dog"], per_class=3)  # no nested image: `datasets` labels them
+    ds = load_dataset("imagefolder", data_dir=str(root), split="train")
+    ds.save_to_disk(str(tmp_path / "saved"))
+    got, classes = vitray_rows(tmp_path / "saved", "train")
+    assert classes == ["cat", "dog"] and got == row_reference(
+        load_from_disk(str(tmp_path / "saved"))
+    )
+
+
+# Parquet label columns -------------------------------------------------------------------------
+
+INTEGER_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+
+
+@pytest.mark.parametrize("dtype", [*INTEGER_TYPES, "string"])
+def test_parquet_labels_of_every_integer_width_and_strings(tmp_path, dtype):
+    """Written by `datasets` (to_parquet), read back by `datasets`: a null label is a bad
+    row, counted; strings become class names sorted as `class_encode_column` sorts them."""
+    words = ["trouser", "bag", "coat", "Sandal"]
+    values = [
+        None if i % 5 == 4 else (words[i % 4] if dtype == "string" else i % 4) for i in range(20)
+    ]
+    features = Features({"image": Image(), "label": Value(dtype)})
+    ds = Dataset.from_dict(
+        {"image": [{"bytes": png(i), "path": f"{i}.png"} for i in range(20)], "label": values},
+        features=features,
+    )
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"), batch_size=6)
+    reference = load_dataset("parquet", data_dir=str(tmp_path / "hub"), split="train")
+    if dtype == "string":
+        reference = reference.filter(lambda r: r["label"] is not None).class_encode_column("label")
+        classes = reference.features["label"].names
+        expected = {
+            r["image"]["path"]: ("train", classes[r["label"]])
+            for r in reference.cast_column("image", Image(decode=False))
+        }
+    else:
+        classes = [str(i) for i in range(4)]
+        expected = {
+            r["image"]["path"]: ("train", str(r["label"]))
+            for r in reference.cast_column("image", Image(decode=False))
+            if r["label"] is not None
+        }
+    got, names = streamed(tmp_path / "hub")
+    assert sum(label is None for _, label in got.values()) == 4  # the null labels
+    got = {k: v for k, v in got.items() if v[1] is not None}
+    if dtype == "string":
+        assert names == classes
+    assert mismatches(expected, got) == []
+    manifest = prepare(str(tmp_path / "hub"), tmp_path / "out", val_fraction=0, progress=False)
+    assert manifest["class_names"] == classes and len(manifest["skipped"]) == 4
+    assert all(s["reason"] == "no label" for s in manifest["skipped"])
+
+
+# MNIST-format IDX --------------------------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The published IDX layout: two zero bytes, type 0x08 (unsigned byte), the number of
+    dimensions, each dimension as a big-endian int32, then the data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim)
+    return header + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def idx_folder(raw: Path, gz: bool, n: dict[str, int]) -> None:
+    rng = np.random.default_rng(0)
+    for prefix, count in n.items():
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, count, dtype=np.uint8)
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            data = idx_bytes(array)
+            name = f"{prefix}-{kind}-ubyte"
+            write(raw / (name + (".gz" if gz else "")), gzip.compress(data) if gz else data)
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [torchvision.datasets.FashionMNIST, torchvision.datasets.MNIST, torchvision.datasets.KMNIST],
+)
+def test_idx_files_read_as_torchvision_reads_them(tmp_path, dataset):
+    raw = tmp_path / dataset.__name__ / "raw"
+    idx_folder(raw, gz=False, n={"train": 120, "t10k": 30})
+    idx_folder(tmp_path / "gz" / dataset.__name__, gz=True, n={"train": 120, "t10k": 30})
+    source = open_source(str(raw))
+    assert source.class_names == dataset.classes
+    for train, split in ((True, "train"), (False, "test")):
+        ref = dataset(str(tmp_path), train=train, download=False)
+        for folder in (raw, tmp_path / "gz" / dataset.__name__):
+            source = open_source(str(folder))
+            rows = [read_unit(source, u) for u in plan_units(source, source.split_files(split))]
+            pixels = [np.asarray(PILImage.open(io.BytesIO(b))) for r in rows for b in r["image"]]
+            labels = [source.class_names[x] for r in rows for x in r["label"]]
+            assert np.array_equal(np.stack(pixels), ref.data.numpy())
+            assert labels == [ref.classes[t] for t in ref.targets.tolist()]
+    manifest = prepare(str(raw), tmp_path / "out", val_fraction=0.1, progress=False)
+    rows = {s: v["rows"] for s, v in manifest["splits"].items()}
+    assert rows["test"] == 30 and rows["train"] + rows["val"] == 120 and rows["val"] > 0
+
+
+def test_an_unknown_idx_dataset_is_numbered(tmp_path):
+    idx_folder(tmp_path / "digits-idx", gz=True, n={"train": 20, "t10k": 5})
+    assert open_source(str(tmp_path / "digits-idx")).class_names == [str(i) for i in range(10)]
+
+
+# No validation split ---------------------------------------------------------------------------
+
+
+def hub_train_and_test(root: Path) -> None:
+    """As the Hub serves CIFAR-10 or Fashion-MNIST: train and test, no validation."""
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b", "c"])})
+    for split, n in (("train", 60), ("test", 12)):
+        ds = Dataset.from_dict(
+            {
+                "image": [{"bytes": png(i), "path": f"{split}/{i}.png"} for i in range(n)],
+                "label": [i % 3 for i in range(n)],
+            },
+            features=features,
+        )
+        write(root / "data" / f"{split}-00000-of-00001.parquet", b"")
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"), batch_size=5)
+
+
+def ids_of(cfg: DataConfig, split: str) -> list[str]:
+    from pipeline.dataset import split_units
+
+    info = describe_dataset(cfg)
+    return [
+        i for u in split_units(cfg, info.source, split) for i in read_unit(info.source, u)["id"]
+    ]
+
+
+def test_a_source_without_val_carves_it_from_train_or_names_a_split(tmp_path, recwarn):
+    hub_train_and_test(tmp_path / "hub")
+    plain = DataConfig(dataset=str(tmp_path / "hub"), image_size=16)
+    with pytest.raises(SourceError, match=r"no split 'val'.*data\.val_fraction"):
+        ids_of(plain, "val")
+    carved = plain.model_copy(update={"val_fraction": 0.2})
+    info = describe_dataset(carved)
+    assert info.split_rows == {"train": 50, "val": 10, "test": 12}  # whole 5-row units
+    assert "carved" in info.val_from
+    train, val = ids_of(carved, "train"), ids_of(carved, "val")
+    assert not set(train) & set(val) and len(set(train) | set(val)) == 60
+    assert val == ids_of(carved, "val")  # the same rows every time
+    other_seed = carved.model_copy(update={"val_seed": 1})
+    assert ids_of(other_seed, "val") != val
+    on_test = plain.model_copy(update={"val_split": "test"})
+    assert ids_of(on_test, "val") == ids_of(plain, "test")
+    assert any("validating on the test split" in str(w.message) for w in recwarn)
+    manifest = prepare(str(tmp_path / "hub"), tmp_path / "out", val_fraction=0.1, progress=False)
+    rows = {s: v["rows"] for s, v in manifest["splits"].items()}
+    assert rows["test"] == 12 and rows["train"] + rows["val"] == 60 and rows["val"] > 0
+    assert manifest["val_from"].startswith("train")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_imagenet_tree_streams_on_ray_with_the_labels_torchvision_gives(tmp_path):
+    root = tmp_path / "imagenet"
+    split_tree(root, "val")
+    cfg = DataConfig(dataset=str(root), image_size=16)
+    rows = build_dataset(cfg, "val", 8, keep_ids=True).take_all()
+    ref = torchvision.datasets.ImageFolder(str(root / "val"))
+    expected = {Path(p).relative_to(root).as_posix(): ref.classes[t] for p, t in ref.samples}
+    classes = describe_dataset(cfg).class_names
+    assert {r["id"]: classes[r["label"]] for r in rows} == expected
+
+
+# Refusals --------------------------------------------------------------------------------------
+
+
+def refused(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(list(argv))
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_refusals_exit_2_naming_what_was_found(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    one = tmp_path / "one"
+    write(one / "cat" / "0.png", png(0))
+    assert "1 class ['cat']: training needs 2" in refused(capsys, "prepare", str(one), out)
+
+    mixed = tmp_path / "mixed"  # split folders beside class folders
+    for name in ("train/cat", "train/dog", "cat", "dog"):
+        write(mixed / name / "0.png", png(1))
+    err = refused(capsys, "prepare", str(mixed), out)
+    assert "could be read two ways: ['train'] are split names and ['cat', 'dog']" in err
+
+    unseen = tmp_path / "unseen"  # val has a class train lacks
+    for name in ("train/cat", "train/dog", "val/cat", "val/emu"):
+        write(unseen / name / "0.png", png(2))
+    err = refused(capsys, "prepare", str(unseen), out)
+    assert "split 'val' has classes that train does not have: ['emu']" in err
+
+    both = tmp_path / "both"  # Parquet and image folders at once
+    hub_train_and_test(both)
+    for name in ("cat", "dog"):
+        write(both / "images" / name / "0.png", png(3))
+    err = refused(capsys, "prepare", str(both), out)
+    assert "holds two layouts at once: Hugging Face image Parquet" in err
+    assert "an image folder (torchvision ImageFolder)" in err
+
+    missing = tmp_path / "meta"  # an image the metadata does not list
+    write(missing / "a.png", png(4))
+    write(missing / "b.png", png(5))
+    (missing / "metadata.csv").write_text("file_name,label\na.png,cat\n")
+    assert "1 images have no metadata row, e.g. ['b.png']" in refused(
+        capsys, "prepare", str(missing), out
+    )
