@@ -100,6 +100,11 @@ BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
     "data": ("jobs.bench.data", "Ray Data pipeline vs DataLoader vs one process", None),
     "train": ("jobs.bench.train", "Ray-Data-fed vs in-memory training, Ray Train cost", None),
     "finetune": ("jobs.bench.finetune", "posemb interpolated vs re-initialised vs scratch", None),
+    "recipe": (
+        "jobs.bench.recipe",
+        "16 -> 28 px recipe vs 28 px scratch, Fashion-MNIST test",
+        None,
+    ),
     "scale": ("jobs.bench.scale", "planning and img/s from 100 to 10,000 shards on S3", None),
 }
 

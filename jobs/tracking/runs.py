@@ -309,10 +309,11 @@ def dataset_input(data: DataConfig, split_rows: dict[str, int]) -> Any:
 
     class ImageDataset(MetaDataset):
         @property
-        def profile(self) -> dict[str, int]:
+        def profile(self) -> dict[str, int | str]:
             return {
                 "num_rows": sum(split_rows.values()),
                 **{f"{k}_rows": v for k, v in split_rows.items()},
+                "val_from": info.val_from,  # which rows validate
             }
 
         def to_dict(self) -> dict[str, str]:

@@ -71,6 +71,11 @@ def make_plan(
     info = describe_dataset(cfg.data)
     if not info.class_names:
         raise ValueError(f"{cfg.data.dataset}: class names unknown; prepare it with vitray prepare")
+    if len(info.class_names) < 2:
+        raise ValueError(
+            f"{cfg.data.dataset} has {len(info.class_names)} class {info.class_names}: "
+            "training needs 2 at least"
+        )
     if cfg.init.checkpoint and start is None:
         if fetch is None:
             raise ValueError("init.checkpoint needs a checkpoint resolver")

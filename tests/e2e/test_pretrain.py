@@ -42,7 +42,8 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
     assert any(key.startswith("system/") for key in run.data.metrics)  # CPU, memory, ...
     (used,) = run.inputs.dataset_inputs  # the data, as the run page and runs table show it
     assert used.dataset.name == "digits" and json.loads(used.dataset.profile) == {
-        "num_rows": 1797, "train_rows": 1257, "val_rows": 180, "test_rows": 360
+        "num_rows": 1797, "train_rows": 1257, "val_rows": 180, "test_rows": 360,
+        "val_from": "val",  # which rows validate: the source's own val split
     }  # fmt: skip
     assert run.data.tags["mlflow.note.content"].startswith("`vitray")  # the command line
     experiment = client.get_experiment(run.info.experiment_id)

@@ -281,7 +281,9 @@ def test_save_to_disk_reads_as_load_from_disk(tmp_path, labels):
     prepared_rows = []
     for shard in manifest["splits"]["test"]["shards"]:
         table = pq.read_table(tmp_path / "out" / shard["file"]).to_pydict()
-        prepared_rows += [(digest(b), classes[x]) for b, x in zip(table["image"], table["label"])]
+        prepared_rows += [
+            (digest(b), classes[x]) for b, x in zip(table["image"], table["label"], strict=True)
+        ]
     assert sorted(prepared_rows) == sorted(row_reference(loaded["test"]))
 
 
@@ -498,3 +500,17 @@ def test_refusals_exit_2_naming_what_was_found(tmp_path, capsys):
     assert "1 images have no metadata row, e.g. ['b.png']" in refused(
         capsys, "prepare", str(missing), out
     )
+
+
+def test_builtin_fashion_mnist_reads_debians_files_or_says_how_to_get_them(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("VITRAY_FASHION_MNIST", str(tmp_path / "absent"))
+    err = refused(capsys, "prepare", "builtin:fashion-mnist", str(tmp_path / "out"))
+    assert "apt-get install dataset-fashion-mnist" in err
+    idx_folder(tmp_path / "fashion-mnist", gz=True, n={"train": 40, "t10k": 10})
+    monkeypatch.setenv("VITRAY_FASHION_MNIST", str(tmp_path / "fashion-mnist"))
+    manifest = prepare("builtin:fashion-mnist", tmp_path / "out", progress=False)
+    assert manifest["class_names"] == torchvision.datasets.FashionMNIST.classes
+    rows = {s: v["rows"] for s, v in manifest["splits"].items()}
+    assert rows["test"] == 10 and rows["train"] + rows["val"] == 40
