@@ -7,6 +7,7 @@ metadata file nearest above it."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import posixpath
 
@@ -132,14 +133,6 @@ class HfImageFolder(FilesKind):
         else:
             classes = [str(i) for i in range(max(named.values(), default=-1) + 1)]
             labels = {f: int(v) for f, v in named.items()}
-        return Source(
-            self.name,
-            source.root,
-            source.filesystem,
-            classes,
-            source.files,
-            source.splits,
-            spec=source.spec,
-            file_labels=labels,
-            label_column=column,
+        return dataclasses.replace(
+            source, class_names=classes, file_labels=labels, label_column=column
         )

@@ -6,6 +6,7 @@ decodes as any other image."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import posixpath
@@ -20,7 +21,7 @@ from pipeline.sources import Listing, Source, SourceError
 
 IDX_FILE = re.compile(r"^(train|t10k)-(images-idx3|labels-idx1)-ubyte(\.gz)?$")
 SPLITS = {"train": "train", "t10k": "test"}
-ROWS_PER_UNIT = 10_000
+ROWS_PER_UNIT = 5_000  # rows read at once; also the grain of a carved val split
 # torchvision.datasets.{MNIST,FashionMNIST,KMNIST}.classes, by the folder that names them
 KNOWN = {
     "mnist": [
@@ -134,17 +135,7 @@ class Idx(SourceKind):
         classes = source.class_names or [str(i) for i in range(max(top + 1, 10))]
         if top >= len(classes):
             raise SourceError(f"{source.spec}: label {top} is past its {len(classes)} classes")
-        return Source(
-            self.name,
-            source.root,
-            source.filesystem,
-            classes,
-            source.files,
-            source.splits,
-            spec=source.spec,
-            rows=rows,
-            row_groups=groups,
-        )
+        return dataclasses.replace(source, class_names=classes, rows=rows, row_groups=groups)
 
     def read(self, source: Source, unit: Unit) -> Rows:
         path, start = unit["path"], unit["row_group"] * ROWS_PER_UNIT

@@ -8,15 +8,11 @@ refusals with exit 2 that name the layout."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torchvision
@@ -39,23 +35,21 @@ from pipeline.prepare import prepare
 from pipeline.readers import open_source, plan_units, read_unit
 from pipeline.sources import SourceError
 
+from layouts import (
+    class_tree,
+    hub_train_and_test,
+    idx_folder,
+    png,
+    split_tree,
+    write,
+    write_metadata,
+)
+
 HF_SPLIT = {"train": "train", "validation": "val", "test": "test"}  # `datasets` -> vitray
-
-
-def png(seed: int, size: int = 8) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    PILImage.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
 
 
 def streamed(root: Path, **columns: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
@@ -98,19 +92,6 @@ def check_both(root: Path, tmp: Path, reference: dict, classes: list[str], **col
 # torchvision ImageFolder ---------------------------------------------------------------------
 
 
-def class_tree(root: Path, classes: list[str], per_class: int, seed: int = 0) -> None:
-    """Class folders as people have them: upper-case extensions, images in nested folders,
-    files that are no images (ignored), a hidden folder of thumbnails (skipped)."""
-    for c, name in enumerate(classes):
-        for i in range(per_class):
-            ext = (".JPEG", ".png", ".Jpg")[i % 3]
-            nested = "sub/deeper/" if i % 4 == 3 else ""
-            write(root / name / f"{nested}{name}_{i}{ext}", png(seed + 100 * c + i))
-        write(root / name / "README.txt", b"not an image")
-        write(root / name / "labels.csv", b"file,label\n")
-    write(root / ".thumbnails" / "x.png", png(9))
-
-
 def test_one_root_of_class_folders_reads_as_torchvision_imagefolder(tmp_path):
     root = tmp_path / "pets"
     class_tree(root, ["tabby", "beagle", "Zebra", "ant"], per_class=7)
@@ -139,20 +120,6 @@ def test_hidden_files_are_skipped_as_datasets_skips_them(tmp_path):
     assert classes == names and mismatches(reference, got) == []
 
 
-def split_tree(root: Path, val_name: str) -> None:
-    """ImageNet's layout: train/<class>, val/<class>, test/<class>; val lacks a class."""
-    for s, (split, classes) in enumerate(
-        {
-            "train": ["n0144", "n0151", "n0201"],
-            val_name: ["n0144", "n0201"],
-            "test": ["n0151", "n0201"],
-        }.items()
-    ):
-        for c, name in enumerate(classes):
-            for i in range(3):
-                write(root / split / name / f"{name}_{i}.JPEG", png(1000 * s + 10 * c + i))
-
-
 @pytest.mark.parametrize("val_name", ["val", "validation", "valid"])
 def test_one_root_per_split_reads_as_torchvision_per_split_and_datasets(tmp_path, val_name):
     root = tmp_path / "imagenet"
@@ -179,17 +146,6 @@ def test_one_root_per_split_reads_as_torchvision_per_split_and_datasets(tmp_path
 
 
 # Hugging Face imagefolder with metadata ---------------------------------------------------------
-
-
-def write_metadata(folder: Path, rows: list[dict], fmt: str) -> None:
-    table = pa.Table.from_pylist(rows)
-    if fmt == "csv":
-        lines = ["file_name,label", *(f"{r['file_name']},{r['label']}" for r in rows)]
-        (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
-    elif fmt == "jsonl":
-        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
-        pq.write_table(table, folder / "metadata.parquet")
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
@@ -348,24 +304,6 @@ def test_parquet_labels_of_every_integer_width_and_strings(tmp_path, dtype):
 # MNIST-format IDX --------------------------------------------------------------------------------
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The published IDX layout: two zero bytes, type 0x08 (unsigned byte), the number of
-    dimensions, each dimension as a big-endian int32, then the data."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim)
-    return header + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
-
-
-def idx_folder(raw: Path, gz: bool, n: dict[str, int]) -> None:
-    rng = np.random.default_rng(0)
-    for prefix, count in n.items():
-        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, count, dtype=np.uint8)
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            data = idx_bytes(array)
-            name = f"{prefix}-{kind}-ubyte"
-            write(raw / (name + (".gz" if gz else "")), gzip.compress(data) if gz else data)
-
-
 @pytest.mark.parametrize(
     "dataset",
     [torchvision.datasets.FashionMNIST, torchvision.datasets.MNIST, torchvision.datasets.KMNIST],
@@ -396,21 +334,6 @@ def test_an_unknown_idx_dataset_is_numbered(tmp_path):
 
 
 # No validation split ---------------------------------------------------------------------------
-
-
-def hub_train_and_test(root: Path) -> None:
-    """As the Hub serves CIFAR-10 or Fashion-MNIST: train and test, no validation."""
-    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b", "c"])})
-    for split, n in (("train", 60), ("test", 12)):
-        ds = Dataset.from_dict(
-            {
-                "image": [{"bytes": png(i), "path": f"{split}/{i}.png"} for i in range(n)],
-                "label": [i % 3 for i in range(n)],
-            },
-            features=features,
-        )
-        write(root / "data" / f"{split}-00000-of-00001.parquet", b"")
-        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"), batch_size=5)
 
 
 def ids_of(cfg: DataConfig, split: str) -> list[str]:
