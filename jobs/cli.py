@@ -11,6 +11,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from jobs.secrets import mask_process_output
+
 # name -> (module, help, description). Each module under jobs/commands defines
 # add_arguments(parser) and run(args). Only the chosen command's module is imported:
 # `vitray --help` does not wait for torch and Ray.
@@ -152,6 +154,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in logs as they come
+    mask_process_output()  # before any handler holds the streams: no password printed
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Before any command imports Ray Data, which reads it once: no "Dataset ... execution
     # finished" INFO line between the progress lines each time a dataset runs here.

@@ -7,7 +7,6 @@ parsed as YAML); `smoke: true` shrinks the run to a minute on a CPU.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -21,11 +20,11 @@ from pydantic import (
     model_validator,
 )
 
+from jobs.secrets import redact
 from pipeline.config import DataConfig
 from vit import ViTConfig
 
 CONFIGS = Path(__file__).parent / "configs"  # the shipped YAML job configs
-CREDENTIALS = re.compile(r"(://[^/@\s:]*:)[^/@\s]+@")  # the password of scheme://user:password@
 
 
 class Section(BaseModel):
@@ -320,11 +319,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one config key (repeatable); values are YAML",
     )
-
-
-def redact(text: str) -> str:
-    """`text` with the password of every URI in it masked: what may be printed or logged."""
-    return CREDENTIALS.sub(r"\1***@", text)
 
 
 def shown(cfg: JobConfig) -> dict[str, Any]:

@@ -45,4 +45,8 @@ def ensure_ray() -> None:
         # "local", not None: with None, Ray joins whatever cluster last started on this
         # machine (its /tmp/ray/ray_current_cluster), another user's or a stopped one.
         address = "local"
+        # its workers mask passwords too: their output reaches the console and the logs
+        runtime_env = {"worker_process_setup_hook": "jobs.secrets.mask_process_output"}
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        return
     ray.init(address=address, log_to_driver=True)

@@ -12,7 +12,8 @@ import argparse
 import time
 
 from jobs.cluster.raynode import ensure_ray
-from jobs.config import CONFIGS, load_config, redact
+from jobs.config import CONFIGS, load_config
+from jobs.secrets import redact
 from jobs.tracking import runs
 from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import fit

@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from jobs.commands.data_options import add_data_arguments, data_for
-from jobs.config import MlflowSection, redact
+from jobs.config import MlflowSection
+from jobs.secrets import redact
 from jobs.tracking import plots
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.runs import log_evaluation, new_run, tracking_uri

@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from jobs.config import add_config_arguments, load_config, redact, shown
+from jobs.config import add_config_arguments, load_config, shown
+from jobs.secrets import redact
 from jobs.tracking.tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
 

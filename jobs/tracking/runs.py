@@ -13,7 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jobs.config import JobConfig, MlflowSection, flatten, redact, shown
+from jobs.config import JobConfig, MlflowSection, flatten, shown
+from jobs.secrets import redact
 from pipeline.config import DataConfig
 from pipeline.dataset import describe_dataset
 

@@ -97,7 +97,8 @@ def test_every_command_explains_itself(argv, capsys):
 
 
 def test_passwords_in_uris_never_reach_what_is_printed_or_logged():
-    from jobs.config import redact, shown
+    from jobs.config import shown
+    from jobs.secrets import redact
 
     uri = "http://alice:s3cr%2Ft@mlflow.example:5000"
     cfg = load_config(DEMO, [f"mlflow.tracking_uri={uri}", "data.dataset=s3://k:v@bucket/x"])
