@@ -46,7 +46,7 @@ from pipeline.sources import Source, SourceError, data_home
 from pipeline.transforms import preprocess_batch
 
 # A validation split whose patches fit in this many bytes is read once by each training
-# worker, which keeps its batches (jobs/train.CachedBatches): it is deterministic, so
+# worker, which keeps its batches (jobs.training.loop.CachedBatches): it is deterministic, so
 # evaluations after the first need no Ray Data execution.
 CACHE_EVAL_BYTES = 64 * 2**20
 SUBSET_SEED = 0  # the val subset is one fixed sample, whatever the run's seed

@@ -1,4 +1,4 @@
-"""The tracking interface the training drivers are handed (jobs.tracking.MlflowTracker is
+"""The tracking interface the training drivers are handed (jobs.tracking.tracker.MlflowTracker is
 the real one): training code never imports MLflow itself."""
 
 from __future__ import annotations
