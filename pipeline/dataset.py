@@ -92,6 +92,8 @@ def val_from(cfg: DataConfig, source: Source) -> str:
             )
         return f"train, carved (val_fraction {cfg.val_fraction}, seed {cfg.val_seed})"
     if cfg.val_split is not None:
+        if cfg.val_split == "train":
+            raise SourceError("data.val_split: train would validate on the training rows")
         source.split_files(cfg.val_split)  # raises naming the splits there are
         if cfg.val_split == "test":
             warnings.warn(

@@ -24,6 +24,7 @@ from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.builtin import Item, builtin_items, fashion_mnist_dir, parse_builtin
@@ -31,12 +32,12 @@ from pipeline.console import ConsoleLine
 from pipeline.decode import BadImage, image_bytes, load, open_image
 from pipeline.kinds import KINDS
 from pipeline.kinds.parquet import row_group_sizes
+from pipeline.kinds.vitray import FORMAT, read_manifest
 from pipeline.readers import count_rows, in_val, open_source, plan_units, read_unit
 from pipeline.sources import MANIFEST, Source, SourceError
 
 SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64())])
 ROW_GROUP_BYTES = 8 * 2**20  # the unit of parallel reading and decoding (~250 photos)
-FORMAT = "vitray-shards"  # manifest.json's mark: a directory prepare wrote
 UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "b": 1}
 
 
@@ -237,11 +238,7 @@ def _checked(items: Iterable[Item], workers: int) -> Iterable[tuple[Item, bytes,
 
 def earlier_output(out: Path) -> dict | None:
     """The manifest of a directory `prepare` wrote, or None (no manifest, or not ours)."""
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+    return read_manifest(pafs.LocalFileSystem(), str(out / MANIFEST))
 
 
 def written_by(manifest: dict) -> set[str]:

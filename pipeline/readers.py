@@ -19,15 +19,9 @@ import pyarrow.fs as pafs
 
 from pipeline.kinds import KINDS
 from pipeline.kinds.base import Rows, Unit
+from pipeline.kinds.vitray import is_prepared
 from pipeline.kinds.webdataset import INT_EXTENSIONS
-from pipeline.sources import (
-    MANIFEST,
-    Listing,
-    Source,
-    SourceError,
-    filesystem_for,
-    list_files,
-)
+from pipeline.sources import MANIFEST, Listing, Source, SourceError, filesystem_for, list_files
 
 __all__ = ["INT_EXTENSIONS", "Rows", "Unit"]
 
@@ -43,12 +37,12 @@ def resolve_source(spec: str) -> Source:
         raise SourceError(f"dataset path does not exist: {spec}")
     if info.type == pafs.FileType.File:
         listing = Listing(spec, fs, posixpath.dirname(root), [root])
-    elif fs.get_file_info(posixpath.join(root, MANIFEST)).type == pafs.FileType.File:
+    elif is_prepared(fs, root):
         # a prepared dataset: its manifest lists the shards (listing 10,000 objects on S3
         # took seconds)
         listing = Listing(spec, fs, root, [posixpath.join(root, MANIFEST)])
     else:
-        listing = Listing(spec, fs, root, list_files(spec, fs, root))
+        listing = list_files(spec, fs, root)
     claims = {name: kind.claims(listing) for name, kind in KINDS.items()}
     found = {name: files for name, files in claims.items() if files}
     if len(found) > 1:
@@ -117,7 +111,8 @@ def carve_units(source: Source, fraction: float, seed: int) -> dict[str, list[Un
     if KINDS[source.kind].rows_are_files:
         root = source.root
         val = [f for f in files if in_val(seed, posixpath.relpath(f, root), fraction)]
-        rest = [f for f in files if f not in set(val)]
+        carved = set(val)
+        rest = [f for f in files if f not in carved]
         return {"train": plan_units(source, rest), "val": plan_units(source, val)}
     units = plan_units(source, files)
     if any(u["rows"] < 0 for u in units):

@@ -32,13 +32,15 @@ class SourceError(ValueError):
 
 @dataclass
 class Listing:
-    """What detection looks at: the spec, its filesystem and root, and the files under the
-    root (full paths, sorted; hidden files and folders left out, as `datasets` does)."""
+    """What detection looks at: the spec, its filesystem and root, the files under the
+    root (full paths, sorted; hidden files and folders left out, as `datasets` does), and
+    the folders right under the root (hidden ones too: torchvision sees them)."""
 
     spec: str
     filesystem: pafs.FileSystem
     root: str
     files: list[str]
+    folders: list[str] = field(default_factory=list)
 
     def rel(self, path: str) -> str:
         return posixpath.relpath(path, self.root)
@@ -92,9 +94,9 @@ def split_of_path(path: str, root: str) -> str | None:
     parts = posixpath.relpath(path, root).split("/")
     shard = HF_SHARD.match(parts[-1])
     if shard:
-        return SPLIT_ALIASES.get(shard[1].lower(), shard[1])
-    for part in parts:
-        for token in NON_WORD.split(part.lower()):
+        return SPLIT_ALIASES.get(shard[1], shard[1])
+    for part in parts:  # case-sensitive: `datasets` takes Train/ for no split
+        for token in NON_WORD.split(part):
             if token in SPLIT_ALIASES:
                 return SPLIT_ALIASES[token]
     return None
@@ -133,17 +135,24 @@ def hidden(rel: str) -> bool:
     return any(part.startswith(".") for part in rel.split("/"))
 
 
-def list_files(spec: str, fs: pafs.FileSystem, root: str) -> list[str]:
-    """Every file under `root`, sorted, hidden files and folders left out."""
+def list_files(spec: str, fs: pafs.FileSystem, root: str) -> Listing:
+    """Every file under `root`, sorted, hidden files and folders left out, and the folders
+    right under it."""
     try:
-        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
         raise SourceError(f"cannot list {spec}: {e}") from e
-    return sorted(
+    files = sorted(
         f.path
-        for f in listing
+        for f in infos
         if f.type == pafs.FileType.File and not hidden(posixpath.relpath(f.path, root))
     )
+    folders = sorted(
+        f.base_name
+        for f in infos
+        if f.type == pafs.FileType.Directory and posixpath.dirname(f.path) == root.rstrip("/")
+    )
+    return Listing(spec, fs, root, files, folders)
 
 
 def data_home() -> Path:

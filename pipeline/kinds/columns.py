@@ -85,6 +85,25 @@ def roles(source: Source, path: str, schema: pa.Schema) -> Source:
     return dataclasses.replace(source, image_column=image, label_column=label, class_names=names)
 
 
+def roles_of_files(source: Source, schemas: dict[str, pa.Schema]) -> Source:
+    """`roles` from a train file's schema, and the same ClassLabel names in every file: a
+    DatasetDict encoded split by split (`class_encode_column` on each) gives one index
+    different classes in different splits, which is refused rather than read wrongly."""
+    train = [f for f in source.splits.get("train", []) if f in schemas]
+    first = train[0] if train else next(iter(schemas))
+    source = roles(source, first, schemas[first])
+    for path, schema in schemas.items():
+        feature = hf_features(schema).get(source.label_column, {})
+        names = feature.get("names") if feature.get("_type") == "ClassLabel" else None
+        if names != source.class_names:
+            raise SourceError(
+                f"{source.spec}: the class names of {source.label_column!r} differ between "
+                f"files: {first} has {source.class_names}, {path} has {names}; one label "
+                "index would mean two classes (re-encode the splits with one ClassLabel)"
+            )
+    return source
+
+
 def class_names_of(columns: list[pa.ChunkedArray]) -> list[str]:
     """Class names of label columns without a ClassLabel: strings sorted as `datasets`'
     `class_encode_column` sorts them, integers numbered 0..largest (nulls are no class)."""

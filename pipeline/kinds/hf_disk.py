@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.kinds.base import Rows, SourceKind, Unit, bad_rows, object_array
-from pipeline.kinds.columns import check_columns, class_names_of, roles, table_rows
+from pipeline.kinds.columns import check_columns, class_names_of, roles_of_files, table_rows
 from pipeline.sources import SPLIT_ALIASES, Listing, Source, SourceError
 
 STATE, DICT = "state.json", "dataset_dict.json"
@@ -69,18 +69,19 @@ class HfDisk(SourceKind):
     def open(self, source: Source) -> Source:
         if source.label_field is not None:
             raise SourceError(f"{source.spec} is {self.layout}: data.label_field does not apply")
-        counts, schema = {}, None
+        counts, schemas = {}, {}
         for path in source.files:
             try:
                 reader = open_stream(source, path)
-                schema = schema or reader.schema
+                schemas[path] = reader.schema
                 counts[path] = [(b.num_rows, b.nbytes) for b in reader]
             except (OSError, pa.ArrowException) as e:
                 raise SourceError(f"cannot read Arrow file {path}: {e}") from e
-        if schema is None:
+        if not schemas:
             raise SourceError(f"{source.spec} lists no Arrow files")
-        source = roles(source, source.files[0], schema)
-        check_columns(source, source.files[0], schema)
+        source = roles_of_files(source, schemas)
+        for path, schema in schemas.items():
+            check_columns(source, path, schema)
         if source.class_names is None:
             columns = [self.read_column(source, path) for path in source.files]
             source = dataclasses.replace(source, class_names=class_names_of(columns))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import posixpath
+import warnings
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.kinds.columns import is_string
 from pipeline.kinds.files import FilesKind, check_split_classes
-from pipeline.sources import Listing, Source, SourceError, splits_by_name
+from pipeline.sources import Listing, Source, SourceError, split_of_path, splits_by_name
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 # the image extensions of `datasets`' imagefolder that vitray decodes
@@ -31,12 +32,20 @@ def has_metadata(listing: Listing) -> bool:
     return any(posixpath.basename(f) in METADATA_FILES for f in listing.files)
 
 
-def read_metadata(listing: Listing, path: str) -> pa.Table:
-    with listing.filesystem.open_input_stream(path) as f:
+# what pandas reads as missing in a CSV (`datasets` reads metadata.csv with pandas)
+CSV_NULLS = [
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+]  # fmt: skip
+
+
+def read_metadata(source: Source, path: str) -> pa.Table:
+    with source.filesystem.open_input_stream(path) as f:
         data = f.read()
     try:
         if path.endswith(".csv"):
-            return pacsv.read_csv(io.BytesIO(data))
+            convert = pacsv.ConvertOptions(null_values=CSV_NULLS, strings_can_be_null=True)
+            return pacsv.read_csv(io.BytesIO(data), convert_options=convert)
         if path.endswith(".jsonl"):
             return pajson.read_json(io.BytesIO(data))
         return pq.read_table(io.BytesIO(data))
@@ -59,80 +68,110 @@ class HfImageFolder(FilesKind):
         ]
 
     def resolve(self, listing: Listing, files: list[str]) -> Source:
+        """Splits of the metadata files, by their paths as `datasets` matches them; the
+        rows (and so the images) come from the metadata on opening."""
         metadata = [f for f in files if posixpath.basename(f) in METADATA_FILES]
-        images = [f for f in files if f not in set(metadata)]
         by_dir: dict[str, list[str]] = {}
         for m in metadata:
             by_dir.setdefault(posixpath.dirname(m), []).append(m)
-        two = {d: ms for d, ms in by_dir.items() if len(ms) > 1}
-        if two:
-            d, ms = next(iter(two.items()))
+        for ms in by_dir.values():
+            if len(ms) > 1:
+                raise SourceError(
+                    f"{listing.spec} could be read two ways: {[listing.rel(m) for m in ms]} "
+                    "are two metadata files of one folder; keep one"
+                )
+        images = [f for f in files if f not in set(metadata)]
+        outside = [listing.rel(m) for m in metadata if split_of_path(m, listing.root) is None]
+        if outside and any(split_of_path(f, listing.root) for f in images):
             raise SourceError(
-                f"{listing.spec} could be read two ways: {[listing.rel(m) for m in ms]} are "
-                "two metadata files of one folder; keep one"
+                f"{listing.spec} could be read two ways: its images sit in split folders, but "
+                f"{outside} is in none (`datasets` drops it and labels by folder): put a "
+                "metadata file in each split folder"
             )
-        if not images:
-            raise SourceError(f"{listing.spec} has metadata files but no images beside them")
-        splits = splits_by_name(listing.spec, listing.root, images)
+        splits = splits_by_name(listing.spec, listing.root, metadata)
         return Source(
-            self.name,
-            listing.root,
-            listing.filesystem,
-            None,
-            images,
-            splits,
-            spec=listing.spec,
-            file_labels={m: -1 for m in metadata},  # where the metadata is, until opened
+            self.name, listing.root, listing.filesystem, None, images, splits, spec=listing.spec
         )
 
     def open(self, source: Source) -> Source:
-        """Labels from the metadata: the label column (data.label_column, default label) of
-        the metadata nearest above each image. Every image needs a row."""
+        """A row per metadata row, as `datasets` makes them: `file_name` relative to the
+        metadata's folder, the label from the label column (data.label_column, default
+        label), the split of the metadata file. A row naming a missing file, or a file named
+        twice, is refused; images no row names are left out, as `datasets` leaves them."""
         if source.image_column or source.label_field:
             raise SourceError(f"{source.spec} is {self.layout}: only data.label_column applies")
-        listing = Listing(source.spec, source.filesystem, source.root, [])
         column = source.label_column or "label"
-        values: dict[str, object] = {}
-        kind: pa.DataType | None = None
-        metadata = sorted(source.file_labels, key=lambda m: -m.count("/"))  # nearest first
-        for m in metadata:
-            table = read_metadata(listing, m)
-            if "file_name" not in table.column_names or column not in table.column_names:
-                raise SourceError(
-                    f"{m} needs a file_name column and the label column {column!r} (name "
-                    f"another with data.label_column); its columns are {table.column_names}"
-                )
-            labels = table.column(column)
-            if not (pa.types.is_integer(labels.type) or is_string(labels.type)):
-                raise SourceError(f"{m}: label column {column!r} is {labels.type}")
-            if kind is not None and is_string(kind) != is_string(labels.type):
-                raise SourceError(f"{m}: label column {column!r} is {labels.type}, not {kind}")
-            kind = labels.type
-            base = posixpath.dirname(m)
-            for name, label in zip(
-                table.column("file_name").to_pylist(), labels.to_pylist(), strict=True
-            ):
-                path = posixpath.normpath(posixpath.join(base, str(name)))
-                values.setdefault(path, label)
-        unlisted = [posixpath.relpath(f, source.root) for f in source.files if f not in values]
-        if unlisted:
+        present = set(source.files)
+        rows: dict[str, tuple[str, object]] = {}  # image -> (split, label)
+        kinds: set[bool] = set()
+        for split, metadata in source.splits.items():
+            for m in metadata:
+                for path, label, is_str in self.metadata_rows(source, m, column):
+                    if path in rows:
+                        raise SourceError(
+                            f"{source.spec} ({self.layout}): {posixpath.relpath(path, source.root)}"
+                            " has two metadata rows; `datasets` would read it twice: keep one"
+                        )
+                    if path not in present:
+                        raise SourceError(
+                            f"{m} names {posixpath.relpath(path, source.root)}, which is not an "
+                            "image in the folder"
+                        )
+                    rows[path] = (split, label)
+                    kinds.add(is_str)
+        if len(kinds) > 1:
             raise SourceError(
-                f"{source.spec} ({self.layout}): {len(unlisted)} images have no metadata "
-                f"row, e.g. {unlisted[:4]}; `datasets` refuses them too: add their rows"
+                f"{source.spec}: label column {column!r} is strings in one "
+                "metadata file and integers in another"
             )
-        named = {f: values[f] for f in source.files if values[f] is not None}
-        per_split = {
-            split: {str(named[f]) for f in files if f in named}
-            for split, files in source.splits.items()
-        }
+        unlisted = len(present) - len(rows)
+        if unlisted:
+            warnings.warn(
+                f"{source.spec}: {unlisted} images have no metadata row and are left out, as "
+                "`datasets` leaves them out",
+                stacklevel=2,
+            )
+        named = {f: label for f, (_, label) in rows.items() if label is not None}
+        per_split: dict[str, set[str]] = {split: set() for split in source.splits}
+        for split, label in rows.values():
+            if label is not None:
+                per_split[split].add(str(label))
         check_split_classes(source.spec, self.layout, per_split)
-        if kind is not None and is_string(kind):
+        if kinds == {True}:
             classes = sorted({str(v) for v in named.values()})
             index = {name: i for i, name in enumerate(classes)}
             labels = {f: index[str(v)] for f, v in named.items()}
         else:
             classes = [str(i) for i in range(max(named.values(), default=-1) + 1)]
             labels = {f: int(v) for f, v in named.items()}
+        files = sorted(rows)
+        splits = {split: [f for f in files if rows[f][0] == split] for split in source.splits}
         return dataclasses.replace(
-            source, class_names=classes, file_labels=labels, label_column=column
+            source,
+            class_names=classes,
+            files=files,
+            splits={split: fs for split, fs in splits.items() if fs},
+            file_labels=labels,
+            label_column=column,
         )
+
+    def metadata_rows(self, source: Source, path: str, column: str):
+        """(image path, label or None, whether labels are strings) of each row of one
+        metadata file."""
+        table = read_metadata(source, path)
+        if "file_name" not in table.column_names or column not in table.column_names:
+            raise SourceError(
+                f"{path} needs a file_name column and the label column {column!r} (name "
+                f"another with data.label_column); its columns are {table.column_names}"
+            )
+        labels = table.column(column)
+        if pa.types.is_null(labels.type):
+            labels = labels.cast(pa.string())  # every label empty
+        if not (pa.types.is_integer(labels.type) or is_string(labels.type)):
+            raise SourceError(f"{path}: label column {column!r} is {labels.type}")
+        base = posixpath.dirname(path)
+        for name, label in zip(
+            table.column("file_name").to_pylist(), labels.to_pylist(), strict=True
+        ):
+            name = str(name).replace("\\", "/")  # as `datasets` reads Windows paths
+            yield posixpath.normpath(posixpath.join(base, name)), label, is_string(labels.type)

@@ -8,7 +8,7 @@ import posixpath
 
 import pyarrow.parquet as pq
 
-from pipeline.kinds.columns import roles
+from pipeline.kinds.columns import roles_of_files
 from pipeline.kinds.parquet import ParquetKind
 from pipeline.sources import Listing, Source, splits_by_name
 
@@ -33,5 +33,5 @@ class HfParquet(ParquetKind):
         )
 
     def roles(self, source: Source, footers: dict[str, pq.FileMetaData]) -> Source:
-        path, meta = next(iter(footers.items()))
-        return roles(source, path, meta.schema.to_arrow_schema())
+        schemas = {path: meta.schema.to_arrow_schema() for path, meta in footers.items()}
+        return roles_of_files(source, schemas)

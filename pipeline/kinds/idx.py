@@ -12,6 +12,7 @@ import io
 import posixpath
 import re
 import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -45,12 +46,13 @@ KNOWN = {
 
 
 def dataset_name(path: str) -> str | None:
-    """The known dataset a folder above `path` names (FashionMNIST, fashion-mnist, ...)."""
-    for part in reversed(posixpath.dirname(path).split("/")):
-        key = re.sub(r"[-_ ]", "", part.lower())
-        if key in KNOWN:
-            return key
-    return None
+    """The known dataset that the folder of `path` names (fashion-mnist/...), or the folder
+    above it when that is torchvision's raw/ (FashionMNIST/raw/...)."""
+    folder = posixpath.dirname(path)
+    if posixpath.basename(folder) == "raw":
+        folder = posixpath.dirname(folder)
+    key = re.sub(r"[-_ ]", "", posixpath.basename(folder).lower())
+    return key if key in KNOWN else None
 
 
 def labels_path(images: str) -> str:
@@ -59,14 +61,17 @@ def labels_path(images: str) -> str:
 
 def read_idx(source: Source, path: str) -> np.ndarray:
     """An IDX file's array (its header gives dtype and shape: uint8 only, as MNIST's)."""
-    with source.filesystem.open_input_stream(path, compression=None) as f:
-        data = f.read()
-    if path.endswith(".gz"):  # decompressed here: pyarrow's detection goes by extension alone
-        data = gzip.decompress(data)
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    try:
+        with source.filesystem.open_input_stream(path, compression=None) as f:
+            data = f.read()
+        if path.endswith(".gz"):  # decompressed here: pyarrow detects by extension alone
+            data = gzip.decompress(data)
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    except (OSError, EOFError, struct.error, zlib.error) as e:
+        raise SourceError(f"cannot read IDX file {path}: {e}") from e
     if zero != 0 or dtype != 0x08:
         raise SourceError(f"{path} is not an IDX file of unsigned bytes (header {data[:4]!r})")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise SourceError(f"{path} holds {body.size} bytes, its header says {shape}")

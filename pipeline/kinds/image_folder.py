@@ -37,7 +37,21 @@ class ImageFolder(FilesKind):
                 spec=listing.spec,
             )
         tops = sorted({parts[f][0] for f in in_folders})
-        split_tops = [t for t in tops if t.lower() in SPLIT_ALIASES]
+        lookalikes = [t for t in tops if t.lower() in SPLIT_ALIASES and t not in SPLIT_ALIASES]
+        if lookalikes:
+            raise SourceError(
+                f"{listing.spec} could be read two ways: {lookalikes} name splits in another "
+                "case, classes to torchvision and neither to `datasets`; rename them train, "
+                "val (or validation) and test, or give the classes other names"
+            )
+        empty = [d for d in listing.folders if not d.startswith(".") and d not in tops]
+        if empty:
+            raise SourceError(
+                f"{listing.spec}: folders {empty[:6]} hold no image vitray reads (hidden files "
+                "are skipped); torchvision's ImageFolder would take each for a class and stop "
+                "on it: remove them"
+            )
+        split_tops = [t for t in tops if t in SPLIT_ALIASES]
         if split_tops and len(split_tops) < len(tops):
             others = [t for t in tops if t not in split_tops]
             raise SourceError(
@@ -65,7 +79,7 @@ class ImageFolder(FilesKind):
         self, listing: Listing, files: list[str], parts: dict[str, list[str]], tops: list[str]
     ) -> Source:
         """`train/<class>/...`, `val/<class>/...`: classes from train, in sorted order."""
-        split_of = {top: SPLIT_ALIASES[top.lower()] for top in tops}
+        split_of = {top: SPLIT_ALIASES[top] for top in tops}
         twice = sorted({s for s in split_of.values() if list(split_of.values()).count(s) > 1})
         if twice:
             same = [top for top in tops if split_of[top] in twice]

@@ -8,10 +8,28 @@ import dataclasses
 import json
 import posixpath
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.kinds.parquet import ParquetKind
 from pipeline.sources import MANIFEST, Listing, Source, SourceError
+
+FORMAT = "vitray-shards"  # manifest.json's mark: a directory `vitray prepare` wrote
+
+
+def read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
+    """A manifest `vitray prepare` wrote, or None (none there, or another tool's)."""
+    try:
+        with fs.open_input_stream(path) as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def is_prepared(fs: pafs.FileSystem, root: str) -> bool:
+    path = posixpath.join(root, MANIFEST)
+    return fs.get_file_info(path).type == pafs.FileType.File and bool(read_manifest(fs, path))
 
 
 class VitrayShards(ParquetKind):
@@ -19,12 +37,12 @@ class VitrayShards(ParquetKind):
     layout = "a vitray dataset (vitray prepare's output)"
 
     def claims(self, listing: Listing) -> list[str]:
-        manifest = posixpath.join(listing.root, MANIFEST)
-        return [manifest] if manifest in listing.files else []
+        path = posixpath.join(listing.root, MANIFEST)
+        found = path in listing.files and read_manifest(listing.filesystem, path)
+        return [path] if found else []
 
     def resolve(self, listing: Listing, files: list[str]) -> Source:
-        with listing.filesystem.open_input_stream(files[0]) as f:
-            manifest = json.loads(f.read())
+        manifest = read_manifest(listing.filesystem, files[0])
         splits = {
             name: [
                 posixpath.join(listing.root, shard["file"])

@@ -416,13 +416,78 @@ def test_refusals_exit_2_naming_what_was_found(tmp_path, capsys):
     assert "holds two layouts at once: Hugging Face image Parquet" in err
     assert "an image folder (torchvision ImageFolder)" in err
 
-    missing = tmp_path / "meta"  # an image the metadata does not list
+    missing = tmp_path / "meta"  # a metadata row names a file that is not there
     write(missing / "a.png", png(4))
-    write(missing / "b.png", png(5))
-    (missing / "metadata.csv").write_text("file_name,label\na.png,cat\n")
-    assert "1 images have no metadata row, e.g. ['b.png']" in refused(
-        capsys, "prepare", str(missing), out
+    (missing / "metadata.csv").write_text("file_name,label\na.png,cat\ngone.png,dog\n")
+    assert "names gone.png, which is not an image" in refused(capsys, "prepare", str(missing), out)
+
+    twice = tmp_path / "twice"  # `datasets` would read one image as two rows
+    write(twice / "a.png", png(4))
+    (twice / "metadata.csv").write_text("file_name,label\na.png,cat\na.png,dog\n")
+    assert "a.png has two metadata rows" in refused(capsys, "prepare", str(twice), out)
+
+    above = tmp_path / "above"  # metadata above the split folders: `datasets` drops it
+    for name in ("train/a.png", "test/b.png"):
+        write(above / name, png(4))
+    (above / "metadata.csv").write_text("file_name,label\ntrain/a.png,cat\ntest/b.png,dog\n")
+    assert "['metadata.csv'] is in none" in refused(capsys, "prepare", str(above), out)
+
+    cased = tmp_path / "cased"  # classes to torchvision, no split to `datasets`
+    for name in ("Train/cat", "Train/dog", "Val/cat"):
+        write(cased / name / "0.png", png(5))
+    assert "['Train', 'Val'] name splits in another case" in refused(
+        capsys, "prepare", str(cased), out
     )
+
+    macos = tmp_path / "macos"  # a zip from macOS: torchvision takes __MACOSX for a class
+    for name in ("cat", "dog"):
+        write(macos / name / "0.png", png(6))
+    write(macos / "__MACOSX" / "cat" / "._0.png", b"resource fork")
+    assert "folders ['__MACOSX'] hold no image" in refused(capsys, "prepare", str(macos), out)
+
+    features = Features({"image": Image(), "label": Value("string")})
+    parts = {
+        split: Dataset.from_dict(
+            {"image": [{"bytes": png(i), "path": None} for i in range(4)], "label": words},
+            features=features,
+        ).class_encode_column("label")  # each split encoded on its own: different lists
+        for split, words in (("train", ["fig", "plum", "kiwi", "fig"]), ("test", ["fig"] * 4))
+    }
+    DatasetDict(parts).save_to_disk(str(tmp_path / "encoded"))
+    err = refused(capsys, "prepare", str(tmp_path / "encoded"), out)
+    assert "class names of 'label' differ between files" in err
+
+
+def test_imagefolder_metadata_rows_are_the_rows_as_in_datasets(tmp_path):
+    """Images without a row are left out and empty or NA labels are no labels, as
+    `datasets` reads metadata.csv (with pandas)."""
+    root = tmp_path / "hf"
+    for i in range(6):
+        write(root / f"{i}.png", png(i))
+    (root / "metadata.csv").write_text(
+        "file_name,label\n0.png,cat\n1.png,\n2.png,NA\n3.png,dog\n4.png,cat\n"
+    )
+    ds = load_dataset("imagefolder", data_dir=str(root), split="train")
+    ds = ds.cast_column("image", Image(decode=False))
+    reference = {
+        Path(r["image"]["path"]).relative_to(root).as_posix(): ("train", r["label"]) for r in ds
+    }
+    with pytest.warns(UserWarning, match="1 images have no metadata row"):
+        got, classes = streamed(root)
+    assert classes == ["cat", "dog"] and mismatches(reference, got) == []
+
+
+def test_a_foreign_manifest_json_is_no_vitray_dataset(tmp_path):
+    for name in ("cat", "dog"):
+        write(tmp_path / "pets" / name / "0.png", png(7))
+    (tmp_path / "pets" / "manifest.json").write_text('{"images": 2}')
+    assert open_source(str(tmp_path / "pets")).class_names == ["cat", "dog"]
+
+
+def test_validating_on_train_is_refused(tmp_path):
+    hub_train_and_test(tmp_path / "hub")
+    with pytest.raises(SourceError, match="val_split: train would validate on the training"):
+        describe_dataset(DataConfig(dataset=str(tmp_path / "hub"), val_split="train"))
 
 
 def test_builtin_fashion_mnist_reads_debians_files_or_says_how_to_get_them(
