@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from vit import ViT, interop, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from vit.checkpoint import read_preprocessing
 from vit.config import Preprocessing, to_2tuple
+from vit.timm_config import timm_architecture
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,15 @@ def hf_class_names(path: Path) -> list[str] | None:
     return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
 
+def timm_fields(src: Path) -> dict[str, Any]:
+    """What the architecture named in timm's config.json beside `src` is (heads, pooling,
+    norms), or a refusal naming what vitray's ViT cannot be ({}: no config.json)."""
+    path = folder_of(src) / "config.json"
+    if not path.is_file():
+        return {}
+    return timm_architecture(json.loads(path.read_text()))
+
+
 def read_declared(fmt: str, src: Path) -> interop.Declared | None:
     """The normalisation, size, resize and crop in the timm or HF file beside `src`; None
     when that file is missing."""
@@ -188,7 +198,7 @@ def import_weights(fmt: str, src: Path, out: Path, **overrides: Any) -> ViT:
         model = interop.from_hf(read_state_dict(src), **{**hf_architecture(src, fields), **fields})
         class_names = hf_class_names(src)
     elif fmt == "timm":
-        model = interop.from_timm(read_state_dict(src), **fields)
+        model = interop.from_timm(read_state_dict(src), **{**timm_fields(src), **fields})
     else:
         model = interop.from_torchvision(read_state_dict(src), **fields)
     save_checkpoint(model, out, class_names=class_names, preprocessing=preprocessing)

@@ -108,3 +108,11 @@ def test_patch_embedding_starts_at_unit_scale_like_the_papers_flax_conv():
     tokens = model.patch_embed(torch.randn(4096, model.config.patch_dim))
     assert 0.9 < float(tokens.std()) < 1.1
     assert abs(float(model.blocks[0].mlp.fc1.weight.std()) - 0.02) < 0.002
+
+
+def test_a_model_without_qkv_bias_builds_and_runs():
+    """timm's *_miil models have no qkv bias: building one crashed on the missing bias."""
+    config = ViTConfig.from_preset("micro/4", qkv_bias=False, num_classes=3)
+    model = ViT(config)
+    assert model.blocks[0].attn.qkv.bias is None
+    assert model(torch.zeros(1, 16, config.patch_dim, dtype=torch.uint8)).shape == (1, 3)

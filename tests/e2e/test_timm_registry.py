@@ -1,0 +1,51 @@
+"""Every architecture in timm's `vision_transformer` and `deit` modules, differentially:
+timm builds it (depth 2, small, random weights), `save_for_hf` writes it as on the Hub, and
+`vitray convert --from timm` must give timm's logits on the same uint8 images, or refuse
+with a ValueError (exit 2) naming what vitray's ViT does not have. Never a silent
+difference. Slow (all of timm's registry): marked, still run in CI."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.models._hub import save_for_hf
+
+from vit import patchify
+from vit.convert import import_weights
+
+pytestmark = pytest.mark.slow
+NAMES = sorted(set(timm.list_models(module=["vision_transformer", "deit"])))
+
+
+def small(name: str) -> tuple[torch.nn.Module, int]:
+    """`name` at depth 2 and 4x4 patches, narrow where the architecture allows (timm's
+    arguments, so its config.json records them), with random weights."""
+    patch = timm.create_model(name, pretrained=False, depth=1).patch_embed.patch_size[0]
+    shrunk = dict(depth=2, img_size=4 * patch)
+    try:
+        model = timm.create_model(name, pretrained=False, embed_dim=64, num_heads=2, **shrunk)
+    except Exception:  # an architecture whose widths are fixed
+        model = timm.create_model(name, pretrained=False, **shrunk)
+    with torch.no_grad():
+        for parameter in model.parameters():  # no zero or one left: every weight matters
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.eval(), patch
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_timm_architecture_converts_exactly_or_is_refused(tmp_path: Path, name: str):
+    theirs, patch = small(name)
+    save_for_hf(theirs, tmp_path / "hub", safe_serialization=True)
+    try:
+        ours = import_weights("timm", tmp_path / "hub", tmp_path / "ours").eval()
+    except ValueError as e:  # a refusal (exit 2), saying why
+        assert str(e)
+        return
+    cfg = theirs.pretrained_cfg
+    images = torch.randint(0, 256, (2, 4 * patch, 4 * patch, 3), dtype=torch.uint8)
+    mean, std = (torch.tensor(cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    pixels = (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        expected, got = theirs(pixels), ours(patchify(images, patch))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()

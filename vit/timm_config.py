@@ -1,0 +1,101 @@
+"""What a timm ViT's weights do not say, read from timm's own model of the architecture
+named in its config.json: attention heads, pooling, final norm, norm eps, qkv bias. Shapes
+alone cannot give them (a fused qkv is (3D, D) for any number of heads: a guess converted
+vit_base_patch16_gap_224, 16 heads, into a different function), nor the options vitray's
+ViT does not have (layer scale, registers, a distillation token, an attention-pool head,
+QuickGELU, ...). A conversion that cannot be exact is refused, naming why.
+
+timm builds the model on the meta device (no memory, no weights) and is imported only here,
+when a timm checkpoint names its architecture; `vit/` stays usable with torch alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def timm_architecture(cfg: dict[str, Any]) -> dict[str, Any]:
+    """ViTConfig fields of the architecture a timm config.json names ({} when it names
+    none); ValueError naming what vitray's ViT cannot be."""
+    arch = cfg.get("architecture")
+    if not arch:
+        return {}
+    try:
+        import timm
+    except ImportError as e:
+        raise ValueError(
+            f"{arch}: its weights do not say its attention heads, pooling or options, and "
+            "timm, which knows them, is not installed: pip install timm"
+        ) from e
+    args = {**cfg.get("model_args", {}), "pretrained": False}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, **args)
+    except Exception as e:  # an unknown name, arguments of another timm version
+        raise ValueError(f"timm cannot build {arch} with {cfg.get('model_args', {})}: {e}") from e
+    return vit_fields(arch, model)
+
+
+def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
+    """The fields of a timm VisionTransformer that vitray's ViT reproduces exactly."""
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    missing: list[str] = []
+    if type(model) is not VisionTransformer:
+        missing.append(f"{type(model).__name__} (not the plain VisionTransformer)")
+        return refuse(arch, missing)
+    block = model.blocks[0]
+    checks = {
+        "register tokens": model.num_reg_tokens > 0,
+        "position embeddings without the class token (no_embed_class)": model.no_embed_class,
+        "no position embedding": model.pos_embed is None,
+        "a pre-norm before the blocks (norm_pre)": not isinstance(model.norm_pre, nn.Identity),
+        f"global_pool {model.global_pool!r} (vitray pools by token or avg)": model.global_pool
+        not in ("token", "avg"),
+        "a patch embedding without bias": model.patch_embed.proj.bias is None,
+        "a norm in the patch embedding": not isinstance(model.patch_embed.norm, nn.Identity),
+        f"{type(block).__name__} blocks (not timm's Block)": type(block) is not Block,
+    }
+    missing += [what for what, found in checks.items() if found]
+    if type(block) is Block:
+        attn, mlp = block.attn, block.mlp
+        act = getattr(mlp, "act", None)
+        checks = {
+            "layer scale (ls1/ls2)": not isinstance(block.ls1, nn.Identity),
+            f"{type(attn).__name__} attention": type(attn) is not Attention,
+            f"{type(mlp).__name__} MLP (not timm's Mlp)": type(mlp) is not Mlp,
+            f"activation {act!r} (vitray's is exact GELU)": not (
+                type(act) is nn.GELU and act.approximate == "none"
+            ),
+        }
+        if type(attn) is Attention:
+            checks["qk_norm"] = not isinstance(attn.q_norm, nn.Identity)
+            checks["a norm after attention (scale_attn_norm)"] = not isinstance(
+                attn.norm, nn.Identity
+            )
+        if type(mlp) is Mlp:
+            checks["a norm inside the MLP (scale_mlp_norm)"] = not isinstance(mlp.norm, nn.Identity)
+        missing += [what for what, found in checks.items() if found]
+    fc_norm = isinstance(model.fc_norm, nn.LayerNorm)
+    if fc_norm == isinstance(model.norm, nn.LayerNorm):
+        missing.append("a final norm both before and after pooling, or neither")
+    if missing:
+        return refuse(arch, missing)
+    return {
+        "num_heads": block.attn.num_heads,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "class_token": model.cls_token is not None,
+        "pool": "cls" if model.global_pool == "token" else "gap",
+        "fc_norm": fc_norm,
+        "norm_eps": block.norm1.eps,
+    }
+
+
+def refuse(arch: str, missing: list[str]) -> dict[str, Any]:
+    raise ValueError(
+        f"{arch} cannot be converted exactly; vitray's ViT does not have: {'; '.join(missing)}"
+    )
