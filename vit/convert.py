@@ -198,7 +198,8 @@ def import_weights(fmt: str, src: Path, out: Path, **overrides: Any) -> ViT:
         model = interop.from_hf(read_state_dict(src), **{**hf_architecture(src, fields), **fields})
         class_names = hf_class_names(src)
     elif fmt == "timm":
-        model = interop.from_timm(read_state_dict(src), **{**timm_fields(src), **fields})
+        architecture = timm_fields(src)  # first: a refusal needs no weights read
+        model = interop.from_timm(read_state_dict(src), **{**architecture, **fields})
     else:
         model = interop.from_torchvision(read_state_dict(src), **fields)
     save_checkpoint(model, out, class_names=class_names, preprocessing=preprocessing)
