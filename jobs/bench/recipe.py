@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scores: dict[str, list[float]] = {"scratch": [], "recipe": [], "pretrain_only": []}
     seconds: dict[str, list[float]] = {"scratch": [], "recipe": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             seeded = [*common, f"train.seed={seed}"]
             scratch = config("scratch", [*seeded, f"train.epochs={args.scratch_epochs}"])
             top1, s = trained(scratch, Path(tmp) / f"scratch-{seed}")
@@ -96,5 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=12)
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds from this one on")
     parser.add_argument("--smoke", action="store_true", help="20 steps each: checks it runs")
     parser.add_argument("--json", metavar="PATH", help="also write the result here")
