@@ -43,9 +43,13 @@ def find_column(path: str, schema: pa.Schema, role: str, feature: str) -> str:
     )
 
 
-def label_type(schema: pa.Schema, column: str) -> pa.DataType:
-    kind = schema.field(column).type
+def value_type(kind: pa.DataType) -> pa.DataType:
+    """The type of the values a column holds (a dictionary column's value type)."""
     return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def label_type(schema: pa.Schema, column: str) -> pa.DataType:
+    return value_type(schema.field(column).type)
 
 
 def is_string(kind: pa.DataType) -> bool:
@@ -112,7 +116,7 @@ def class_names_of(columns: list[pa.ChunkedArray]) -> list[str]:
         if pa.types.is_dictionary(column.type):
             column = column.cast(column.type.value_type)
         values.update(v for v in pc.unique(column).to_pylist() if v is not None)
-    if columns and is_string(label_type(pa.schema([("l", columns[0].type)]), "l")):
+    if columns and is_string(value_type(columns[0].type)):
         return sorted(values)
     return [str(i) for i in range(max(values, default=-1) + 1)]
 
