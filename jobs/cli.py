@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from jobs.secrets import mask_process_output
 
@@ -168,13 +168,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # bad input: exit 2
-        if os.environ.get("VITRAY_DEBUG"):
-            traceback.print_exc()
-        print(f"vitray {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
+        stop(args.command, "error", e, 2)
     except RuntimeError as e:  # the job ran and failed (a stalled search, no trial finished)
-        print(f"vitray {args.command}: failed: {e}", file=sys.stderr)
-        raise SystemExit(1) from e
+        stop(args.command, "failed", e, 1)
+
+
+def stop(command: str, kind: str, error: BaseException, code: int) -> NoReturn:
+    """One line naming the error; its traceback too under VITRAY_DEBUG=1."""
+    if os.environ.get("VITRAY_DEBUG"):
+        traceback.print_exc()
+    print(f"vitray {command}: {kind}: {error}", file=sys.stderr)
+    raise SystemExit(code) from error
 
 
 if __name__ == "__main__":

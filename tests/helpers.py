@@ -20,9 +20,10 @@ import yaml
 from PIL import Image
 
 from jobs.config import CONFIGS, JobConfig, load_config
-from jobs.tracking.tracker import MlflowTracker
+from jobs.tracking.mlflow_tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
-from jobs.training.search import SearchOutcome, search
+from jobs.training.search.driver import search
+from jobs.training.search.outcome import SearchOutcome
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 

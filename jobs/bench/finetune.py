@@ -18,7 +18,7 @@ import torch
 
 from jobs.bench.common import write_result
 from jobs.config import CONFIGS, load_config
-from jobs.tracking.tracker import MlflowTracker
+from jobs.tracking.mlflow_tracker import MlflowTracker
 from jobs.training.inprocess import train_in_process
 from jobs.training.start import Start, resized_start
 from pipeline.dataset import describe_dataset, ensure_prepared

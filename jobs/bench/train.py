@@ -21,7 +21,7 @@ import torch
 
 from jobs.bench.common import write_result
 from jobs.config import CONFIGS, load_config
-from jobs.tracking.tracker import MlflowTracker
+from jobs.tracking.mlflow_tracker import MlflowTracker
 from jobs.training.fit import fit
 from jobs.training.loop import Handles, micro_batch_loss, optimizer_step
 from jobs.training.optim import build_optimizer

@@ -15,9 +15,9 @@ from jobs.cluster.raynode import ensure_ray
 from jobs.config import CONFIGS, load_config
 from jobs.secrets import redact
 from jobs.tracking import runs
-from jobs.tracking.tracker import MlflowTracker
+from jobs.tracking.mlflow_tracker import MlflowTracker
 from jobs.training.fit import fit
-from jobs.training.search import search
+from jobs.training.search.driver import search
 from pipeline.dataset import ensure_prepared
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from jobs.config import add_config_arguments, load_config, shown
 from jobs.secrets import redact
-from jobs.tracking.tracker import MlflowTracker
+from jobs.tracking.mlflow_tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
 
 

@@ -1,4 +1,4 @@
-"""`vitray tune --config ...`: a Ray Tune search of training runs (jobs.training.search)."""
+"""`vitray tune --config ...`: a Ray Tune search of training runs (jobs/training/search/)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import argparse
 import yaml
 
 from jobs.config import add_config_arguments, load_config, shown
-from jobs.tracking.tracker import MlflowTracker
-from jobs.training.search import search
+from jobs.tracking.mlflow_tracker import MlflowTracker
+from jobs.training.search.driver import search
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

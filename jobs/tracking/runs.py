@@ -173,6 +173,7 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str, split_rows: dict
         run_id = found[0].info.run_id if found else None
     if run_id:
         client.set_terminated(run_id, "RUNNING")
+        client.set_tag(run_id, DESCRIPTION_TAG, f"`{command_line()}`")  # no "Failed:" left
         record_run(run_dir, run_id)
         print(f"resuming MLflow run {run_id}", flush=True)
         return run_id

@@ -10,37 +10,11 @@ import yaml
 
 from jobs.tracking import plots
 from jobs.tracking.model import log_vit_model, register_vit_model
+from jobs.training.search.outcome import SearchOutcome, trial_rows
 from vit import read_checkpoint_meta
 
 if TYPE_CHECKING:
-    from jobs.training.search import SearchOutcome
-
-
-def trial_rows(outcome: SearchOutcome) -> list[dict[str, Any]]:
-    """One row per trial: its sample, best metric, epochs reached, run id, fate."""
-    cfg, metric = outcome.config, outcome.config.tune.metric
-    rows = []
-    for result in outcome.results:
-        history = result.metrics_dataframe
-        records = history.to_dict("records") if history is not None else []
-        points = [(r["epoch"], r[metric]) for r in records if r.get(metric) is not None]
-        values = [v for _, v in points]
-        best = (max if cfg.tune.mode == "max" else min)(values) if values else None
-        epochs = max((e for e, _ in points), default=0.0)
-        run_id = next((r.get("mlflow_run_id") for r in records if r.get("mlflow_run_id")), None)
-        fate = "error" if result.error else "complete" if epochs >= cfg.train.epochs else "stopped"
-        rows.append(
-            {
-                **{k: result.config[k] for k in cfg.tune.space},
-                "trial": result.path.rsplit("/", 1)[-1],
-                metric: best,
-                "epochs": epochs,
-                "fate": fate,
-                "run_id": run_id,
-                "curve": points,
-            }
-        )
-    return rows
+    from mlflow.entities.model_registry import ModelVersion
 
 
 def close_trial_runs(client: Any, rows: list[dict[str, Any]]) -> None:
@@ -51,9 +25,12 @@ def close_trial_runs(client: Any, rows: list[dict[str, Any]]) -> None:
             client.set_terminated(row["run_id"], status[row["fate"]])
 
 
-def register_best(outcome: SearchOutcome, scores: dict[str, float], uri: str) -> None:
-    """The best checkpoint as an MLflow model of the best trial's run, registered and
-    aliased; its test accuracy logged on that run (and the parent)."""
+def register_best(
+    outcome: SearchOutcome, scores: dict[str, float], uri: str
+) -> ModelVersion | None:
+    """The best checkpoint as an MLflow model of the best trial's run, logged with its test
+    accuracy on that run (and the parent); registered and aliased, when `tune.register_as`
+    names a model, and its version returned."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -81,7 +58,7 @@ def register_best(outcome: SearchOutcome, scores: dict[str, float], uri: str) ->
         for key, value in scores.items():
             client.log_metric(outcome.parent_run_id, key, value)
     if not cfg.tune.register_as:
-        return
+        return None
     scored = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.endswith(("top1", "top5")))
     description = (
         f"The search's pick ({cfg.tune.select}): {cfg.tune.metric} {outcome.best_metric:.4f}"
@@ -93,11 +70,12 @@ def register_best(outcome: SearchOutcome, scores: dict[str, float], uri: str) ->
         model_uri, cfg.tune.register_as, cfg.tune.alias, uri, description, tags
     )
     client.set_tag(outcome.parent_run_id, "registered_model", f"{version.name}/{version.version}")
-    outcome.registered = version
+    return version
 
 
-def log_search(outcome: SearchOutcome, scores: dict[str, float], uri: str) -> None:
-    """Everything the parent run shows for the search, then the registration."""
+def log_search(outcome: SearchOutcome, scores: dict[str, float], uri: str) -> ModelVersion | None:
+    """Everything the parent run shows for the search, then the registration; the
+    registered version, if any."""
     from mlflow import MlflowClient
 
     cfg, parent = outcome.config, outcome.parent_run_id
@@ -120,6 +98,6 @@ def log_search(outcome: SearchOutcome, scores: dict[str, float], uri: str) -> No
     client.set_tag(parent, "best_run_id", outcome.best_run_id or "")
     if outcome.stopped_because:
         client.set_tag(parent, "vitray.tune.stopped_because", outcome.stopped_because)
-    if outcome.best_run_id:
-        register_best(outcome, scores, uri)
+    registered = register_best(outcome, scores, uri) if outcome.best_run_id else None
     client.set_terminated(parent, "FINISHED")
+    return registered

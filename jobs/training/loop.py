@@ -3,7 +3,7 @@
 `run_training` takes a `Runner`, the few things that differ between where it runs: Ray
 Train calls `train_loop_per_worker(config)` on each worker (datasets built on the driver,
 one shard per worker, DDP); a single-worker Tune trial runs the loop in the trial itself
-(jobs/training/search.py); benchmarks run it in-process (jobs/training/inprocess.py).
+(jobs/training/search/); benchmarks run it in-process (jobs/training/inprocess.py).
 Rank 0 alone logs metrics and writes checkpoints. Like Ray's examples, the pieces are an
 optimiser step over micro-batches, an evaluation pass, a reporter and checkpointing.
 """

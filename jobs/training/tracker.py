@@ -1,5 +1,5 @@
-"""The tracking interface the training drivers are handed (jobs.tracking.tracker.MlflowTracker is
-the real one): training code never imports MLflow itself."""
+"""The tracking interface the training drivers are handed (MLflow's is
+jobs.tracking.mlflow_tracker.MlflowTracker): training code never imports MLflow itself."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from jobs.config import JobConfig
-    from jobs.training.search import SearchOutcome
+    from jobs.training.search.outcome import SearchOutcome
     from jobs.training.start import Start
 
 
@@ -56,8 +56,8 @@ class Tracker(Protocol):
         """After training: the config, the final and best checkpoints, the figures."""
 
     def fail_search(self, parent_id: str, reason: str) -> None:
-        """Mark a search that the watchdog stopped."""
+        """Mark a search that ended early FAILED, with why in its description."""
 
-    def log_search(self, outcome: SearchOutcome, test_scores: dict[str, float]) -> None:
-        """The search's summary, trial fates and figures; the chosen model registered
-        (sets `outcome.registered`)."""
+    def log_search(self, outcome: SearchOutcome, test_scores: dict[str, float]) -> Any:
+        """The search's summary, trial fates and figures; the chosen model registered: its
+        version (an MLflow ModelVersion), or None when nothing was registered."""

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from jobs.config import load_config
-from jobs.training.search import TRIAL_RUN_KEY, SearchStopped, Watchdog, select_best
+from jobs.tracking.runs import DESCRIPTION_TAG, recorded_run_id
+from jobs.training.search.outcome import TRIAL_RUN_KEY
+from jobs.training.search.pick import select_best
+from jobs.training.search.watchdog import SearchStopped, Watchdog
 
 from helpers import ROOT, search_config, tracked_search
 
@@ -155,15 +158,19 @@ def test_interrupted_search_resumes_with_the_same_command(digits_dir, mlflow_ser
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 1 and "run the same command again" in out
+    client = MlflowClient(mlflow_server)
+    interrupted = client.get_run(recorded_run_id(str(run_dir)))
+    assert interrupted.info.status == "FAILED"
+    assert "interrupted with" in interrupted.data.tags[DESCRIPTION_TAG].splitlines()[0]
 
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming the search" in second.stdout
 
-    client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("vitray-tune-test").experiment_id
     parents = client.search_runs([experiment], filter_string=f"tags.`vitray.run_dir` = '{run_dir}'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert "Failed" not in parents[0].data.tags[DESCRIPTION_TAG]  # resumed, then finished
     steps_per_run = [
         [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
         for run in children(client, parents[0].info.run_id)

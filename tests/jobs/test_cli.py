@@ -30,3 +30,31 @@ def test_a_missing_path_exits_2_naming_it(argv, capsys, tmp_path, monkeypatch):
         main(argv)
     assert exit_info.value.code == 2
     assert MISSING in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+@pytest.mark.parametrize("code", [2, 1])
+def test_vitray_debug_prints_the_traceback_of_every_error(
+    capsys, tmp_path, monkeypatch, code, debug
+):
+    """Exit 2 (bad input) and exit 1 (a run that failed: here, its run directory held by
+    another run) print one line; with VITRAY_DEBUG=1 the traceback above it."""
+    from jobs.training.runlock import run_lock
+
+    monkeypatch.setenv("VITRAY_DEBUG", debug)
+    monkeypatch.chdir(tmp_path)
+    argv = ["pretrain", "--config", str(CONFIGS / "demo-pretrain.yaml"), "--set",
+            f"run.storage_path={tmp_path}", "--set", "run.name=held", "--set",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    if code == 2:
+        argv[2] = MISSING
+    with run_lock(str(tmp_path / "held")), pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code
+    assert ("Traceback (most recent call last)" in err) == bool(debug), err
+    assert (
+        err.rstrip()
+        .splitlines()[-1]
+        .startswith(f"vitray pretrain: {'error' if code == 2 else 'failed'}: ")
+    )

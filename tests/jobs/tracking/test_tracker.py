@@ -1,6 +1,6 @@
 """Which checkpoint a training run logs as best and registers."""
 
-from jobs.tracking.tracker import best_checkpoint
+from jobs.tracking.mlflow_tracker import best_checkpoint
 
 KEPT = [  # (checkpoint, metrics) as Ray keeps them: a lucky sample at step 10
     ("epoch-1", {"step": 10, "val_top1": 0.95}),

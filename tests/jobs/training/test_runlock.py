@@ -12,7 +12,7 @@ import pytest
 from jobs.config import CONFIGS, load_config
 from jobs.training.runlock import run_lock
 
-from helpers import ROOT, tracked_fit
+from helpers import ROOT, search_config, tracked_fit, tracked_search
 
 HOLD = "import sys, time; from jobs.training.runlock import run_lock\n" + (
     "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)"
@@ -28,21 +28,23 @@ def hold(run_dir) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_of_the_same_name_refuses_and_writes_nothing(tmp_path):
-    cfg = load_config(
-        CONFIGS / "demo-pretrain.yaml",
-        [
-            f"run.storage_path={tmp_path / 'runs'}",
-            "run.name=twice",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        ],
-    )
+@pytest.mark.parametrize("command", ["pretrain", "tune"])
+def test_a_second_run_of_the_same_name_refuses_and_writes_nothing(tmp_path, digits_dir, command):
+    sets = [
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=twice",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    if command == "tune":
+        cfg = load_config(search_config(tmp_path, digits_dir / "digits", "", "twice"), sets)
+    else:
+        cfg = load_config(CONFIGS / "demo-pretrain.yaml", sets)
     run_dir = tmp_path / "runs" / "twice"
     first = hold(run_dir)
     try:
         expected = rf"\(pid {first.pid} on {socket.gethostname()}\) is using {run_dir}"
         with pytest.raises(RuntimeError, match=expected):
-            tracked_fit(cfg)
+            (tracked_search if command == "tune" else tracked_fit)(cfg)
         assert [p.name for p in run_dir.iterdir()] == [".lock"]  # no record, no checkpoint
         assert not (tmp_path / "mlflow.db").exists()  # no MLflow run opened
     finally:

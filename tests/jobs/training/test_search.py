@@ -10,14 +10,11 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_config
-from jobs.training.search import (
-    NothingToRegister,
-    Watchdog,
-    concurrent_trials,
-    finish,
-    trial_resources,
-    trial_trainer,
-)
+from jobs.training.search.driver import finish
+from jobs.training.search.pick import NothingToRegister
+from jobs.training.search.resources import concurrent_trials, trial_resources
+from jobs.training.search.trial import trial_trainer
+from jobs.training.search.watchdog import Watchdog
 
 from helpers import search_config
 
@@ -77,7 +74,7 @@ def test_a_multi_worker_trials_data_runs_outside_its_placement_group(ray_local, 
     @ray.remote(num_cpus=1)
     class Driver:  # as Tune places a trial: in its group, capturing what it starts
         def first_batch(self, outside: bool) -> int:
-            from jobs.training.search import datasets_outside_trial
+            from jobs.training.search.trial import datasets_outside_trial
 
             if outside:
                 datasets = ray.get(datasets_outside_trial.remote(job, plan))
@@ -161,7 +158,7 @@ def test_a_trial_hands_tune_every_report_its_trainer_made_the_last_one_too(ray_l
     from ray import tune
     from ray.util.queue import Queue
 
-    from jobs.training.search import EpochReports, forward_reports
+    from jobs.training.search.trial import EpochReports, forward_reports
 
     class Trainer:
         def __init__(self, reports: EpochReports, fail: bool) -> None:

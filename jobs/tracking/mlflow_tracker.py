@@ -23,7 +23,7 @@ from jobs.tracking.metrics import MlflowMetrics, retrying
 from jobs.tracking.model import log_vit_model, register_vit_model
 
 if TYPE_CHECKING:
-    from jobs.training.search import SearchOutcome
+    from jobs.training.search.outcome import SearchOutcome
     from jobs.training.start import Start
 
 INIT_ARTIFACT = "init_checkpoint"
@@ -141,11 +141,13 @@ class MlflowTracker:
             )
 
     def fail_search(self, parent_id: str, reason: str) -> None:
+        """Why, at the top of the run's description, above the command that resumes it."""
         from mlflow import MlflowClient
 
         client = MlflowClient(self.uri)
-        client.set_tag(parent_id, "vitray.tune.stopped_because", reason)
+        about = f"**Failed:** {reason}\n\n`{runs.command_line()}`"
+        client.set_tag(parent_id, runs.DESCRIPTION_TAG, about)
         client.set_terminated(parent_id, "FAILED")
 
-    def log_search(self, outcome: SearchOutcome, test_scores: dict[str, float]) -> None:
-        search_report.log_search(outcome, test_scores, self.uri)
+    def log_search(self, outcome: SearchOutcome, test_scores: dict[str, float]) -> Any:
+        return search_report.log_search(outcome, test_scores, self.uri)

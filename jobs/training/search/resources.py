@@ -1,0 +1,58 @@
+"""What one trial holds and how many run at once.
+
+A single-worker trial runs the training loop itself: on Ray 2.60, trials that build a
+TorchTrainer and get stopped early by ASHA leak their worker resources and the next trial
+waits forever (docs/design.md#tune-trials), while plain function trials release everything
+when stopped. Its Ray Data tasks run inside the trial's placement group, in a bundle of
+their own, so data and training never wait on each other.
+
+A trial that asks for several workers is a thin driver of about one CPU that builds a
+TorchTrainer: in Ray Train V2 the trainer reserves its workers' placement group itself, so
+reserving them in the trial's group as well would book every GPU twice. As Tune no longer
+sees the workers, the search caps how many trials run at once by what the cluster holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from jobs.config import JobConfig
+from jobs.training.capacity import worker_resources
+
+TRIAL_DRIVER_CPUS = 1.0  # a trial that drives a TorchTrainer (Ray's Train V2 Tune guide)
+
+
+def driver_cpus(cfg: JobConfig) -> float:
+    """CPUs a trial holds beside its workers: a multi-worker trial's driver."""
+    return TRIAL_DRIVER_CPUS if cfg.scaling.num_workers > 1 else 0.0
+
+
+def trial_resources(cfg: JobConfig) -> Any:
+    """The trial's placement group: a single-worker trial's worker and one data bundle, or
+    a multi-worker trial's driver alone (its trainer reserves the workers)."""
+    from ray import tune
+
+    if cfg.scaling.num_workers > 1:
+        return tune.PlacementGroupFactory([{"CPU": driver_cpus(cfg)}])
+    return tune.PlacementGroupFactory([worker_resources(cfg), {"CPU": cfg.data.cpus_per_task}])
+
+
+def trial_footprint(cfg: JobConfig) -> dict[str, float]:
+    """What one running trial holds in all: its workers, one decode task, its driver."""
+    need = {k: v * cfg.scaling.num_workers for k, v in worker_resources(cfg).items()}
+    need["CPU"] += cfg.data.cpus_per_task + driver_cpus(cfg)
+    return need
+
+
+def concurrent_trials(cfg: JobConfig) -> int:
+    """`tune.max_concurrent`, capped by how many trials the cluster holds at once (its GPUs
+    over a trial's, and its CPUs). Tune does not see a multi-worker trial's workers: trials
+    started beyond that would hold their drivers and wait for workers. Under
+    `scaling.autoscaling` the cluster grows on demand, and the config's number stands."""
+    if cfg.scaling.autoscaling:
+        return cfg.tune.max_concurrent
+    have = ray.cluster_resources()
+    fits = min(int(have.get(k, 0) / v + 1e-9) for k, v in trial_footprint(cfg).items() if v)
+    return max(1, min(cfg.tune.max_concurrent, fits))
