@@ -202,11 +202,14 @@ def preprocess_batch(
     train: bool,
     num_classes: int | None = None,
     keep_ids: bool = False,
+    keep_errors: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` function: {image, label, ...} -> {patches, label, ok[, id]}.
+    """Ray Data `map_batches` function: {image, label, ...} -> {patches, label, ok[, id]
+    [, error]}.
 
     Bad rows stay in the batch with `ok=False`, `label=-1` and zero patches, so that every
-    consumer can count them exactly; in strict mode the first one raises StrictModeError.
+    consumer can count them exactly (and with `keep_errors`, say why); in strict mode the
+    first one raises StrictModeError.
     """
     n = len(batch["image"])
     th, tw = cfg.size_hw
@@ -214,6 +217,7 @@ def preprocess_batch(
     labels = batch["label"].astype(np.int64) if "label" in batch else np.full(n, -1, np.int64)
     errors = batch.get("error", [None] * n)
     ok = np.ones(n, dtype=bool)
+    why = np.full(n, None, dtype=object)
     rng = np.random.default_rng()  # fresh OS entropy per batch, as DataLoader workers do
     for i in range(n):
         try:
@@ -226,8 +230,10 @@ def preprocess_batch(
             if cfg.strict:
                 raise StrictModeError(f"bad image at {_where(batch, i)}: {e}") from e
             log.warning("skipping bad image at %s: %s", _where(batch, i), e)
-            ok[i], labels[i] = False, -1
+            ok[i], labels[i], why[i] = False, -1, str(e)
     out = {"patches": patchify(pixels, patch_size), "label": labels, "ok": ok}
     if keep_ids and "id" in batch:
         out["id"] = batch["id"]
+    if keep_errors:
+        out["error"] = why
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -219,3 +220,32 @@ def wait_healthy(base: str, seconds: float = 180, path: str = "/health") -> None
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{base} did not answer {path} within {seconds:.0f} s")
+
+
+NAMES = ["ant", "bee", "cow", "doe", "eel", "fox"]  # the classes of `register_animals`
+
+
+def register_animals(tmp: Path) -> tuple[str, Path]:
+    """(tracking URI, checkpoint) of a 6-class micro ViT at 32 px, random weights with a head
+    that is not zero (a fresh head answers 1/6 for all), declaring bicubic resizing and a
+    squash crop, registered as animals@champion in a SQLite store under `tmp`."""
+    import mlflow
+    import torch
+
+    from jobs.tracking.model import log_vit_model, register_vit_model
+    from vit import Preprocessing, ViT, ViTConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig.from_preset("micro/4", depth=1, num_classes=6, image_size=32))
+    with torch.no_grad():
+        model.head.weight.normal_(std=2.0)
+    preprocessing = Preprocessing("bicubic", 0.9, "squash")
+    checkpoint = save_checkpoint(model, tmp / "ckpt", NAMES, preprocessing=preprocessing)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # the store's artifacts: ./mlruns
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run():
+            model_uri = log_vit_model(checkpoint)
+        register_vit_model(model_uri, "animals", "champion", uri, "test", {})
+    return uri, checkpoint

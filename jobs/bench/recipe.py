@@ -14,8 +14,8 @@ from typing import Any
 from jobs.bench.common import write_result
 from jobs.bench.finetune import summarize
 from jobs.config import CONFIGS, JobConfig, load_config
+from jobs.inference.evaluation import evaluate_checkpoint
 from jobs.tracking.mlflow_tracker import MlflowTracker
-from jobs.training.evaluation import evaluate_checkpoint
 from jobs.training.inprocess import train_in_process
 from jobs.training.start import resized_start
 from pipeline.dataset import describe_dataset, ensure_prepared

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from jobs.commands.data_options import add_data_arguments, data_for
 from jobs.config import MlflowSection
+from jobs.inference.evaluation import confusion, predict_split, split_scores
 from jobs.secrets import redact
 from jobs.tracking import plots
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.runs import log_evaluation, new_run, tracking_uri
-from jobs.training.evaluation import confusion, predict_split, split_scores
 from vit import load_checkpoint, read_checkpoint_meta
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from jobs.commands.data_options import add_data_arguments, data_for
+from jobs.inference.predict import predict
 from jobs.tracking.checkpoints import fetch_checkpoint
-from jobs.training.inference import predict
 from vit import read_checkpoint_meta
 
 

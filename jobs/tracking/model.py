@@ -14,11 +14,13 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
-import torch
+import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
 
-from vit import load_checkpoint, read_checkpoint_meta
+from jobs.inference.classify import DEFAULT_TOP_K, encoded
+from pipeline.config import DataConfig
+from vit import read_checkpoint_meta
 
 
 def requirements() -> list[str]:
@@ -30,31 +32,60 @@ def requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
-def log_vit_model(
-    checkpoint_dir: str | Path, name: str = "model", preprocessing: dict | None = None
-) -> str:
-    """Log into the active run; returns the model URI (`models:/m-...`) to register.
+def signature() -> ModelSignature:
+    """Images in (one per row: bytes, base64 or uint8 arrays; unnamed, so that a list or a
+    DataFrame's `image` column both pass MLflow's check), class names out; see
+    pyfunc_vit.py."""
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    `preprocessing` (how images become the model's input) is stored with the model as
-    preprocessing.json, next to the checkpoint's config.json."""
-    config = read_checkpoint_meta(checkpoint_dir)["model"]
-    h, w = config["image_size"]
-    example = np.zeros((1, config["in_chans"], h, w), dtype=np.float32)
-    model = load_checkpoint(checkpoint_dir).eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    artifacts = {"checkpoint": str(checkpoint_dir)}
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary")]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                ColSpec("double", "score"),
+                ColSpec(Array("string"), "top_labels"),
+                ColSpec(Array("double"), "top_scores"),
+                ColSpec("string", "error", required=False),
+            ]
+        ),
+        params=ParamSchema(
+            [ParamSpec("top_k", "long", DEFAULT_TOP_K), ParamSpec("input", "string", "images")]
+        ),
+    )
+
+
+def example_image(data: DataConfig) -> bytes:
+    """A PNG of the model's own size and channels, for the model's input example."""
+    h, w = data.size_hw
+    pixels = np.full((h, w, data.channels), 128, np.uint8).squeeze(-1 if data.channels == 1 else ())
+    return encoded(pixels)
+
+
+def log_vit_model(checkpoint_dir: str | Path, name: str = "model") -> str:
+    """Log into the active run; returns the model URI (`models:/m-...`) to register. Its
+    preprocessing is the checkpoint's own, written out as preprocessing.json to read."""
+    meta = read_checkpoint_meta(checkpoint_dir)
+    data = DataConfig.for_checkpoint("-", meta)
+    interpolation, crop_fraction, crop_mode = data.eval_transform
+    preprocessing = {
+        "image_size": list(data.size_hw),
+        "channels": data.channels,
+        "mean": meta["model"]["mean"],
+        "std": meta["model"]["std"],
+        "interpolation": f"{interpolation}, antialiased",
+        "eval_crop_fraction": crop_fraction,
+        "eval_crop_mode": crop_mode,
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        if preprocessing:
-            path = Path(tmp) / "preprocessing.json"
-            path.write_text(json.dumps(preprocessing, indent=2))
-            artifacts["preprocessing"] = str(path)
+        path = Path(tmp) / "preprocessing.json"
+        path.write_text(json.dumps(preprocessing, indent=2))
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(Path(__file__).with_name("pyfunc_vit.py")),
-            artifacts=artifacts,
-            signature=infer_signature(example, output),
-            input_example=example,
+            artifacts={"checkpoint": str(checkpoint_dir), "preprocessing": str(path)},
+            signature=signature(),
+            input_example=pd.DataFrame({"image": [example_image(data)]}),
             pip_requirements=requirements(),
         )
     return info.model_uri

@@ -1,6 +1,17 @@
 """The MLflow model of a vitray checkpoint, logged as code (MLflow 3's models-from-code):
 MLflow keeps this file with the model and runs it when the model loads, so nothing is
-pickled. Loading needs `vit` importable, as it needs torch."""
+pickled. Loading needs `vitray` importable, as it needs torch.
+
+Input: images, one per row: a DataFrame with an `image` column, or a list. Each is encoded
+image bytes (JPEG, PNG, ...), a base64 string of them (as JSON serving sends bytes), or a
+uint8 (H, W) or (H, W, C) array of any size. The model applies its checkpoint's own
+preprocessing (`jobs.inference.classify`). Output: a DataFrame of `label` (the class name),
+`score` (its probability), `top_labels` and `top_scores` (top-k, `params={"top_k": k}`,
+default 5) and `error` (None, or why that row's image has no answer).
+
+`params={"input": "tensor"}`: rows are float32 (C, H, W) images already resized and
+normalised with the checkpoint's mean and std, as this model took them before.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +19,33 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
-import torch
+import pandas as pd
 from mlflow.models import set_model
 
-from vit import load_checkpoint
+from jobs.inference.classify import DEFAULT_TOP_K, Classifier
+
+
+def rows_of(model_input: Any) -> list[Any]:
+    """The images of the input, one per row, whatever container they came in."""
+    if isinstance(model_input, pd.DataFrame):
+        column = model_input["image"] if "image" in model_input else model_input.iloc[:, 0]
+        return list(column)
+    if isinstance(model_input, dict):
+        return list(model_input["image"])
+    return list(model_input)
 
 
 class ViTClassifier(mlflow.pyfunc.PythonModel):
-    """Input: float32 images (B, C, H, W) normalised with the checkpoint's mean and std, or
-    uint8 patches (B, N, P*P*C). Output: logits (B, classes)."""
-
     def load_context(self, context: Any) -> None:
-        self.model = load_checkpoint(context.artifacts["checkpoint"]).eval()
+        self.classifier = Classifier.from_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> Any:
-        with torch.no_grad():
-            return self.model(torch.from_numpy(np.asarray(model_input))).numpy()
+    # `model_input` has no type hint: MLflow would read one as a schema of its own.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        params = params or {}
+        k = int(params.get("top_k") or DEFAULT_TOP_K)
+        if params.get("input", "images") == "tensor":
+            return self.classifier.classify_tensors(np.stack(rows_of(model_input)), k)
+        return self.classifier.classify(rows_of(model_input), k)
 
 
 set_model(ViTClassifier())

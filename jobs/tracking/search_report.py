@@ -11,7 +11,6 @@ import yaml
 from jobs.tracking import plots
 from jobs.tracking.model import log_vit_model, register_vit_model
 from jobs.training.search.outcome import SearchOutcome, trial_rows
-from vit import read_checkpoint_meta
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -37,21 +36,10 @@ def register_best(
     cfg, client = outcome.config, MlflowClient(uri)
     run_id = outcome.best_run_id
     with outcome.best_checkpoint.as_directory() as d:
-        model = read_checkpoint_meta(d)["model"]
-        interpolation, crop_fraction, crop_mode = cfg.data.eval_transform
-        preprocessing = {
-            "image_size": list(cfg.data.size_hw),
-            "channels": cfg.data.channels,
-            "mean": model["mean"],
-            "std": model["std"],
-            "interpolation": f"{interpolation}, antialiased",
-            "eval_crop_fraction": crop_fraction,
-            "eval_crop_mode": crop_mode,
-        }
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id):
             client.log_artifacts(run_id, d, "checkpoint/best")
-            model_uri = log_vit_model(d, preprocessing=preprocessing)
+            model_uri = log_vit_model(d)
             if scores:
                 mlflow.log_metrics(scores)
     if scores:

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.config import CONFIGS, load_config
-from jobs.training.evaluation import predict_split
+from jobs.inference.evaluation import predict_split
 from vit import load_checkpoint, read_checkpoint_meta, resize_pos_embed
 from vit.resize import INTERPOLATION_PRESETS
 

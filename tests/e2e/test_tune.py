@@ -66,9 +66,10 @@ def test_two_trial_search_nests_runs_registers_best_and_reloads(
     ours = load_any("models:/dg@champion", mlflow_server).eval()
     images = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
-        expected = ours(torch.from_numpy(images)).numpy()
-    np.testing.assert_allclose(served.predict(images), expected, rtol=1e-5, atol=1e-5)
-    assert (served.predict(images).argmax(1) == expected.argmax(1)).all()
+        expected = ours(torch.from_numpy(images)).softmax(-1).numpy()
+    out = served.predict(pd.DataFrame({"image": list(images)}), params={"input": "tensor"})
+    assert list(out["label"]) == [str(i) for i in expected.argmax(1)]
+    np.testing.assert_allclose(out["score"].astype(float), expected.max(1), rtol=1e-5)
 
 
 def test_trials_of_two_workers_drive_a_trainer_and_register_its_reported_checkpoint(

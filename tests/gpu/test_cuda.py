@@ -140,7 +140,7 @@ def test_predict_runs_its_model_on_the_gpu_as_accurately_as_on_the_cpu(
     import pyarrow.parquet as pq
 
     from jobs.cli import main
-    from jobs.training.evaluation import predict_split, split_scores
+    from jobs.inference.evaluation import predict_split, split_scores
     from pipeline.config import DataConfig
     from vit import read_checkpoint_meta
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig, with_values
+from jobs.inference.evaluation import evaluate_checkpoint
 from jobs.training.capacity import fit_to_cluster
-from jobs.training.evaluation import evaluate_checkpoint
 from jobs.training.fit import storage_dir
 from jobs.training.plan import TrainPlan, make_plan
 from jobs.training.runlock import run_lock

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from jobs.inference.classify import Classifier
 from jobs.tracking.checkpoints import fetch_checkpoint
 from vit import ViT, ViTConfig, load_checkpoint, read_checkpoint_meta
 
@@ -27,13 +28,10 @@ class Predictor:
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)
         config, state, class_names = weights
-        self.model = ViT(ViTConfig.from_dict(config))
-        self.model.load_state_dict(state)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = self.model.to(self.device).eval()
-        n = self.model.config.num_classes
-        self.names = np.array(class_names or [str(i) for i in range(n)])
-        self.k = min(top_k, self.model.config.num_classes)
+        model = ViT(ViTConfig.from_dict(config))
+        model.load_state_dict(state)
+        self.classifier = Classifier(model, class_names, data=None)  # fed patches, not images
+        self.k = min(top_k, model.config.num_classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ok = batch["ok"]
@@ -41,13 +39,9 @@ class Predictor:
         scores = np.zeros((n, self.k), dtype=np.float32)
         labels = np.full((n, self.k), "", dtype=object)
         if ok.any():
-            patches = torch.from_numpy(batch["patches"][ok]).to(self.device)
-            bf16 = self.device.type == "cuda"
-            with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
-                probs = self.model(patches).float().softmax(dim=-1)
-            top = probs.topk(self.k, dim=-1)
-            scores[ok] = top.values.cpu().numpy()
-            labels[ok] = self.names[top.indices.cpu().numpy()]
+            labels[ok], scores[ok] = self.classifier.top_k(
+                torch.from_numpy(batch["patches"][ok]), self.k
+            )
         return pa.table(  # plain Arrow lists: any Parquet reader gets them as they are
             {
                 "id": pa.array(batch["id"].tolist(), pa.string()),
@@ -93,7 +87,7 @@ def predict(
         num_cpus=0 if gpus else data.cpus_per_task,
     )
     predictions.write_parquet(output)
-    written = ray.data.read_parquet(output, columns=["ok"]).to_pandas()["ok"]
+    written = ray.data.read_parquet(output).select_columns(["ok"]).to_pandas()["ok"]
     counts = {"images": int(len(written)), "bad": int((~written).sum())}
     print(f"wrote {counts['images']} predictions to {output}; {counts['bad']} bad image(s)")
     return counts
