@@ -27,10 +27,10 @@ demo: $(STAMP)
 test: $(DEV_STAMP) lint
 	$(BIN)/pytest -q --durations=15 tests
 
-# Everything but tests/e2e and the tests that start a Ray (marked `ray`): no Ray, no MLflow
-# server, under 3 minutes on 2 cores.
+# Everything but tests/e2e and the tests whose fixtures start a Ray or a server (marked `ray`,
+# `server` in tests/conftest.py): no Ray, no MLflow or S3 server, under 3 minutes on 2 cores.
 test-fast: $(DEV_STAMP) lint
-	$(BIN)/pytest -q --durations=10 tests --ignore=tests/e2e -m "not ray"
+	$(BIN)/pytest -q --durations=10 tests --ignore=tests/e2e -m "not ray and not server"
 
 # On a machine with a CUDA GPU: bf16 training (eager and compiled, a worker killed and
 # resumed), a Tune search, predict and the model benchmark's MFU. Skipped without CUDA.

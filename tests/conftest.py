@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from jobs.bench.scale import moto_server
-from jobs.cluster.raynode import node_env
+from jobs.cluster.raynode import MASK_HOOK, node_env
 from jobs.config import CONFIGS
 
 from helpers import (
@@ -25,13 +25,22 @@ from helpers import (
     wait_healthy,
 )
 
+# The fixtures that start something: a test using any of them (directly or through another
+# fixture) is marked, so that `make test-fast` leaves it out by the mark.
+STARTS = {
+    "ray_local": "ray",
+    "mlflow_server": "server",
+    "mlflow_with_auth": "server",
+    "restartable_mlflow": "server",
+    "s3_server": "server",
+}
+
 
 def pytest_collection_modifyitems(items):
-    """Tests that start a local Ray are marked `ray`, so that `make test-fast` runs with
-    none."""
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.ray)
+        used = set(getattr(item, "fixturenames", ()))
+        for mark in {STARTS[name] for name in used & STARTS.keys()}:
+            item.add_marker(getattr(pytest.mark, mark))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,7 +60,11 @@ def ray_local():
     """One real local Ray for the session, 2 CPUs, no dashboard."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # its workers mask passwords as those of every Ray vitray joins or starts do
+    hook = {"worker_process_setup_hook": MASK_HOOK}
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=hook
+    )
     yield ray
     ray.shutdown()
 

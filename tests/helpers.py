@@ -249,3 +249,8 @@ def register_animals(tmp: Path) -> tuple[str, Path]:
             model_uri = log_vit_model(checkpoint)
         register_vit_model(model_uri, "animals", "champion", uri, "test", {})
     return uri, checkpoint
+
+
+def files_holding(secret: str, root: Path) -> list[str]:
+    """Every file under `root` whose bytes hold `secret` (text or not)."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

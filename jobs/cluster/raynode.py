@@ -26,6 +26,9 @@ def node_env(cpus: int | None = None) -> dict[str, str]:
     }
 
 
+MASK_HOOK = "jobs.secrets.mask_process_output"
+
+
 def set_node_env(cpus: int | None = None) -> None:
     """Apply `node_env` to this process, keeping what the user set, before it starts a
     local Ray: the raylet and its workers inherit the environment."""
@@ -45,8 +48,8 @@ def ensure_ray() -> None:
         # "local", not None: with None, Ray joins whatever cluster last started on this
         # machine (its /tmp/ray/ray_current_cluster), another user's or a stopped one.
         address = "local"
-        # its workers mask passwords too: their output reaches the console and the logs
-        runtime_env = {"worker_process_setup_hook": "jobs.secrets.mask_process_output"}
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-        return
-    ray.init(address=address, log_to_driver=True)
+    # The job's workers, on every node, mask passwords too: their output reaches the
+    # console and Ray's logs. Inside a submitted job, Ray merges this into the job's own
+    # runtime_env (which sets no hook: a key set twice would be a conflict).
+    runtime_env = {"worker_process_setup_hook": MASK_HOOK}
+    ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from jobs.secrets import redact
+
 if TYPE_CHECKING:
     from mlflow.entities import Metric
 
@@ -35,7 +37,9 @@ END_OF_RUN_RETRY_S = 300.0
 
 
 def warn(text: str) -> None:
-    print(f"vitray: {text}", file=sys.stderr, flush=True)
+    """A warning that may quote the tracking URI or an error naming it: masked here as well
+    as by the process's masked streams (jobs.secrets), for a process that lacks them."""
+    print(f"vitray: {redact(text)}", file=sys.stderr, flush=True)
 
 
 def is_outage(error: Exception) -> bool:
@@ -63,17 +67,23 @@ def short_requests() -> Iterator[None]:
 
 def retrying(what: str, call: Callable[[], T], for_s: float = END_OF_RUN_RETRY_S) -> T:
     """`call()` until it gets through or `for_s` has passed, waiting 1, 2, 4 ... 30 s
-    between tries; the last error is raised."""
-    deadline, wait = time.monotonic() + for_s, 1.0
+    between tries; the last error is raised. One warning per outage, not one per try."""
+    started = time.monotonic()
+    deadline, wait = started + for_s, 1.0
     while True:
         try:
-            return call()
+            result = call()
         except Exception as e:
             if not is_outage(e) or time.monotonic() + wait > deadline:
                 raise
-            warn(f"{what} failed ({e}); trying again in {wait:.0f} s")
+            if wait == 1.0:
+                warn(f"{what} failed ({e}); trying again for up to {for_s:.0f} s")
             time.sleep(wait)
             wait = min(2 * wait, 30.0)
+            continue
+        if wait > 1.0:
+            warn(f"{what} got through after {time.monotonic() - started:.0f} s")
+        return result
 
 
 class MlflowMetrics:

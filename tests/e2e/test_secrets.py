@@ -12,6 +12,8 @@ import pytest
 
 from jobs.config import CONFIGS
 
+from helpers import files_holding
+
 pytestmark = pytest.mark.slow
 
 
@@ -37,11 +39,6 @@ def pretrain(uri: str, digits: Path, tmp: Path) -> subprocess.CompletedProcess:
         ],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-
-
-def files_holding(secret: str, root: Path) -> list[str]:
-    """Every file under `root` whose bytes hold `secret` (text or not)."""
-    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
 def mlflow_texts_holding(secret: str, client, run_id: str) -> list[str]:

@@ -5,6 +5,7 @@ marks the parent run FAILED and says why in its description."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -89,6 +90,11 @@ def tune_fit(
         trial_resources(cfg),
     )
     WATCHDOG.reset(cfg.tune.time_budget_s, cfg.tune.stall_timeout_s)
+    if "://" not in run_dir:
+        # Tune snapshots its state each time a trial has saved run.num_to_keep checkpoints,
+        # and warns when that happens twice in 5 s: a cost of remote storage, while a local
+        # snapshot is a file copy. Tune's documented knob, for local storage only.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if tune.Tuner.can_restore(run_dir):
         print(f"resuming the search in {run_dir}", flush=True)
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
@@ -100,7 +106,7 @@ def tune_fit(
         f"{concurrent} at a time, budget {cfg.tune.time_budget_s:.0f} s",
         flush=True,
     )
-    results = tuner.fit()
+    results = fit_interruptibly(tuner)
     unfinished = unfinished_trials(run_dir)
     if unfinished and not WATCHDOG.reason:
         raise SearchStopped(f"interrupted with {len(unfinished)} trial(s) unfinished; {RESUME}")
@@ -216,20 +222,40 @@ def failed_on_the_way_out(tracker: Tracker, parent_id: str | None) -> Iterator[N
         raise
 
 
+TUNING = threading.Event()  # set while tuner.fit() runs, with Tune's SIGINT handler in place
+
+
+def in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def fit_interruptibly(tuner: Any) -> Any:
+    """`tuner.fit()`. Tune installs its own SIGINT handler and never puts the previous one
+    back: after a search, Ctrl-C would only set a flag nobody reads. It is put back here."""
+    before = signal.getsignal(signal.SIGINT) if in_main_thread() else None
+    TUNING.set()
+    try:
+        return tuner.fit()
+    finally:
+        TUNING.clear()
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (`ray job stop`, a pod deleted, `kill`) stops the search as Ctrl-C does:
     during `tuner.fit()` Tune saves its state and returns, elsewhere KeyboardInterrupt; the
     parent run is marked FAILED either way and the same command resumes."""
-    if threading.current_thread() is not threading.main_thread():
+    if not in_main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        handler = signal.getsignal(signal.SIGINT)  # Tune's own while it runs
-        if not callable(handler):
+        handler = signal.getsignal(signal.SIGINT)
+        if not (TUNING.is_set() and callable(handler)):
             raise KeyboardInterrupt
-        handler(signum, frame)
+        handler(signum, frame)  # Tune's: it saves the search's state and returns
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:

@@ -142,6 +142,9 @@ def run_trial(
         make_checkpoint=tune.Checkpoint.from_directory,
         checkpoint=checkpoint,
         metrics=tracker.metrics(run_id),
+        # a line per report, as pretraining prints: a long trial is not silent between
+        # Tune's status tables (Ray prefixes it with the trial's process)
+        progress=lambda text, keep: print(f"{context.get_trial_name()}: {text}", flush=True),
         epoch_reports_only=True,
     )
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))

@@ -5,13 +5,16 @@ or the search fails saying there is nothing to register."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from jobs.config import load_config
 from jobs.training.search.driver import finish
-from jobs.training.search.pick import NothingToRegister
+from jobs.training.search.pick import NothingToRegister, select_best
 from jobs.training.search.resources import concurrent_trials, trial_resources
 from jobs.training.search.trial import trial_trainer
 from jobs.training.search.watchdog import Watchdog
@@ -187,3 +190,48 @@ def test_a_trial_hands_tune_every_report_its_trainer_made_the_last_one_too(ray_l
     assert list(history["checkpoint_path"]) == [f"/checkpoints/{e}" for e in (1, 2, 3)]
     assert set(history["mlflow_run_id"]) == {"run-1"}
     assert "rank 1 ran out of memory" in str(failed.error)
+
+
+@dataclass
+class Trial:
+    """What select_best reads of a ray.tune Result: reports of (step, val_top1)."""
+
+    name: str
+    reports: list[tuple[int, float]]
+
+    @property
+    def metrics(self) -> dict:
+        step, val = self.reports[-1]
+        return {"step": step, "val_top1": val}
+
+    @property
+    def metrics_dataframe(self) -> pd.DataFrame:
+        return pd.DataFrame(self.reports, columns=["step", "val_top1"])
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{self.name} final"
+
+    def get_best_checkpoint(self, metric: str, mode: str) -> str:
+        return f"{self.name} peak"
+
+
+def test_the_search_picks_the_final_model_of_the_longest_trials_not_a_lucky_epoch():
+    stopped = Trial("stopped", [(19, 0.95), (38, 0.99)])  # ASHA stopped it at its rung
+    lucky = Trial("lucky", [(38, 0.99), (76, 0.97), (190, 0.975)])  # peaked early
+    steady = Trial("steady", [(38, 0.96), (76, 0.97), (190, 0.98)])
+    trials = [stopped, lucky, steady]
+    assert select_best(trials, "val_top1", "max", "final") == (steady, "steady final", 0.98)
+    assert select_best(trials, "val_top1", "max", "peak") == (stopped, "stopped peak", 0.99)
+    assert select_best(trials, "val_top1", "min", "final")[0] is lucky
+
+
+def test_watchdog_budget_and_stall_rules():
+    dog = Watchdog(budget_s=60, stall_s=10)
+    dog.alive["a"] = time.monotonic()
+    dog.names["a"] = "a {'train.lr': 0.1}"
+    assert not dog.check()
+    dog.alive["a"] -= 11
+    assert dog.check() and dog.stalled == "a {'train.lr': 0.1}"
+    dog.reset(budget_s=0, stall_s=10)
+    assert dog.check() and "time budget" in dog.reason and dog.stalled is None
