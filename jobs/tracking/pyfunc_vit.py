@@ -2,9 +2,10 @@
 MLflow keeps this file with the model and runs it when the model loads, so nothing is
 pickled. Loading needs `vitray` importable, as it needs torch.
 
-Input: images, one per row: a DataFrame with an `image` column, or a list. Each is encoded
-image bytes (JPEG, PNG, ...), a base64 string of them (as JSON serving sends bytes), or a
-uint8 (H, W) or (H, W, C) array of any size. The model applies its checkpoint's own
+Input: images, one per row: a DataFrame with an `image` column, or a list of bytes or
+strings. Each is encoded image bytes (JPEG, PNG, ...), a base64 string of them (as JSON
+serving sends bytes), or (in a DataFrame: MLflow stacks a list of arrays) a uint8 (H, W) or
+(H, W, C) array of any size. The model applies its checkpoint's own
 preprocessing (`jobs.inference.classify`). Output: a DataFrame of `label` (the class name),
 `score` (its probability), `top_labels` and `top_scores` (top-k, `params={"top_k": k}`,
 default 5) and `error` (None, or why that row's image has no answer).

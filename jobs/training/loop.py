@@ -325,11 +325,11 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
             model.vit,
             optimizer,
             scheduler,
-            step,
-            out,
-            plan.class_names,
-            plan.mlflow_run_id,
-            evaluated_as,
+            step=step,
+            out=out,
+            class_names=plan.class_names,
+            mlflow_run_id=plan.mlflow_run_id,
+            preprocessing=evaluated_as,
         )
 
     # a subset when given (the same rows every time), the whole split at the end
@@ -339,15 +339,15 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
         val = CachedBatches(val)
     last_val = runner.val if subset else val
     rep = Reporter(
-        runner.rank,
-        cfg.micro_batch,
-        plan.steps_per_epoch,
-        plan.total_steps,
-        cfg.train.report_every,
-        runner.metrics,
-        runner.progress,
-        step,
-        runner.device,
+        rank=runner.rank,
+        micro_batch=cfg.micro_batch,
+        steps_per_epoch=plan.steps_per_epoch,
+        total_steps=plan.total_steps,
+        report_every=cfg.train.report_every,
+        sink=runner.metrics,
+        progress=runner.progress,
+        start_step=step,
+        device=runner.device,
     )
     model.compute.train()
     while step < plan.total_steps:

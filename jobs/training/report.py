@@ -36,6 +36,7 @@ class Reporter:
 
     def __init__(
         self,
+        *,
         rank: int,
         micro_batch: int,
         steps_per_epoch: int,

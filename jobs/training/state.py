@@ -31,6 +31,7 @@ def save(
     model: ViT,
     optimizer,
     scheduler,
+    *,
     step: int,
     out: Path,
     class_names: tuple[str, ...],

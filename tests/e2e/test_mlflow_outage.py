@@ -4,8 +4,10 @@ without a restart, and its MLflow run holds every report and the end-of-run arti
 tracking URI carries a password (the server ignores it): no output, log or file holds it,
 however many errors quoted the URI, and each outage is warned about once."""
 
+import logging
 import math
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import CONFIGS, load_config
+from jobs.secrets import MaskedStream, masked_record_factory
 from jobs.tracking.metrics import DROPPED_TAG
 from jobs.training.plan import make_plan
 
@@ -28,8 +31,21 @@ def wait_for_checkpoints(run_dir, count: int, deadline: float) -> None:
         time.sleep(0.2)
 
 
+@pytest.fixture
+def masked_as_vitray_masks(monkeypatch):
+    """This process's output masked, and MLflow's run URLs unprinted, as `vitray` sets up
+    its own process (jobs.cli.main), until the test ends."""
+    monkeypatch.setattr(sys, "stdout", MaskedStream(sys.stdout))
+    monkeypatch.setattr(sys, "stderr", MaskedStream(sys.stderr))
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    make = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(masked_record_factory(make))
+    yield
+    logging.setLogRecordFactory(make)
+
+
 def test_training_outlives_mlflow_restarts(
-    ray_local, digits_dir, restartable_mlflow, monkeypatch, capfd
+    ray_local, digits_dir, restartable_mlflow, masked_as_vitray_masks, monkeypatch, capfd
 ):
     from mlflow import MlflowClient
 

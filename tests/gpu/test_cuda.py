@@ -67,7 +67,17 @@ def test_micro_batches_run_in_bf16_and_never_wait_for_the_gpu():
         checkpoint=None,
     )
     model, *_ = build_model(cfg, plan, runner)
-    rep = Reporter(0, cfg.micro_batch, 1, 1, 100, None, None, 0, device)
+    rep = Reporter(
+        rank=0,
+        micro_batch=cfg.micro_batch,
+        steps_per_epoch=1,
+        total_steps=1,
+        report_every=100,
+        sink=None,
+        progress=None,
+        start_step=0,
+        device=device,
+    )
     rows, n, dim = cfg.micro_batch, plan.vit.num_patches, plan.vit.patch_dim
     g = torch.Generator().manual_seed(0)
 

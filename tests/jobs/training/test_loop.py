@@ -273,7 +273,17 @@ def test_micro_batches_read_nothing_back_from_the_device_between_reports(sets):
     runner = runner_for(plan, [])
     runner.device = torch.device("meta")
     model, *_ = build_model(cfg, plan, runner)
-    rep = Reporter(0, cfg.micro_batch, 4, 4, 100, None, None, 0, runner.device)
+    rep = Reporter(
+        rank=0,
+        micro_batch=cfg.micro_batch,
+        steps_per_epoch=4,
+        total_steps=4,
+        report_every=100,
+        sink=None,
+        progress=None,
+        start_step=0,
+        device=runner.device,
+    )
     shard = with_bad_rows(separable_shard(plan.vit, 64, seed=0), every=3)
     batches = (
         {k: v.to("meta") for k, v in b.items()}
