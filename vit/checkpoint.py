@@ -97,7 +97,7 @@ def adapt_state_dict(
             state["pos_embed"],
             target.grid_size,
             source.grid_size,
-            source.num_prefix_tokens,
+            source.posemb_prefix_tokens,
             **INTERPOLATION_PRESETS[interpolation],
         )
         log.info(

@@ -27,6 +27,7 @@ Size = int | tuple[int, int]
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's filters
 CROP_MODES = ("center", "squash")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
 
 def to_2tuple(size: Size) -> tuple[int, int]:
@@ -48,7 +49,9 @@ class ViTConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    pool: str = "cls"  # 'cls' (paper) | 'gap' (global average pooling of the patch tokens)
+    # 'cls' (paper) | 'gap' (global average pooling of the patch tokens) | 'map' (attention
+    # pooling by a learned query: big_vision's MAPHead, SigLIP)
+    pool: str = "cls"
     posemb: str = "learn"  # 'learn' (paper) | 'sincos2d' (fixed, as in later big_vision work)
     class_token: bool = True
     fc_norm: bool = False  # timm's 'avg' models pool first and normalise after
@@ -59,6 +62,16 @@ class ViTConfig:
     norm_eps: float = 1e-6
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # paper/big_vision: pixels scaled to [-1, 1]
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # Options of the later ViTs timm's VisionTransformer covers, off by default: the paper's
+    # ViT stays as it is. Each is explained in vit/model.py where it is used.
+    layer_scale: float | None = None  # LayerScale's initial gamma (DeiT III, DINOv2)
+    reg_tokens: int = 0  # register tokens (DINOv2 with registers)
+    no_embed_class: bool = False  # position embeddings for the patches only (DeiT III, DINOv2)
+    norm_pre: bool = False  # a LayerNorm before the blocks (CLIP)
+    act: str = "gelu"  # 'gelu' (exact) | 'gelu_tanh' (SigLIP) | 'quick_gelu' (OpenAI CLIP)
+    patch_bias: bool = True  # False: a patch embedding without bias (CLIP)
+    qk_norm: bool = False  # a LayerNorm on each head's queries and keys
+    dist_token: bool = False  # DeiT's distillation token and its own head (distilled DeiT)
 
     def __post_init__(self) -> None:
         self.image_size = to_2tuple(self.image_size)
@@ -70,14 +83,20 @@ class ViTConfig:
             )
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        if self.pool not in ("cls", "gap"):
-            raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
+        if self.pool not in ("cls", "gap", "map"):
+            raise ValueError(f"pool must be 'cls', 'gap' or 'map', got {self.pool!r}")
         if self.posemb not in ("learn", "sincos2d"):
             raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
         if self.pool == "cls" and not self.class_token:
             raise ValueError("pool='cls' needs class_token=True")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"mean/std need {self.in_chans} values (one per input channel)")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {self.reg_tokens}")
+        if self.dist_token and (self.pool != "cls" or self.reg_tokens):
+            raise ValueError("dist_token needs pool='cls' and no register tokens (DeiT's layout)")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -91,7 +110,13 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token)
+        """Tokens before the patches: class, distillation, registers, in that order."""
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
+
+    @property
+    def posemb_prefix_tokens(self) -> int:
+        """Prefix tokens that have a position embedding: none under `no_embed_class`."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     @property
     def mlp_dim(self) -> int:

@@ -113,6 +113,8 @@ def infer_config(state: StateDict, **overrides: Any) -> ViTConfig:
     patch = math.isqrt(patch_dim // in_chans)
     class_token = "cls_token" in state
     fc_norm = "fc_norm.weight" in state
+    reg_tokens = state["reg_token"].shape[1] if "reg_token" in state else 0
+    prefix = int(class_token) + int("dist_token" in state) + reg_tokens
     found: dict[str, Any] = dict(
         patch_size=patch,
         in_chans=in_chans,
@@ -122,15 +124,33 @@ def infer_config(state: StateDict, **overrides: Any) -> ViTConfig:
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         class_token=class_token,
         fc_norm=fc_norm,
-        pool="gap" if fc_norm or not class_token else "cls",
+        pool="map"
+        if "attn_pool.latent" in state
+        else "gap"
+        if fc_norm or not class_token
+        else "cls",
         num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
         posemb="learn" if "pos_embed" in state else "sincos2d",
+        # the options of later ViTs that their tensors show (QuickGELU and the pooling do
+        # not: timm's config names them, vit.timm_config reads them)
+        reg_tokens=reg_tokens,
+        dist_token="dist_token" in state,
+        layer_scale=1e-5 if "blocks.0.ls1.gamma" in state else None,  # timm's default init
+        norm_pre="norm_pre.weight" in state,
+        patch_bias="patch_embed.bias" in state,
+        qk_norm="blocks.0.attn.q_norm.weight" in state,
     )
     if "pre_logits.0.weight" in state:
         found["representation_size"] = state["pre_logits.0.weight"].shape[0]
-    if "pos_embed" in state and "image_size" not in overrides:
-        side = math.isqrt(state["pos_embed"].shape[1] - int(class_token))
-        found["image_size"] = side * patch
+    if "pos_embed" in state:
+        # position embeddings for every prefix token, or (no_embed_class) for none of them
+        n = state["pos_embed"].shape[1]
+        guess = prefix > 0 and math.isqrt(n - prefix) ** 2 != n - prefix
+        no_embed_class = overrides.get("no_embed_class", guess)
+        found["no_embed_class"] = no_embed_class
+        embedded = 0 if no_embed_class else prefix
+        if "image_size" not in overrides:
+            found["image_size"] = math.isqrt(n - embedded) * patch
     if "num_heads" not in overrides:
         if dim not in HEADS_BY_WIDTH:
             raise ValueError(f"width {dim} is not a standard ViT width; pass num_heads=")

@@ -18,11 +18,19 @@ from vit.patches import patchify
 from vit.resize import resize_pos_embed
 
 
+def norm_or_identity(on: bool, dim: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps) if on else nn.Identity()
+
+
 class Attention(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
+        head_dim = config.dim // config.num_heads
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=config.qkv_bias)
+        # qk_norm: each head's queries and keys layer-normalised (ViT-22B), else Identity
+        self.q_norm = norm_or_identity(config.qk_norm, head_dim, config.norm_eps)
+        self.k_norm = norm_or_identity(config.qk_norm, head_dim, config.norm_eps)
         self.proj = nn.Linear(config.dim, config.dim)
         self.attn_dropout = config.attn_dropout
         self.proj_drop = nn.Dropout(config.dropout)
@@ -33,6 +41,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
         weights = None
         if need_weights:  # the figures need the attention matrix; SDPA never materialises it
             weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
@@ -44,11 +53,26 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(y)), weights
 
 
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU; its weights were trained with it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    """The MLP's nonlinearity: exact GELU (paper), its tanh approximation (SigLIP), or
+    QuickGELU (OpenAI CLIP): weights only reproduce with the one they were trained with."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+
+
 class MLP(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.dim, config.mlp_dim)
-        self.act = nn.GELU()
+        self.act = activation(config.act)
         self.fc2 = nn.Linear(config.mlp_dim, config.dim)
         self.drop = nn.Dropout(config.dropout)
 
@@ -70,6 +94,18 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+class LayerScale(nn.Module):
+    """Per-channel gammas on a residual branch, initialised small (CaiT; DeiT III, DINOv2)."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.init = init
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block (paper eq. 2-3)."""
 
@@ -80,14 +116,42 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
         self.drop_path = DropPath(drop_path)
+        scaled = config.layer_scale is not None  # layer scale: each branch times its gammas
+        self.ls1 = LayerScale(config.dim, config.layer_scale) if scaled else nn.Identity()
+        self.ls2 = LayerScale(config.dim, config.layer_scale) if scaled else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y, weights = self.attn(self.norm1(x), need_weights)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(y))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, weights
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision's MAPHead; SigLIP): a learned query attends
+    over the patch tokens, then a residual MLP. timm's `attn_pool` names, so weights load."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        d = config.dim
+        self.num_heads = config.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, d))
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.num_heads
+        q = self.q(self.latent.expand(b, -1, -1)).reshape(b, 1, h, d // h).transpose(1, 2)
+        k, v = self.kv(x).reshape(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
+        y = self.proj(y)
+        return (y + self.mlp(self.norm(y)))[:, 0]
 
 
 def sincos_2d_posemb(
@@ -111,24 +175,33 @@ class ViT(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = nn.Linear(c.patch_dim, c.dim)  # E: one linear map per patch
+        self.patch_embed = nn.Linear(c.patch_dim, c.dim, bias=c.patch_bias)  # E, per patch
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
-        num_tokens = c.num_prefix_tokens + c.num_patches
+        # distilled DeiT: a second token after the class token, read by its own head
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.dist_token else None
+        # registers: learned tokens after those, dropped at the head ("ViTs Need Registers")
+        self.reg_token = nn.Parameter(torch.zeros(1, c.reg_tokens, c.dim)) if c.reg_tokens else None
+        num_tokens = c.posemb_prefix_tokens + c.num_patches
         if c.posemb == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, c.dim))
         else:
             self.register_buffer("pos_embed", self._sincos(c.grid_size), persistent=False)
         self.pos_drop = nn.Dropout(c.dropout)
+        self.norm_pre = norm_or_identity(c.norm_pre, c.dim, c.norm_eps)  # CLIP's ln_pre
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(Block(c, rate) for rate in rates)
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if not c.fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.fc_norm else nn.Identity()
+        if c.pool == "map":
+            self.attn_pool = MAPHead(c)
         if c.representation_size:
             self.pre_logits = nn.Sequential(nn.Linear(c.dim, c.representation_size), nn.Tanh())
         else:
             self.pre_logits = nn.Identity()
         head_dim = c.representation_size or c.dim
         self.head = nn.Linear(head_dim, c.num_classes) if c.num_classes else nn.Identity()
+        if c.dist_token:
+            self.head_dist = nn.Linear(c.dim, c.num_classes) if c.num_classes else nn.Identity()
         # uint8 patches are normalised here, on the device; `x * scale + shift` per value.
         patch_std = torch.tensor(c.std).repeat(c.patch_size * c.patch_size)
         patch_mean = torch.tensor(c.mean).repeat(c.patch_size * c.patch_size)
@@ -145,18 +218,26 @@ class ViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, LayerScale):
+                nn.init.constant_(module.gamma, module.init)
         # the paper's JAX code: a patch-embedding conv with Flax's default lecun_normal init
         nn.init.trunc_normal_(self.patch_embed.weight, std=self.config.patch_dim**-0.5)
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
-        if isinstance(self.head, nn.Linear):  # paper, appendix B.1.1: zero-initialised head
-            nn.init.zeros_(self.head.weight)
+        if self.config.pool == "map":  # as timm's attention pool
+            nn.init.trunc_normal_(self.attn_pool.latent, std=self.config.dim**-0.5)
+        for token in (self.dist_token, self.reg_token):  # as timm initialises them
+            if token is not None:
+                nn.init.trunc_normal_(token, std=0.02)
+        for head in (self.head, getattr(self, "head_dist", None)):
+            if isinstance(head, nn.Linear):  # paper, appendix B.1.1: zero-initialised head
+                nn.init.zeros_(head.weight)
 
     def _sincos(self, grid: tuple[int, int]) -> torch.Tensor:
         pe = sincos_2d_posemb(grid, self.config.dim)
-        prefix = torch.zeros(self.config.num_prefix_tokens, self.config.dim)
+        prefix = torch.zeros(self.config.posemb_prefix_tokens, self.config.dim)
         return torch.cat([prefix, pe])[None]
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -166,7 +247,7 @@ class ViT(nn.Module):
         if self.config.posemb == "sincos2d":
             return self._sincos(grid).to(self.pos_embed)
         return resize_pos_embed(
-            self.pos_embed, grid, self.config.grid_size, self.config.num_prefix_tokens
+            self.pos_embed, grid, self.config.grid_size, self.config.posemb_prefix_tokens
         )
 
     def to_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -194,22 +275,25 @@ class ViT(nn.Module):
         return torch.addcmul(self.pixel_shift, patches.float(), self.pixel_scale)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with their position embeddings, after the prefix tokens."""
         patches, grid = self.to_patches(x)
         x = self.patch_embed(patches)  # (B, N, D)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return self.pos_drop(x + self.pos_embed_for(grid))
+        tokens = (self.cls_token, self.dist_token, self.reg_token)
+        prefix = [t.expand(x.shape[0], -1, -1).to(x.dtype) for t in tokens if t is not None]
+        if self.config.no_embed_class:  # the patches alone are embedded, then prefixed
+            return self.pos_drop(torch.cat([*prefix, x + self.pos_embed_for(grid)], dim=1))
+        return self.pos_drop(torch.cat([*prefix, x], dim=1) + self.pos_embed_for(grid))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Encoded tokens (B, prefix + N, D), after the final norm."""
-        x = self.embed(x)
+        x = self.norm_pre(self.embed(x))
         for block in self.blocks:
             x, _ = block(x)
         return self.norm(x)
 
     def forward_intermediates(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """Every block's output tokens and attention weights (B, heads, N, N), by name."""
-        x = self.embed(x)
+        x = self.norm_pre(self.embed(x))
         tokens, attention = [], []
         for block in self.blocks:
             x, weights = block(x, need_weights=True)
@@ -218,8 +302,17 @@ class ViT(nn.Module):
         return {"tokens": tokens, "attention": attention, "features": [self.norm(x)]}
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        prefix = self.config.num_prefix_tokens
-        x = x[:, 0] if self.config.pool == "cls" else x[:, prefix:].mean(dim=1)
+        if self.config.dist_token:  # the two tokens' heads, averaged (DeiT at inference)
+            if pre_logits:
+                return (x[:, 0] + x[:, 1]) / 2
+            return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+        prefix, pool = self.config.num_prefix_tokens, self.config.pool
+        if pool == "cls":
+            x = x[:, 0]
+        elif pool == "gap":
+            x = x[:, prefix:].mean(dim=1)
+        else:
+            x = self.attn_pool(x[:, prefix:])
         x = self.pre_logits(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
@@ -231,12 +324,14 @@ class ViT(nn.Module):
         self.config = self.config.replace(num_classes=num_classes)
         head_dim = self.config.representation_size or self.config.dim
         device = self.pos_embed.device
-        self.head = (
-            nn.Linear(head_dim, num_classes, device=device) if num_classes else nn.Identity()
-        )
-        if num_classes:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        heads = ["head", "head_dist"] if self.config.dist_token else ["head"]
+        for name in heads:
+            dim = head_dim if name == "head" else self.config.dim
+            head = nn.Linear(dim, num_classes, device=device) if num_classes else nn.Identity()
+            if num_classes:
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+            setattr(self, name, head)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -44,11 +44,11 @@ def figures(
         )
     }
     if c.posemb == "learn":
-        sim = posemb_similarity(model.pos_embed, c.grid_size, c.num_prefix_tokens)
+        sim = posemb_similarity(model.pos_embed, c.grid_size, c.posemb_prefix_tokens)
         out["posemb_similarity.png"] = plots.posemb_similarity(sim, f"grid {c.grid_size}")
     if before is not None:
         pos_embed, grid = before
-        sim = posemb_similarity(pos_embed, grid, c.num_prefix_tokens)
+        sim = posemb_similarity(pos_embed, grid, c.posemb_prefix_tokens)
         out["posemb_similarity_before_resize.png"] = plots.posemb_similarity(
             sim, f"before resize: grid {grid}"
         )

@@ -178,9 +178,10 @@ def test_big_vision_scanned_npz_loads(tmp_path):
 
 
 def test_unknown_extra_weights_are_named():
-    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, reg_tokens=4)
-    with pytest.raises(CheckpointMismatchError, match="reg_token"):
-        from_timm(theirs.state_dict())
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    state = {**theirs.state_dict(), "blocks.0.attn.mystery.weight": torch.zeros(3)}
+    with pytest.raises(CheckpointMismatchError, match="mystery"):
+        from_timm(state)
 
 
 VIT_PROCESSOR = {"size": {"height": 224, "width": 224}, "resample": 2, "image_mean": [0.5] * 3}

@@ -116,3 +116,49 @@ def test_a_model_without_qkv_bias_builds_and_runs():
     model = ViT(config)
     assert model.blocks[0].attn.qkv.bias is None
     assert model(torch.zeros(1, 16, config.patch_dim, dtype=torch.uint8)).shape == (1, 3)
+
+
+OPTIONS = {  # the later ViTs, each as a timm architecture family has it
+    "deit3": dict(layer_scale=1e-5, no_embed_class=True),
+    "dinov2 with registers": dict(layer_scale=1.0, reg_tokens=4, no_embed_class=True),
+    "openai clip": dict(norm_pre=True, act="quick_gelu", patch_bias=False),
+    "siglip": dict(pool="map", class_token=False, act="gelu_tanh"),
+    "reg4 gap": dict(pool="gap", fc_norm=True, reg_tokens=4),
+    "distilled deit": dict(dist_token=True),
+    "qk norm": dict(qk_norm=True, qkv_bias=False),
+}
+
+
+@pytest.mark.parametrize("family", list(OPTIONS))
+def test_every_option_trains_and_runs_at_another_resolution(family, tmp_path):
+    """Each option builds, trains (a backward pass reaches every parameter), saves, and
+    loads at twice the resolution with its position embeddings resized: the fine-tune at a
+    higher resolution that the paper's recipe is about."""
+    from vit import load_checkpoint, save_checkpoint
+
+    cfg = tiny(**OPTIONS[family])
+    model = ViT(cfg)
+    with torch.no_grad():
+        for head in (model.head, getattr(model, "head_dist", model.head)):
+            head.weight.normal_()  # a zero head would leave the rest without gradients
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, cfg.num_prefix_tokens + cfg.num_patches, 32)
+    save_checkpoint(model, tmp_path / "ckpt")
+    bigger = load_checkpoint(tmp_path / "ckpt", image_size=64)
+    assert bigger.pos_embed.shape[1] == cfg.posemb_prefix_tokens + 64
+    assert bigger(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_no_embed_class_resizes_the_patch_grid_alone_as_timm_does(tmp_path):
+    """DINOv2 fine-tuned at 518 px from 224: timm's own resample of the same embeddings."""
+    from timm.layers import resample_abs_pos_embed
+
+    from vit import load_checkpoint, save_checkpoint
+
+    model = ViT(tiny(layer_scale=1.0, reg_tokens=4, no_embed_class=True))
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    bigger = load_checkpoint(path, image_size=56)
+    theirs = resample_abs_pos_embed(model.pos_embed, (7, 7), (4, 4), num_prefix_tokens=0)
+    torch.testing.assert_close(bigger.pos_embed, theirs)
