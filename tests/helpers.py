@@ -254,3 +254,14 @@ def register_animals(tmp: Path) -> tuple[str, Path]:
 def files_holding(secret: str, root: Path) -> list[str]:
     """Every file under `root` whose bytes hold `secret` (text or not)."""
     return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+VIT_FAMILIES = {  # ViTConfig options of the later ViTs, as each family has them
+    "deit3": dict(layer_scale=1e-5, no_embed_class=True),
+    "dinov2 with registers": dict(layer_scale=1.0, reg_tokens=4, no_embed_class=True),
+    "openai clip": dict(norm_pre=True, act="quick_gelu", patch_bias=False, norm_eps=1e-5),
+    "siglip": dict(pool="map", class_token=False, act="gelu_tanh"),
+    "reg4 gap": dict(pool="gap", fc_norm=True, reg_tokens=4),
+    "distilled deit": dict(dist_token=True),
+    "qk norm": dict(qk_norm=True, qkv_bias=False),
+}

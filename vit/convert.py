@@ -244,15 +244,14 @@ def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
         return interop.to_jax_npz(model, out if out.suffix == ".npz" else out.with_suffix(".npz"))
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":
+        interop.timm_model_config(model.config)  # refused before any weight is written
         save_file(
             {k: v.contiguous() for k, v in interop.to_timm(model).items()},
             out / "model.safetensors",
         )
         pretrained_cfg = interop.timm_pretrained_cfg(model.config, preprocessing)
-        write_json(
-            out / "config.json",
-            {"num_classes": model.config.num_classes, "pretrained_cfg": pretrained_cfg},
-        )
+        architecture = interop.timm_model_config(model.config)
+        write_json(out / "config.json", {**architecture, "pretrained_cfg": pretrained_cfg})
     elif fmt == "hf":
         class_names = read_checkpoint_meta(checkpoint).get("class_names")
         save_file(

@@ -228,6 +228,58 @@ def timm_pretrained_cfg(config: ViTConfig, preprocessing: Preprocessing | None) 
     return cfg
 
 
+# timm architectures whose registered defaults hold the LayerNorm eps of a config (the
+# arguments below override everything else): timm's VisionTransformer takes no eps argument.
+TIMM_BASE_ARCHITECTURE = {
+    (1e-6, False): "vit_base_patch16_224",
+    (1e-5, False): "vit_base_patch16_clip_224",  # timm's CLIP towers: LayerNorm eps 1e-5
+    (1e-6, True): "deit_base_distilled_patch16_224",
+}
+
+
+def timm_model_config(config: ViTConfig) -> dict[str, Any]:
+    """What timm's config.json says about the architecture (`architecture`, `model_args`),
+    so that `timm.create_model("local-dir:DIR", pretrained=True)` builds this model."""
+    c = config
+    arch = TIMM_BASE_ARCHITECTURE.get((c.norm_eps, c.dist_token))
+    refused = {
+        f"LayerNorm eps {c.norm_eps} with dist_token {c.dist_token}": arch is None,
+        "sincos2d position embeddings (timm's are learned)": c.posemb != "learn",
+        "a pre-logits layer": c.representation_size is not None,
+        "a patch embedding bias that is not the opposite of norm_pre (timm ties them)": (
+            c.patch_bias == c.norm_pre
+        ),
+    }
+    if any(refused.values()):
+        raise ValueError(
+            "timm's VisionTransformer cannot hold this model: "
+            + "; ".join(what for what, found in refused.items() if found)
+        )
+    args = dict(
+        img_size=list(c.image_size),
+        patch_size=c.patch_size,
+        in_chans=c.in_chans,
+        num_classes=c.num_classes,
+        embed_dim=c.dim,
+        depth=c.depth,
+        num_heads=c.num_heads,
+        mlp_ratio=c.mlp_ratio,
+        qkv_bias=c.qkv_bias,
+        qk_norm=c.qk_norm,
+        init_values=c.layer_scale,
+        class_token=c.class_token,
+        no_embed_class=c.no_embed_class,
+        reg_tokens=c.reg_tokens,
+        pre_norm=c.norm_pre,
+        fc_norm=c.fc_norm,
+        global_pool={"cls": "token", "gap": "avg", "map": "map"}[c.pool],
+        act_layer=c.act,  # timm's names: gelu, gelu_tanh, quick_gelu
+    )
+    if c.dist_token:  # timm's distilled DeiT has its layout fixed
+        args = {k: v for k, v in args.items() if k not in ("class_token", "reg_tokens")}
+    return {"architecture": arch, "num_classes": c.num_classes, "model_args": args}
+
+
 # Hugging Face (transformers ViTForImageClassification) ------------------------------------
 
 

@@ -105,11 +105,11 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
 
 def activation_of(act: nn.Module | None) -> str | None:
     """ViTConfig's name for a timm activation module; None for one vitray lacks."""
-    from timm.layers.activations import GELUTanh, QuickGELU
+    from timm.layers.activations import GELU, GELUTanh, QuickGELU
 
     if type(act) is nn.GELU:
         return "gelu" if act.approximate == "none" else "gelu_tanh"
-    return {GELUTanh: "gelu_tanh", QuickGELU: "quick_gelu"}.get(type(act))
+    return {GELU: "gelu", GELUTanh: "gelu_tanh", QuickGELU: "quick_gelu"}.get(type(act))
 
 
 def map_head_differences(pool: nn.Module) -> list[str]:

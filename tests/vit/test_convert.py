@@ -35,7 +35,7 @@ from vit import (
 from vit.convert import export_weights, import_weights, read_state_dict
 from vit.interop import IMAGENET_MEAN, IMAGENET_STD, to_jax_npz
 
-from helpers import photo
+from helpers import VIT_FAMILIES, photo
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -309,3 +309,35 @@ def test_missing_or_unreadable_weights_name_the_directory_and_what_it_holds(tmp_
     torch.save({"args": argparse.Namespace(lr=1)}, hub / "pytorch_model.bin")  # not weights only
     with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a weights file"):
         read_state_dict(hub)
+
+
+@pytest.mark.parametrize("family", ["paper", *VIT_FAMILIES])
+def test_every_family_exports_to_timm_and_timm_builds_the_same_function(tmp_path, family):
+    """`vitray convert --to timm`: timm's own `create_model("local-dir:...")` builds the
+    model from the config.json we write and gives our logits; importing it back gives our
+    config. A fine-tuned model goes back to the ecosystem it came from."""
+    torch.manual_seed(0)
+    options = {} if family == "paper" else VIT_FAMILIES[family]
+    config = ViTConfig(
+        image_size=32, patch_size=8, dim=32, depth=2, num_heads=4, num_classes=5, **options
+    )
+    model = ViT(config)
+    with torch.no_grad():
+        for parameter in model.parameters():  # every weight matters, none left at 0 or 1
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    save_checkpoint(model, tmp_path / "ours")
+    export_weights("timm", tmp_path / "ours", tmp_path / "timm-out")
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'timm-out'}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(images), model.eval()(images), atol=1e-5, rtol=1e-4)
+    back = import_weights("timm", tmp_path / "timm-out", tmp_path / "back")
+    assert back.config == config
+
+
+def test_a_model_timm_cannot_hold_is_refused_before_anything_is_written(tmp_path):
+    config = ViTConfig(image_size=32, patch_size=8, dim=32, depth=1, num_heads=4, norm_eps=1e-3)
+    save_checkpoint(ViT(config), tmp_path / "ours")
+    with pytest.raises(ValueError, match="LayerNorm eps 0.001"):
+        export_weights("timm", tmp_path / "ours", tmp_path / "timm-out")
+    assert not (tmp_path / "timm-out" / "model.safetensors").exists()

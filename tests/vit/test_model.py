@@ -3,6 +3,8 @@ import torch
 
 from vit import ViT, ViTConfig, patchify, preset_names
 
+from helpers import VIT_FAMILIES
+
 
 def tiny(**kw) -> ViTConfig:
     base = dict(image_size=32, patch_size=8, dim=32, depth=2, num_heads=4, num_classes=5)
@@ -118,25 +120,14 @@ def test_a_model_without_qkv_bias_builds_and_runs():
     assert model(torch.zeros(1, 16, config.patch_dim, dtype=torch.uint8)).shape == (1, 3)
 
 
-OPTIONS = {  # the later ViTs, each as a timm architecture family has it
-    "deit3": dict(layer_scale=1e-5, no_embed_class=True),
-    "dinov2 with registers": dict(layer_scale=1.0, reg_tokens=4, no_embed_class=True),
-    "openai clip": dict(norm_pre=True, act="quick_gelu", patch_bias=False),
-    "siglip": dict(pool="map", class_token=False, act="gelu_tanh"),
-    "reg4 gap": dict(pool="gap", fc_norm=True, reg_tokens=4),
-    "distilled deit": dict(dist_token=True),
-    "qk norm": dict(qk_norm=True, qkv_bias=False),
-}
-
-
-@pytest.mark.parametrize("family", list(OPTIONS))
+@pytest.mark.parametrize("family", list(VIT_FAMILIES))
 def test_every_option_trains_and_runs_at_another_resolution(family, tmp_path):
     """Each option builds, trains (a backward pass reaches every parameter), saves, and
     loads at twice the resolution with its position embeddings resized: the fine-tune at a
     higher resolution that the paper's recipe is about."""
     from vit import load_checkpoint, save_checkpoint
 
-    cfg = tiny(**OPTIONS[family])
+    cfg = tiny(**VIT_FAMILIES[family])
     model = ViT(cfg)
     with torch.no_grad():
         for head in (model.head, getattr(model, "head_dist", model.head)):
