@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from vit import ViT, interop, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from vit.checkpoint import read_preprocessing
 from vit.config import Preprocessing, to_2tuple
+from vit.hf_families import family_of, from_hf_family
 from vit.timm_config import timm_architecture
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,22 @@ def hf_architecture(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in found.items() if v is not None}
 
 
+def import_hf(src: Path, fields: dict[str, Any]) -> ViT:
+    """A transformers ViT, or a tower of a family in vit.hf_families (its config.json
+    says which). A family's size is its position embeddings' (DINOv2's 518 px, whatever
+    its processor crops to): HF resizes them on the fly, vitray when it loads the model."""
+    cfg_path = folder_of(src) / "config.json"
+    hf_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    try:
+        family = family_of(hf_cfg)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+    if family is None:
+        return interop.from_hf(read_state_dict(src), **{**hf_architecture(src, fields), **fields})
+    fields = {k: v for k, v in fields.items() if k != "image_size"}
+    return from_hf_family(read_state_dict(src), hf_cfg, family, **fields)
+
+
 def hf_class_names(path: Path) -> list[str] | None:
     cfg_path = folder_of(path) / "config.json"
     if not cfg_path.is_file():
@@ -195,7 +212,7 @@ def import_weights(fmt: str, src: Path, out: Path, **overrides: Any) -> ViT:
     if fmt == "jax":
         model = interop.from_jax_npz(src, **fields)
     elif fmt == "hf":
-        model = interop.from_hf(read_state_dict(src), **{**hf_architecture(src, fields), **fields})
+        model = import_hf(src, fields)
         class_names = hf_class_names(src)
     elif fmt == "timm":
         architecture = timm_fields(src)  # first: a refusal needs no weights read
