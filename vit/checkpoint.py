@@ -107,8 +107,13 @@ def adapt_state_dict(
             interpolation,
         )
     if source.num_classes != target.num_classes:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        state = {k: v for k, v in state.items() if not is_head(k)}
     return state
+
+
+def is_head(key: str) -> bool:
+    """A classifier's weight: the head, and a distilled DeiT's second head."""
+    return key.split(".")[0] in ("head", "head_dist")
 
 
 def load_checkpoint(
@@ -130,7 +135,7 @@ def load_checkpoint(
     state = adapt_state_dict(state, source, target, interpolation)
     model = ViT(target).to(map_location)
     if source.num_classes != target.num_classes:
-        head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+        head = {k: v for k, v in model.state_dict().items() if is_head(k)}
         state.update(head)  # the new head keeps its zero init
     load_state_dict_checked(model, state)
     return model

@@ -137,9 +137,9 @@ def test_every_option_trains_and_runs_at_another_resolution(family, tmp_path):
     tokens = model.forward_features(torch.randn(2, 3, 32, 32))
     assert tokens.shape == (2, cfg.num_prefix_tokens + cfg.num_patches, 32)
     save_checkpoint(model, tmp_path / "ckpt")
-    bigger = load_checkpoint(tmp_path / "ckpt", image_size=64)
+    bigger = load_checkpoint(tmp_path / "ckpt", image_size=64, num_classes=7)  # new heads
     assert bigger.pos_embed.shape[1] == cfg.posemb_prefix_tokens + 64
-    assert bigger(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    assert bigger(torch.randn(1, 3, 64, 64)).shape == (1, 7)
 
 
 def test_no_embed_class_resizes_the_patch_grid_alone_as_timm_does(tmp_path):
