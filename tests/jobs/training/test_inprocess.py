@@ -44,3 +44,48 @@ def test_a_starting_run_removes_the_checkpoint_a_killed_worker_left_on_its_node(
     )
     train_in_process(cfg)
     assert not left.exists()
+
+
+def test_a_dinov2_with_registers_tower_fine_tunes_at_another_resolution(
+    ray_local, digits_dir, tmp_path
+):
+    """The Hub tower people start from, end to end: `init.checkpoint=hf:DIR` converts it
+    (registers, layer scale, class position folded in), resizes its patch grid alone from
+    4x4 to 3x3, adds a zero head for digits' 10 classes, and trains."""
+    import transformers as T
+
+    from jobs.tracking.checkpoints import fetch_checkpoint
+    from jobs.training.start import resized_start
+    from pipeline.dataset import describe_dataset
+    from vit import load_checkpoint
+
+    tower = T.Dinov2WithRegistersModel(
+        T.Dinov2WithRegistersConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8, num_register_tokens=4,
+        )
+    )  # fmt: skip
+    tower.save_pretrained(tmp_path / "hub")
+    processor = T.BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )  # fmt: skip
+    processor.save_pretrained(tmp_path / "hub")
+    cfg = load_config(
+        CONFIGS / "demo-finetune.yaml",
+        [
+            f"data.dataset={digits_dir / 'digits'}",
+            f"init.checkpoint=hf:{tmp_path / 'hub'}",
+            "data.image_size=24",
+            "train.max_steps=4",
+            "mlflow.enabled=false",
+        ],
+    )
+    classes = describe_dataset(cfg.data).class_names
+    start = resized_start(cfg, classes, fetch_checkpoint, str(tmp_path / "work"))
+    assert (start.config.reg_tokens, start.config.no_embed_class) == (4, True)
+    assert start.config.grid_size == (3, 3) and start.config.num_classes == 10
+    reports = train_in_process(cfg, start, keep=tmp_path / "tuned")
+    assert reports and all(r["loss"] == r["loss"] for r in reports)  # trained, no NaN
+    tuned = load_checkpoint(tmp_path / "tuned")
+    assert tuned.pos_embed.shape[1] == 9 and tuned.reg_token.shape[1] == 4
