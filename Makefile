@@ -33,8 +33,11 @@ test-fast: $(DEV_STAMP) lint
 	$(BIN)/pytest -q --durations=10 tests --ignore=tests/e2e -m "not ray and not server"
 
 # On a machine with a CUDA GPU: bf16 training (eager and compiled, a worker killed and
-# resumed), a Tune search, predict and the model benchmark's MFU. Skipped without CUDA.
-gpu-check: $(DEV_STAMP)
+# resumed), a Tune search, predict, fused AdamW, checkpointed blocks and the model
+# benchmark's MFU. Skipped without CUDA. An existing venv is used as it is: a copied tree's
+# newer pyproject.toml must not start a reinstall on a machine without a package registry.
+gpu-check:
+	test -x $(BIN)/pytest || $(MAKE) $(DEV_STAMP)
 	$(BIN)/pytest -q -rs --durations=10 -m gpu tests/gpu
 
 lint: $(DEV_STAMP)

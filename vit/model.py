@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vit.config import ViTConfig
 from vit.patches import patchify
@@ -207,6 +208,7 @@ class ViT(nn.Module):
         patch_mean = torch.tensor(c.mean).repeat(c.patch_size * c.patch_size)
         self.register_buffer("pixel_scale", 1.0 / (255.0 * patch_std), persistent=False)
         self.register_buffer("pixel_shift", -patch_mean / patch_std, persistent=False)
+        self.grad_checkpointing = False  # activation checkpointing per block (timm's name)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -288,7 +290,10 @@ class ViT(nn.Module):
         """Encoded tokens (B, prefix + N, D), after the final norm."""
         x = self.norm_pre(self.embed(x))
         for block in self.blocks:
-            x, _ = block(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # recomputed in backward
+                x, _ = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, _ = block(x)
         return self.norm(x)
 
     def forward_intermediates(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:

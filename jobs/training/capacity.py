@@ -164,18 +164,21 @@ def decode_room(cfg: JobConfig, nodes: list[dict[str, Any]]) -> list[str]:
 
 
 def check_tracking_store(cfg: JobConfig) -> None:
-    """Refuse an MLflow store on one node's disk when the cluster has several nodes: rank 0
-    (or a trial) on another node would open a store of its own there, and the runs would be
-    split across disks. One-node clusters keep the embedded store."""
+    """Refuse an MLflow store on one node's disk when the job may run on several nodes: the
+    cluster has several, or `scaling.autoscaling` may add them (an autoscaling cluster can
+    be its head alone at submit time). Rank 0 (or a trial) on another node would open a
+    store of its own there, and the runs would be split across disks. A one-node cluster
+    that does not grow keeps the embedded store."""
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not cfg.mlflow.enabled or not local_store(uri):
         return
     count = len(alive_nodes())
-    if count > 1:
+    if count > 1 or cfg.scaling.autoscaling:
         store = f"mlflow.tracking_uri {uri}" if uri else "the embedded ./mlflow.db (no URI set)"
+        where = f"has {count} nodes" if count > 1 else "may add nodes (scaling.autoscaling)"
         raise ValueError(
             f"{store} is a store on this node's disk, and the Ray cluster "
-            f"has {count} nodes: a worker on another node would log to a store of its own. "
+            f"{where}: a worker on another node would log to a store of its own. "
             "Run an MLflow server every node reaches and set mlflow.tracking_uri (or "
             "MLFLOW_TRACKING_URI) to it, e.g. http://mlflow.example:5000"
         )

@@ -73,7 +73,8 @@ def evaluate(model: torch.nn.Module, shard: Any, batch: int, device: torch.devic
     with torch.no_grad():
         for b in shard.iter_torch_batches(batch_size=batch, **device_copies(device)):
             ok = b["ok"]
-            logits = model(b["patches"])
+            with autocast(device):  # the training precision: bf16 on CUDA
+                logits = model(b["patches"])
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
             hits = (top == b["label"][:, None]) & ok[:, None]
             counts += torch.stack(
@@ -135,7 +136,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint=ray.train.get_checkpoint(),
         metrics=config.get("metrics") if rank == 0 else None,
         progress=progress_to(config.get("progress")) if rank == 0 else None,
-        prepare_model=ray.train.torch.prepare_model,
+        prepare_model=lambda model: ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs=DDP_OPTIONS
+        ),
         uploads_in_background=True,
     )
     run_training(config, runner)
@@ -191,6 +194,11 @@ def epoch_batches(runner: Runner, cfg: JobConfig) -> Iterator[dict[str, torch.Te
             **device_copies(runner.device),
         )
     )
+
+
+# Gradients live in DDP's buckets (no copy per step); no buffer broadcast before each
+# forward: the model's buffers (normalisation constants, fixed sincos embeddings) never change.
+DDP_OPTIONS = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -300,6 +308,7 @@ def build_model(cfg: JobConfig, plan: TrainPlan, runner: Runner) -> tuple[Handle
     if init is not None:
         load_state_dict_checked(vit, init)
     vit = vit.to(runner.device)
+    vit.grad_checkpointing = cfg.train.grad_checkpointing
     optimizer, scheduler = build_optimizer(vit, cfg.train, plan.total_steps)
     step = restore(vit, optimizer, scheduler, runner.checkpoint)
     wrapped = runner.prepare_model(vit)
@@ -314,6 +323,8 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
     cfg = JobConfig.model_validate(config["job"])
     plan = TrainPlan.from_dict(config["plan"])
     torch.manual_seed(cfg.train.seed + runner.rank)
+    if runner.device.type == "cuda":  # TF32 for the matmuls autocast leaves in float32
+        torch.set_float32_matmul_precision("high")
     for orphan in remove_orphans():  # a killed worker's unstored checkpoint, on this node
         logging.getLogger(__name__).warning("removed %s, left by a worker that ended", orphan)
 

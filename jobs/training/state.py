@@ -21,7 +21,10 @@ def restore(model: ViT, optimizer, scheduler, checkpoint: Any) -> int:
         return 0
     with checkpoint.as_directory() as d:
         load_state_dict_checked(model, load_file(Path(d) / WEIGHTS_FILE))
-        state = torch.load(Path(d) / TRAIN_STATE, weights_only=True)
+        # onto the CPU: Ray Train shows each worker all its node's GPUs, and a bare load
+        # puts every rank's copy of the AdamW state on GPU 0; `load_state_dict` below moves
+        # it to the parameters' device
+        state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])

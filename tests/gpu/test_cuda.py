@@ -180,3 +180,28 @@ def test_bench_model_b16_reports_mfu(tmp_path):
     result = json.loads(path.read_text())
     assert result["device"] == "cuda"
     assert 0 < result["ours_mfu"] < 1 and 0 < result["timm_mfu"] < 1
+
+
+def test_adamw_is_fused_and_checkpointed_blocks_save_memory_at_the_same_loss():
+    """The step `bench model` times is the step training takes (fused AdamW on CUDA), and
+    `train.grad_checkpointing` lowers peak memory without changing the loss."""
+    from jobs.config import TrainSection
+    from jobs.training.optim import build_optimizer
+    from vit import ViT, ViTConfig
+
+    model = ViT(ViTConfig.from_preset("b/16", image_size=224, num_classes=10)).cuda()
+    optimizer, _ = build_optimizer(model, TrainSection(), total_steps=10)
+    assert optimizer.defaults["fused"] is True
+    x = torch.randn(32, 3, 224, 224, device="cuda")
+    peaks, losses = [], []
+    for checkpointed in (False, True):
+        model.grad_checkpointing = checkpointed
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        peaks.append(torch.cuda.max_memory_allocated())
+        losses.append(float(loss))
+        model.zero_grad(set_to_none=True)
+    assert peaks[1] < 0.7 * peaks[0], peaks
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)

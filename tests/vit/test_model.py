@@ -153,3 +153,23 @@ def test_no_embed_class_resizes_the_patch_grid_alone_as_timm_does(tmp_path):
     bigger = load_checkpoint(path, image_size=56)
     theirs = resample_abs_pos_embed(model.pos_embed, (7, 7), (4, 4), num_prefix_tokens=0)
     torch.testing.assert_close(bigger.pos_embed, theirs)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """`train.grad_checkpointing` trades compute for memory, never the result."""
+    torch.manual_seed(0)
+    model = ViT(tiny(layer_scale=0.1))
+    with torch.no_grad():
+        model.head.weight.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for checkpointed in (False, True):
+        model.zero_grad()
+        model.grad_checkpointing = checkpointed
+        loss = model(x).square().mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain_loss, plain), (ckpt_loss, ckpt) = grads
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b)

@@ -123,6 +123,10 @@ def test_a_store_on_one_disk_is_refused_on_a_cluster_of_several_nodes(cluster, m
     assert (uri or "./mlflow.db") in str(error.value)
     cluster({"CPU": 2.0})
     check_tracking_store(cfg)  # one node: the embedded store is everyone's
+    with pytest.raises(ValueError, match=r"may add nodes \(scaling.autoscaling\)"):
+        check_tracking_store(
+            config(f"mlflow.tracking_uri={uri or 'null'}", "scaling.autoscaling=true")
+        )
 
 
 def test_a_tracking_server_is_fine_on_any_cluster(cluster):

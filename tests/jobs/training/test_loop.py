@@ -179,12 +179,22 @@ def test_sums_over_ranks_reduce_on_the_training_device(monkeypatch):
     assert seen == [torch.device("meta")]
 
 
-def test_a_resume_loads_optimizer_state_onto_the_models_device(tmp_path):
+def test_a_resume_loads_optimizer_state_onto_the_models_device(tmp_path, monkeypatch):
     """The model moves before the optimizer state loads: loaded first, the state stayed on
-    the CPU and the first step after a resume mixed devices."""
+    the CPU and the first step after a resume mixed devices. The file itself is read onto
+    the CPU: every rank of a multi-GPU node loaded the whole AdamW state onto GPU 0."""
     import ray.train
 
+    from jobs.training import state
     from jobs.training.loop import build_model
+
+    load, placed = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        placed.append(kwargs.get("map_location"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(state.torch, "load", recording_load)
 
     cfg = job(**{"train.epochs": 1})
     plan = plan_for(cfg, 64)
@@ -200,6 +210,7 @@ def test_a_resume_loads_optimizer_state_onto_the_models_device(tmp_path):
     assert step == 4 and next(model.vit.parameters()).device.type == "meta"
     moments = [v for s in optimizer.state.values() for v in s.values() if v.ndim > 0]
     assert moments and all(v.device.type == "meta" for v in moments)
+    assert placed == ["cpu"]
 
 
 def test_compiled_training_writes_checkpoints_with_clean_keys(tmp_path, monkeypatch):
