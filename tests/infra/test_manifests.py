@@ -179,6 +179,38 @@ def test_cluster_launcher_runs_the_image_on_gpu_workers():
     head = launcher["available_node_types"][launcher["head_node_type"]]
     assert head["resources"] == {"CPU": 0}
     assert any("127.0.0.1" in c for c in launcher["head_start_ray_commands"])
+    for name, node_type in launcher["available_node_types"].items():
+        # without one, Ray takes its default AMI: Ubuntu 18.04 and CUDA 11, no H100 driver
+        assert node_type["node_config"].get("ImageId", "").startswith("ami-"), name
+
+
+def test_the_launcher_heads_profile_can_start_workers_and_theirs_reads_s3_only():
+    """The head's instance profile replaces the autoscaler's own role: with S3 alone, no
+    worker ever starts and autoscaling jobs wait forever."""
+    (launcher,) = documents(INFRA / "cluster-launcher" / "aws-gpu.yaml")
+    (template,) = documents(INFRA / "cluster-launcher" / "iam.yaml")
+    resources = template["Resources"]
+    profiles = {
+        r["Properties"]["InstanceProfileName"]: r["Properties"]["Roles"][0]["Ref"]
+        for r in resources.values()
+        if r["Type"] == "AWS::IAM::InstanceProfile"
+    }
+
+    def actions(profile: str) -> set[str]:
+        role = resources[profiles[profile]]["Properties"]
+        statements = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]]
+        listed = [
+            s["Action"] if isinstance(s["Action"], list) else [s["Action"]] for s in statements
+        ]
+        return {a for actions in listed for a in actions}
+
+    nodes = launcher["available_node_types"]
+    head = nodes[launcher["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole"} <= actions(head)
+    for name, node in nodes.items():
+        if name != launcher["head_node_type"]:
+            profile = node["node_config"]["IamInstanceProfile"]["Name"]
+            assert not any(a.startswith(("ec2:", "iam:")) for a in actions(profile)), name
 
 
 def test_no_manifest_ships_a_secret_and_servers_bind_locally():
@@ -283,17 +315,40 @@ def test_jobs_read_and_write_on_the_volume_every_pod_mounts():
                     assert any(path.startswith(m + "/") for m in mounts), f"{name}: {path}"
 
 
+def shipped_gpu_configs() -> dict[str, JobConfig]:
+    """Every shipped config that trains on GPUs (a fine-tune's start set to a placeholder)."""
+    found = {}
+    for path in sorted((ROOT / "jobs" / "configs").glob("*.yaml")):
+        if "use_gpu: true" in path.read_text():
+            found[path.name] = load_config(path, ["init.checkpoint=models:/any@champion"])
+    return found
+
+
+def fits(cfg: JobConfig, node_cpus: float, node_gpus: int) -> bool:
+    """A GPU node of the cluster holds its share of the workers and one decode task."""
+    train = min(node_gpus, cfg.scaling.num_workers) * cfg.scaling.cpus_per_worker
+    return train + cfg.data.cpus_per_task <= node_cpus
+
+
 def test_a_cpu_group_decodes_and_gpu_workers_leave_a_decode_task_room():
-    configs = [job_config(doc) for _, doc, _ in cluster_specs() if doc["kind"] == "RayJob"]
+    """Every shipped GPU config on every cluster the docs run it on: the KubeRay specs and
+    the launcher's GPU node (a config that took all 64 CPUs of a GPU pod left its GPUs
+    waiting for decode tasks that had no CPU to run on)."""
+    configs = list(shipped_gpu_configs().items())
+    assert {"vit-b16-i21k-pretrain.yaml", "vit-s16-i1k-pretrain.yaml"} <= dict(configs).keys()
     for name, doc, spec in cluster_specs():
-        runs = [job_config(doc)] if doc["kind"] == "RayJob" else configs
+        runs = [(name, job_config(doc))] if doc["kind"] == "RayJob" else configs
         groups = [(g, g.template.spec.containers[0]) for g in spec.workerGroupSpecs]
         decoders = [g for g, c in groups if gpus(c) == 0 and cpus(c) > 0]
         assert decoders and all(g.model_extra["maxReplicas"] > 0 for g in decoders), name
-        for cfg in runs:
+        for run, cfg in runs:
             for group, c in groups:
-                train = min(gpus(c), cfg.scaling.num_workers) * cfg.scaling.cpus_per_worker
-                assert train + cfg.data.cpus_per_task <= cpus(c), f"{name}/{group.groupName}"
+                assert fits(cfg, cpus(c), gpus(c)), f"{run} on {name}/{group.groupName}"
+    (launcher,) = documents(INFRA / "cluster-launcher" / "aws-gpu.yaml")
+    p5 = launcher["available_node_types"]["gpu_worker"]["node_config"]["InstanceType"]
+    assert p5 == "p5.48xlarge"  # 192 vCPUs, 8 H100s
+    for run, cfg in configs:
+        assert fits(cfg, 192, 8), f"{run} on the launcher's {p5}"
 
 
 def test_the_tune_job_starts_from_the_model_pretraining_registers():
@@ -357,9 +412,13 @@ def test_mlflow_servers_authenticate_and_allow_the_hosts_clients_send():
     }
     forwarded = {"localhost:5000", "127.0.0.1:5000"}  # published or port-forwarded port 5000
     k8s_env = {e["name"]: e for e in k8s["env"]}
+    (launcher,) = documents(INFRA / "cluster-launcher" / "aws-gpu.yaml")
+    (on_head,) = [c for c in launcher["head_start_ray_commands"] if "mlflow server" in c]
+    head_env = set(re.findall(r"\b(MLFLOW_[A-Z_]+)=", on_head))
     servers = [
         (compose["command"], set(compose["environment"]), forwarded | {"mlflow:5000"}),
         (k8s["command"], set(k8s_env), forwarded | ray_clients),
+        ([on_head], head_env, forwarded | {"10.0.3.17:5000"}),  # a node of the VPC
     ]
     for command, env, clients in servers:
         options = server_options(command)
@@ -387,6 +446,10 @@ def test_image_installs_its_distributions_python_pinned_versions_and_probe_tools
         version = re.fullmatch(r"python(\d\.\d+)(?:-\w+)?", package)
         assert version is None or version.group(1) == UBUNTU_PYTHON[ubuntu], package
     assert {"python3", "python3-venv", "bash", "wget"} <= set(packages)  # probes: bash -c wget
+    # the cluster launcher copies files in with rsync, reaches workers over ssh, and mounts
+    # its files (the Ray token) under the image's HOME, which the ray user must own
+    assert {"rsync", "openssh-client"} <= set(packages)
+    assert text.index("ENV HOME=/home/ray") < text.index("USER ray")
     index = re.search(r"download\.pytorch\.org/whl/cu(\d+)", text).group(1)
     assert index == cuda.replace(".", ""), f"torch wheels for CUDA {index}, base image {cuda}"
     pins = dict(re.findall(r"\b([a-z]+)(?:\[[^\]]*\])?==([\d.]+)", text))
