@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.bench.scale import moto_server
+from jobs.bench.s3server import moto_server
 from jobs.cluster.raynode import MASK_HOOK, node_env
 from jobs.config import CONFIGS
 

@@ -22,9 +22,6 @@ import copy
 import json
 import os
 import posixpath
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,7 +33,7 @@ import psutil
 import pyarrow.fs as pafs
 
 from jobs.bench.common import write_result
-from jobs.cluster.local import free_port, wait_http
+from jobs.bench.s3server import moto_server
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset, plan_split, quiet_progress
 from pipeline.prepare import prepare
@@ -49,30 +46,6 @@ S3_VARIABLES = {  # moto accepts any credentials; real servers take the caller's
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
 }
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[tuple[str, int]]:
-    """moto's S3 server on 127.0.0.1 for the duration, stopped by its process group:
-    (endpoint, pid)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{endpoint}/moto-api/", 60, "the S3 server")
-        yield endpoint, proc.pid
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @contextlib.contextmanager
