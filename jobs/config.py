@@ -45,8 +45,10 @@ class InitSection(Section):
         "or models:/<name>@<alias>, or timm:DIR, hf:DIR (with their config.json / "
         "preprocessor_config.json), torchvision:PATH[:WEIGHTS_ENUM], jax:PATH.npz",
     )
-    interpolation: Literal["timm", "hf", "big_vision", "torchvision"] = Field(
-        "timm", description="how the position embeddings are resized to the new grid"
+    interpolation: Literal["timm", "hf", "big_vision", "torchvision"] | None = Field(
+        None,
+        description="how the position embeddings are resized to the new grid; default: as "
+        "the weights' source does (timm's for vitray's, HF's for its DINOv2)",
     )
     keep_head: bool = Field(False, description="keep the classifier (same classes only)")
 

@@ -120,12 +120,15 @@ def load_checkpoint(
     directory: str | Path,
     image_size: Size | None = None,
     num_classes: int | None = None,
-    interpolation: str = "timm",
+    interpolation: str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> ViT:
-    """A ViT from a checkpoint directory, optionally at a new image size or class count."""
+    """A ViT from a checkpoint directory, optionally at a new image size or class count.
+    `interpolation` (vit.resize's presets): how its position embeddings are resized; by
+    default as the weights' source does (`posemb_interpolation`: timm's for vitray's)."""
     directory = Path(directory)
     source = ViTConfig.from_dict(read_checkpoint_meta(directory)["model"])
+    interpolation = interpolation or source.posemb_interpolation
     target = source
     if image_size is not None:
         target = target.replace(image_size=to_2tuple(image_size))

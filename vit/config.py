@@ -28,6 +28,7 @@ Size = int | tuple[int, int]
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")  # PIL's filters
 CROP_MODES = ("center", "squash")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+POSEMB_INTERPOLATIONS = ("timm", "hf", "big_vision", "torchvision")  # vit.resize's presets
 
 
 def to_2tuple(size: Size) -> tuple[int, int]:
@@ -72,6 +73,9 @@ class ViTConfig:
     patch_bias: bool = True  # False: a patch embedding without bias (CLIP)
     qk_norm: bool = False  # a LayerNorm on each head's queries and keys
     dist_token: bool = False  # DeiT's distillation token and its own head (distilled DeiT)
+    # how the weights' own source resizes the position embeddings at another size (the
+    # presets of vit.resize): a model run at a new size answers as its source would
+    posemb_interpolation: str = "timm"
 
     def __post_init__(self) -> None:
         self.image_size = to_2tuple(self.image_size)
@@ -91,6 +95,11 @@ class ViTConfig:
             raise ValueError("pool='cls' needs class_token=True")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"mean/std need {self.in_chans} values (one per input channel)")
+        if self.posemb_interpolation not in POSEMB_INTERPOLATIONS:
+            raise ValueError(
+                f"posemb_interpolation must be one of {POSEMB_INTERPOLATIONS}, "
+                f"got {self.posemb_interpolation!r}"
+            )
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.reg_tokens < 0:

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from vit import ViT, interop, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from vit.checkpoint import read_preprocessing
-from vit.config import Preprocessing, to_2tuple
-from vit.hf_families import family_of, from_hf_family
+from vit.config import Preprocessing, ViTConfig, to_2tuple
+from vit.hf_families import activation, family_of, from_hf_family
 from vit.timm_config import timm_architecture
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def hf_architecture(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
         "norm_eps": hf.get("layer_norm_eps"),
         "image_size": hf.get("image_size"),
         "qkv_bias": hf.get("qkv_bias"),
+        "act": activation(hf["hidden_act"]) if "hidden_act" in hf else None,
     }
     size, processed = found["image_size"], declared.get("image_size")
     if size is not None and processed is not None and (size, size) != to_2tuple(processed):
@@ -223,9 +224,33 @@ def import_weights(fmt: str, src: Path, out: Path, **overrides: Any) -> ViT:
     return model
 
 
+# The options of later ViTs that Hugging Face's ViT and the paper's JAX layout do not have.
+LATER_VIT_OPTIONS = ("layer_scale", "reg_tokens", "no_embed_class", "norm_pre", "patch_bias",
+                     "qk_norm", "dist_token", "fc_norm")  # fmt: skip
+
+
+def paper_vit_only(config: ViTConfig, target: str) -> None:
+    """Refuse, by name, what a target holding the paper's ViT alone cannot carry: written
+    anyway, its model would be another function (the option's weights dropped)."""
+    paper = ViTConfig()
+    differ = [
+        f"{name}={getattr(config, name)!r}"
+        for name in LATER_VIT_OPTIONS
+        if getattr(config, name) != getattr(paper, name)
+    ]
+    if target == "jax" and config.act != "gelu":  # HF's config names the activation
+        differ.append(f"act={config.act!r}")
+    if differ:
+        raise ValueError(
+            f"{target} holds the paper's ViT only; this model has {', '.join(differ)}: "
+            "export it to timm (--to timm), whose VisionTransformer has these options"
+        )
+
+
 def hf_config(model: ViT, class_names: list[str] | None) -> dict:
     """A transformers ViTConfig dict, so `ViTForImageClassification.from_pretrained` loads it."""
     c = model.config
+    paper_vit_only(c, "hf")
     if c.image_size[0] != c.image_size[1] or c.pool != "cls" or c.posemb != "learn":
         raise ValueError("Hugging Face ViT needs a square image, pool='cls' and learned posemb")
     labels = class_names or [f"LABEL_{i}" for i in range(c.num_classes)]
@@ -236,7 +261,7 @@ def hf_config(model: ViT, class_names: list[str] | None) -> dict:
         "num_hidden_layers": c.depth,
         "num_attention_heads": c.num_heads,
         "intermediate_size": c.mlp_dim,
-        "hidden_act": "gelu",
+        "hidden_act": {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}.get(c.act, c.act),
         "layer_norm_eps": c.norm_eps,
         "image_size": c.image_size[0],
         "patch_size": c.patch_size,
@@ -257,6 +282,7 @@ def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
     model = load_checkpoint(checkpoint)
     preprocessing = read_preprocessing(checkpoint)
     if fmt == "jax":
+        paper_vit_only(model.config, "jax")
         out.parent.mkdir(parents=True, exist_ok=True)
         return interop.to_jax_npz(model, out if out.suffix == ".npz" else out.with_suffix(".npz"))
     out.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,10 @@ a layout not covered here fails, it never loads partly.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from vit.interop import conv_to_linear, infer_config, rename
 from vit.model import ViT
 
 StateDict = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 # The encoder blocks of each layout, into our names; q, k and v are fused after renaming.
 CLIP_BLOCKS = [
@@ -91,7 +93,15 @@ DEIT_NAMES = [
     ("head.{w}", "cls_classifier.{w}"),
     ("head_dist.{w}", "distillation_classifier.{w}"),
 ]
+
 ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def activation(hidden_act: str) -> str:
+    """ViTConfig's name for a transformers `hidden_act`; ValueError for one vitray lacks."""
+    if hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {hidden_act!r}: vitray has {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[hidden_act]
 
 
 def dinov2_fields(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -140,25 +150,37 @@ class Family:
     more_fields: Callable[[dict[str, Any]], dict[str, Any]] = lambda cfg: {}
     layout: Callable[[StateDict], StateDict] = lambda state: state
     dropped: tuple[str, ...] = ()  # training-only tensors (DINOv2's mask token)
+    # the config class's defaults, for a config.json that leaves them out
+    defaults: dict[str, Any] = field(
+        default_factory=lambda: {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    )
 
 
 FAMILIES = {
     "dinov2": Family(
-        ("Dinov2Model",), DINOV2_NAMES, {}, dinov2_fields, dropped=("embeddings.mask_token",)
+        ("Dinov2Model",),
+        DINOV2_NAMES,
+        # HF's DINOv2 resizes its position embeddings bicubic without antialiasing
+        {"posemb_interpolation": "hf"},
+        dinov2_fields,
+        dropped=("embeddings.mask_token",),
+        defaults={"hidden_act": "gelu", "layer_norm_eps": 1e-6},
     ),
     "dinov2_with_registers": Family(
         ("Dinov2WithRegistersModel",),
         DINOV2_NAMES,
-        {"no_embed_class": True},
+        {"no_embed_class": True},  # and resized as timm does: bicubic, antialiased
         dinov2_fields,
         fold_class_posemb,
         dropped=("embeddings.mask_token",),
+        defaults={"hidden_act": "gelu", "layer_norm_eps": 1e-6},
     ),
     "clip_vision_model": Family(
         ("CLIPVisionModel",),
         CLIP_NAMES,
         {"norm_pre": True, "patch_bias": False, "fc_norm": True, "pool": "cls"},
         layout=clip_layout,
+        defaults={"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
     ),
     "siglip_vision_model": Family(
         ("SiglipVisionModel",),
@@ -166,7 +188,10 @@ FAMILIES = {
         {"class_token": False, "pool": "map"},
         siglip_fields,
         siglip_layout,
+        defaults={"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
     ),
+    # Every `deit` model keeps the distillation token (Hugging Face stores non-distilled DeiT
+    # as `vit`); only the one with the teacher's head reads it as DeiT and timm do.
     "deit": Family(("DeiTForImageClassificationWithTeacher",), DEIT_NAMES, {"dist_token": True}),
 }
 
@@ -179,8 +204,6 @@ def family_of(cfg: dict[str, Any]) -> Family | None:
     if family is None:
         return None
     saved = cfg.get("architectures") or []
-    if cfg["model_type"] == "deit" and saved != ["DeiTForImageClassificationWithTeacher"]:
-        return None  # DeiT without a teacher is the plain ViT layout
     if saved and not set(saved) <= set(family.architectures):
         raise ValueError(
             f"{', '.join(saved)} weights: vitray reads the {cfg['model_type']} family as "
@@ -206,20 +229,26 @@ def from_hf_family(state: StateDict, cfg: dict[str, Any], family: Family, **over
     state = {k.removeprefix("vision_model."): v for k, v in state.items()}
     ours = fuse_qkv(family.layout(rename(state, family.names, reverse=True)))
     ours["patch_embed.weight"] = conv_to_linear(ours["patch_embed.weight"])
-    act = cfg.get("hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {act!r}: vitray has {', '.join(ACTIVATIONS)}")
+    cfg = {**family.defaults, **cfg}
     fields = {
         "in_chans": cfg.get("num_channels", 3),
         "num_heads": cfg["num_attention_heads"],
-        "norm_eps": cfg.get("layer_norm_eps", 1e-12),
-        "act": ACTIVATIONS[act],
+        "norm_eps": cfg["layer_norm_eps"],
+        "act": activation(cfg["hidden_act"]),
         "qkv_bias": "blocks.0.attn.qkv.bias" in ours,
         "num_classes": ours["head.weight"].shape[0] if "head.weight" in ours else 0,
         **family.fields,
         **family.more_fields(cfg),
     }
     config: ViTConfig = infer_config(ours, **{**fields, **overrides})
+    size = cfg.get("image_size")
+    if size is not None and size != config.image_size[0]:  # e.g. SigLIP so400m/14 at 384
+        log.warning(
+            "image_size %s is not a multiple of patch %s: Hugging Face resizes to %s and its "
+            "convolution leaves the last %s px out; vitray resizes to %s, so answers may "
+            "differ slightly from the source's",
+            size, config.patch_size, size, size - config.image_size[0], config.image_size[0],
+        )  # fmt: skip
     model = ViT(config)
     load_state_dict_checked(model, ours)
     return model.eval()

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vit.config import ViTConfig
 from vit.patches import patchify
-from vit.resize import resize_pos_embed
+from vit.resize import INTERPOLATION_PRESETS, resize_pos_embed
 
 
 def norm_or_identity(on: bool, dim: int, eps: float) -> nn.Module:
@@ -249,7 +249,11 @@ class ViT(nn.Module):
         if self.config.posemb == "sincos2d":
             return self._sincos(grid).to(self.pos_embed)
         return resize_pos_embed(
-            self.pos_embed, grid, self.config.grid_size, self.config.posemb_prefix_tokens
+            self.pos_embed,
+            grid,
+            self.config.grid_size,
+            self.config.posemb_prefix_tokens,
+            **INTERPOLATION_PRESETS[self.config.posemb_interpolation],
         )
 
     def to_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -42,7 +42,7 @@ def timm_architecture(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
     """The fields of a timm VisionTransformer that vitray's ViT reproduces exactly."""
-    from timm.layers import Mlp
+    from timm.layers import Mlp, PatchEmbed
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
@@ -50,6 +50,8 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
     if type(model) not in (VisionTransformer, VisionTransformerDistilled):
         missing.append(f"{type(model).__name__} (not the plain VisionTransformer)")
         return refuse(arch, missing)
+    if type(model.patch_embed) is not PatchEmbed:  # a CNN stem (the hybrid R50+ViT models)
+        return refuse(arch, [f"a {type(model.patch_embed).__name__} patch embedding"])
     block = model.blocks[0]
     checks = {
         "no position embedding": model.pos_embed is None,

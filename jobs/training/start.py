@@ -91,11 +91,12 @@ def resized_start(
             "init.keep_head: the checkpoint's classes differ from the dataset's; a new head "
             "is needed (set init.keep_head=false)"
         )
+    interpolation = cfg.init.interpolation or source.posemb_interpolation
     model = load_checkpoint(
         source_dir,
         image_size=cfg.data.size_hw,
         num_classes=num_classes,
-        interpolation=cfg.init.interpolation,
+        interpolation=interpolation,
     )
     if not cfg.init.keep_head:  # the paper: a zero-initialised head, even for equal classes
         model.reset_head(num_classes)
@@ -107,13 +108,13 @@ def resized_start(
         "vitray.init.source": cfg.init.checkpoint,
         "vitray.init.old_grid": grid_text(source),
         "vitray.init.new_grid": grid_text(config),
-        "vitray.init.interpolation": cfg.init.interpolation,
+        "vitray.init.interpolation": interpolation,
         "vitray.init.head": "kept" if cfg.init.keep_head else "new, zero-initialised",
         "vitray.init.preprocessing": preprocessing_text(config, preprocessing),
     }
     print(
         f"fine-tune start: {cfg.init.checkpoint} grid {tags['vitray.init.old_grid']} -> "
-        f"{tags['vitray.init.new_grid']} ({cfg.init.interpolation}), head "
+        f"{tags['vitray.init.new_grid']} ({interpolation}), head "
         f"{tags['vitray.init.head']}; {tags['vitray.init.preprocessing']}",
         flush=True,
     )

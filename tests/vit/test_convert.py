@@ -341,3 +341,32 @@ def test_a_model_timm_cannot_hold_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(ValueError, match="LayerNorm eps 0.001"):
         export_weights("timm", tmp_path / "ours", tmp_path / "timm-out")
     assert not (tmp_path / "timm-out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("target", ["hf", "jax"])
+def test_an_option_the_target_cannot_hold_is_refused_by_name(tmp_path, target):
+    """HF's ViT and the paper's JAX layout have none of the later options: written anyway,
+    the exported model would be another function (layer scale's gammas dropped: 4.3 off)."""
+    config = ViTConfig(image_size=32, patch_size=8, dim=32, depth=1, num_heads=4, num_classes=3,
+                       layer_scale=0.1, norm_pre=True)  # fmt: skip
+    save_checkpoint(ViT(config), tmp_path / "ours")
+    with pytest.raises(ValueError, match=r"layer_scale=0.1, norm_pre=True: export it to timm"):
+        export_weights(target, tmp_path / "ours", tmp_path / "out")
+
+
+@pytest.mark.parametrize("hidden_act, converts", [("quick_gelu", True), ("relu", False)])
+def test_a_hf_vit_converts_with_its_own_activation_or_is_refused(tmp_path, hidden_act, converts):
+    theirs = ViTForImageClassification(
+        HFConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                 image_size=32, patch_size=8, num_labels=3, hidden_act=hidden_act)
+    ).eval()  # fmt: skip
+    theirs.save_pretrained(tmp_path / "hf")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "hf")
+    if not converts:
+        with pytest.raises(ValueError, match="hidden_act 'relu'"):
+            import_weights("hf", tmp_path / "hf", tmp_path / "ours")
+        return
+    ours = import_weights("hf", tmp_path / "hf", tmp_path / "ours").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(pixel_values=x).logits, atol=1e-5, rtol=1e-4)

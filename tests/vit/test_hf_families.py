@@ -74,9 +74,9 @@ FAMILIES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_saved_tower_converts_to_its_own_output_and_preprocessing(tmp_path, family):
-    config, model_class, processor, output, mean, preprocessing = FAMILIES[family]
+def saved(tmp_path, family: str):
+    """(their model, our converted model) of `family`, random weights, as on the Hub."""
+    config, model_class, processor, *_ = FAMILIES[family]
     torch.manual_seed(0)
     theirs = model_class(config).eval()
     with torch.no_grad():
@@ -84,7 +84,13 @@ def test_a_saved_tower_converts_to_its_own_output_and_preprocessing(tmp_path, fa
             parameter.add_(torch.randn_like(parameter) * 0.1)
     theirs.save_pretrained(tmp_path / "hub")
     processor.save_pretrained(tmp_path / "hub")
-    ours = import_weights("hf", tmp_path / "hub", tmp_path / "ours").eval()
+    return theirs, import_weights("hf", tmp_path / "hub", tmp_path / "ours").eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_saved_tower_converts_to_its_own_output_and_preprocessing(tmp_path, family):
+    _, _, processor, output, mean, preprocessing = FAMILIES[family]
+    theirs, ours = saved(tmp_path, family)
 
     pixels = processor(images=[photo((48, 40)), photo((40, 56), seed=1)], return_tensors="pt")
     pixels = pixels["pixel_values"]
@@ -96,10 +102,56 @@ def test_a_saved_tower_converts_to_its_own_output_and_preprocessing(tmp_path, fa
     assert read_preprocessing(tmp_path / "ours") == pytest.approx(preprocessing)
 
 
-def test_a_family_model_vitray_does_not_read_is_refused_naming_the_one_to_save(tmp_path):
-    theirs = T.Dinov2ForImageClassification(T.Dinov2Config(**SMALL, num_labels=3))
-    theirs.save_pretrained(tmp_path / "hub")
-    FAMILIES["dinov2"][2].save_pretrained(tmp_path / "hub")
-    with pytest.raises(ValueError, match="Dinov2ForImageClassification weights: .* as Dinov2Model"):
+@pytest.mark.parametrize(
+    "model, family, names",
+    [
+        (T.Dinov2ForImageClassification(T.Dinov2Config(**SMALL, num_labels=3)), "dinov2",
+         "Dinov2ForImageClassification weights: .* as Dinov2Model"),
+        # its distillation token is in the sequence, and no head reads it
+        (T.DeiTForImageClassification(T.DeiTConfig(**SMALL, num_labels=3)), "distilled deit",
+         "DeiTForImageClassification weights: .* as DeiTForImageClassificationWithTeacher"),
+    ],
+)  # fmt: skip
+def test_a_family_model_vitray_does_not_read_is_refused_naming_the_one_to_save(
+    tmp_path, model, family, names
+):
+    model.save_pretrained(tmp_path / "hub")
+    FAMILIES[family][2].save_pretrained(tmp_path / "hub")
+    with pytest.raises(ValueError, match=names):
         import_weights("hf", tmp_path / "hub", tmp_path / "ours")
-    assert json.loads((tmp_path / "hub" / "config.json").read_text())["model_type"] == "dinov2"
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov2 with registers"])
+def test_dinov2_at_another_size_resizes_its_position_embeddings_as_hf_does(tmp_path, family):
+    """DINOv2's embeddings are 518 px, its processor crops 224: the model always runs at
+    another size. HF resizes DINOv2's bicubic without antialiasing, its registers model's
+    with: the converted model does as its source does."""
+    theirs, ours = saved(tmp_path, family)
+    pixels = torch.randn(2, 3, 24, 24)  # a 3x3 grid, from 4x4
+    with torch.no_grad():
+        expected = theirs(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(ours(pixels), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_config_json_without_its_defaults_takes_the_familys_own(tmp_path):
+    """CLIP's activation is QuickGELU and its eps 1e-5 by default, not ViT's."""
+    theirs, _ = saved(tmp_path, "clip")
+    path = tmp_path / "hub" / "config.json"
+    trimmed = {k: v for k, v in json.loads(path.read_text()).items()
+               if k not in ("hidden_act", "layer_norm_eps")}  # fmt: skip
+    path.write_text(json.dumps(trimmed))
+    ours = import_weights("hf", tmp_path / "hub", tmp_path / "trimmed").eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels), theirs(pixel_values=pixels).pooler_output)
+
+
+def test_a_siglip_size_that_is_not_a_multiple_of_its_patch_is_said(tmp_path, caplog):
+    """SigLIP so400m/14 at 384 px: HF's convolution leaves the last 6 px out."""
+    config = T.SiglipVisionConfig(**{**SMALL, "image_size": 36}, intermediate_size=64)
+    T.SiglipVisionModel(config).save_pretrained(tmp_path / "hub")
+    T.SiglipImageProcessor(size={"height": 36, "width": 36}).save_pretrained(tmp_path / "hub")
+    with caplog.at_level("WARNING"):
+        ours = import_weights("hf", tmp_path / "hub", tmp_path / "ours")
+    assert ours.config.image_size == (32, 32)
+    assert "image_size 36 is not a multiple of patch 8" in caplog.text

@@ -268,3 +268,14 @@ def test_timm_pretrained_cfg_of_a_model_object():
     )
     with pytest.raises(ValueError, match="crop_mode 'border'"):
         timm_preprocessing({**theirs.pretrained_cfg, "crop_mode": "border"})
+
+
+@pytest.mark.parametrize("arch", ["vit_base_r50_s16_224", "vit_small_r26_s32_224"])
+def test_a_hybrid_cnn_stem_is_refused_by_name_not_a_crash(arch):
+    """timm's R50+ViT hybrids embed patches with a ResNet: refused before any weight."""
+    from vit.timm_config import timm_architecture
+
+    with pytest.raises(
+        ValueError, match="cannot be converted exactly.*HybridEmbed patch embedding"
+    ):
+        timm_architecture({"architecture": arch})
