@@ -13,6 +13,7 @@ from jobs.cli import main
 from jobs.config import ConfigError, load_config
 from jobs.training.search.driver import build_tuner
 from jobs.training.search.space import check_search
+from jobs.training.search.watchdog import WATCHDOG
 
 from helpers import search_config
 
@@ -44,6 +45,7 @@ def ray_runs(cfg) -> bool:
         for epoch in (1, 2):
             tune.report({"val_top1": 0.5, "val_top5": 0.9, "loss": 1.0, "epoch": epoch})
 
+    WATCHDOG.reset(float("inf"), float("inf"))  # a search earlier in the session set it
     try:
         results = build_tuner(cfg, trial, concurrent=1).fit()
     except Exception:
