@@ -264,4 +264,6 @@ VIT_FAMILIES = {  # ViTConfig options of the later ViTs, as each family has them
     "reg4 gap": dict(pool="gap", fc_norm=True, reg_tokens=4),
     "distilled deit": dict(dist_token=True),
     "qk norm": dict(qk_norm=True, qkv_bias=False),
+    "dinov2 giant": dict(layer_scale=1e-5, mlp="swiglu_packed"),
+    "no final norm": dict(final_norm=False),
 }

@@ -73,6 +73,8 @@ class ViTConfig:
     patch_bias: bool = True  # False: a patch embedding without bias (CLIP)
     qk_norm: bool = False  # a LayerNorm on each head's queries and keys
     dist_token: bool = False  # DeiT's distillation token and its own head (distilled DeiT)
+    final_norm: bool = True  # False: no norm after the blocks (RADIO, InternViT)
+    mlp: str = "mlp"  # 'mlp' (paper) | 'swiglu_packed' (DINOv2 giant: SiLU(a) * b, one fc1)
     # how the weights' own source resizes the position embeddings at another size (the
     # presets of vit.resize): a model run at a new size answers as its source would
     posemb_interpolation: str = "timm"
@@ -100,6 +102,10 @@ class ViTConfig:
                 f"posemb_interpolation must be one of {POSEMB_INTERPOLATIONS}, "
                 f"got {self.posemb_interpolation!r}"
             )
+        if self.mlp not in ("mlp", "swiglu_packed"):
+            raise ValueError(f"mlp must be 'mlp' or 'swiglu_packed', got {self.mlp!r}")
+        if self.mlp == "swiglu_packed" and self.mlp_dim % 2:
+            raise ValueError(f"swiglu_packed needs an even MLP width, got {self.mlp_dim}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.reg_tokens < 0:

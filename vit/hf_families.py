@@ -54,6 +54,9 @@ DINOV2_NAMES = [
     ("blocks.{i}.norm2.{w}", "encoder.layer.{i}.norm2.{w}"),
     ("blocks.{i}.mlp.fc1.{w}", "encoder.layer.{i}.mlp.fc1.{w}"),
     ("blocks.{i}.mlp.fc2.{w}", "encoder.layer.{i}.mlp.fc2.{w}"),
+    # the giant's SwiGLU: gate and value packed in one projection, as timm's SwiGLUPacked
+    ("blocks.{i}.mlp.fc1.{w}", "encoder.layer.{i}.mlp.weights_in.{w}"),
+    ("blocks.{i}.mlp.fc2.{w}", "encoder.layer.{i}.mlp.weights_out.{w}"),
     ("norm.{w}", "layernorm.{w}"),
 ]
 CLIP_NAMES = [
@@ -105,9 +108,9 @@ def activation(hidden_act: str) -> str:
 
 
 def dinov2_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    if cfg.get("use_swiglu_ffn"):
-        raise ValueError("a SwiGLU MLP (use_swiglu_ffn: the giant DINOv2): vitray's is GELU")
-    return {"layer_scale": cfg.get("layerscale_value", 1.0), "mlp_ratio": cfg.get("mlp_ratio", 4)}
+    """Layer scale's init; the giant's SwiGLU MLP (its width comes from the weights)."""
+    mlp = "swiglu_packed" if cfg.get("use_swiglu_ffn") else "mlp"
+    return {"layer_scale": cfg.get("layerscale_value", 1.0), "mlp": mlp}
 
 
 def fold_class_posemb(state: StateDict) -> StateDict:

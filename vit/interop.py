@@ -139,6 +139,7 @@ def infer_config(state: StateDict, **overrides: Any) -> ViTConfig:
         norm_pre="norm_pre.weight" in state,
         patch_bias="patch_embed.bias" in state,
         qk_norm="blocks.0.attn.q_norm.weight" in state,
+        final_norm="norm.weight" in state or fc_norm,
     )
     if "pre_logits.0.weight" in state:
         found["representation_size"] = state["pre_logits.0.weight"].shape[0]
@@ -230,10 +231,11 @@ def timm_pretrained_cfg(config: ViTConfig, preprocessing: Preprocessing | None) 
 
 # timm architectures whose registered defaults hold the LayerNorm eps of a config (the
 # arguments below override everything else): timm's VisionTransformer takes no eps argument.
-TIMM_BASE_ARCHITECTURE = {
-    (1e-6, False): "vit_base_patch16_224",
-    (1e-5, False): "vit_base_patch16_clip_224",  # timm's CLIP towers: LayerNorm eps 1e-5
-    (1e-6, True): "deit_base_distilled_patch16_224",
+TIMM_BASE_ARCHITECTURE = {  # (eps, dist_token, mlp): a registered architecture that has them
+    (1e-6, False, "mlp"): "vit_base_patch16_224",
+    (1e-5, False, "mlp"): "vit_base_patch16_clip_224",  # timm's CLIP towers: eps 1e-5
+    (1e-6, True, "mlp"): "deit_base_distilled_patch16_224",
+    (1e-6, False, "swiglu_packed"): "vit_giant_patch14_dinov2",  # its MLP: SwiGLUPacked
 }
 
 
@@ -241,9 +243,9 @@ def timm_model_config(config: ViTConfig) -> dict[str, Any]:
     """What timm's config.json says about the architecture (`architecture`, `model_args`),
     so that `timm.create_model("local-dir:DIR", pretrained=True)` builds this model."""
     c = config
-    arch = TIMM_BASE_ARCHITECTURE.get((c.norm_eps, c.dist_token))
+    arch = TIMM_BASE_ARCHITECTURE.get((c.norm_eps, c.dist_token, c.mlp))
     refused = {
-        f"LayerNorm eps {c.norm_eps} with dist_token {c.dist_token}": arch is None,
+        f"LayerNorm eps {c.norm_eps} with dist_token {c.dist_token} and mlp {c.mlp}": arch is None,
         "sincos2d position embeddings (timm's are learned)": c.posemb != "learn",
         "a pre-logits layer": c.representation_size is not None,
         "a patch embedding bias that is not the opposite of norm_pre (timm ties them)": (
@@ -272,8 +274,9 @@ def timm_model_config(config: ViTConfig) -> dict[str, Any]:
         reg_tokens=c.reg_tokens,
         pre_norm=c.norm_pre,
         fc_norm=c.fc_norm,
+        final_norm=c.final_norm,
         global_pool={"cls": "token", "gap": "avg", "map": "map"}[c.pool],
-        act_layer=c.act,  # timm's names: gelu, gelu_tanh, quick_gelu
+        act_layer="silu" if c.mlp == "swiglu_packed" else c.act,  # timm's names
     )
     if c.dist_token:  # timm's distilled DeiT has its layout fixed
         args = {k: v for k, v in args.items() if k not in ("class_token", "reg_tokens")}

@@ -72,13 +72,22 @@ def activation(name: str) -> nn.Module:
 class MLP(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        # swiglu_packed: fc1 makes a value and a gate side by side, SiLU(value) * gate goes
+        # on (DINOv2 giant, as timm's SwiGLUPacked and HF's Dinov2SwiGLUFFN compute it)
+        self.gated = config.mlp == "swiglu_packed"
         self.fc1 = nn.Linear(config.dim, config.mlp_dim)
-        self.act = activation(config.act)
-        self.fc2 = nn.Linear(config.mlp_dim, config.dim)
+        self.act = nn.SiLU() if self.gated else activation(config.act)
+        self.fc2 = nn.Linear(config.mlp_dim // 2 if self.gated else config.mlp_dim, config.dim)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.fc1(x)
+        if self.gated:
+            value, gate = x.chunk(2, dim=-1)
+            x = self.act(value) * gate
+        else:
+            x = self.act(x)
+        return self.drop(self.fc2(self.drop(x)))
 
 
 class DropPath(nn.Module):
@@ -191,8 +200,9 @@ class ViT(nn.Module):
         self.norm_pre = norm_or_identity(c.norm_pre, c.dim, c.norm_eps)  # CLIP's ln_pre
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(Block(c, rate) for rate in rates)
-        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if not c.fc_norm else nn.Identity()
-        self.fc_norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.fc_norm else nn.Identity()
+        # the final norm: on every token, or (fc_norm) on the pooled one; none without it
+        self.norm = norm_or_identity(c.final_norm and not c.fc_norm, c.dim, c.norm_eps)
+        self.fc_norm = norm_or_identity(c.final_norm and c.fc_norm, c.dim, c.norm_eps)
         if c.pool == "map":
             self.attn_pool = MAPHead(c)
         if c.representation_size:

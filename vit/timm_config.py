@@ -65,17 +65,19 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
     if type(block) is Block:
         attn, mlp = block.attn, block.mlp
         act = getattr(mlp, "act", None)
+        packed = swiglu_packed(mlp)
         checks = {
             f"{type(attn).__name__} attention": type(attn) is not Attention,
-            f"{type(mlp).__name__} MLP (not timm's Mlp)": type(mlp) is not Mlp,
-            f"activation {act!r} (vitray has GELU, its tanh form and QuickGELU)": activation_of(act)
-            is None,
+            f"{type(mlp).__name__} MLP (not timm's Mlp or SwiGLUPacked)": type(mlp) is not Mlp
+            and not packed,
+            f"activation {act!r} (vitray has GELU, its tanh form and QuickGELU)": not packed
+            and activation_of(act) is None,
         }
         if type(attn) is Attention:
             checks["a norm after attention (scale_attn_norm)"] = not isinstance(
                 attn.norm, nn.Identity
             )
-        if type(mlp) is Mlp:
+        if type(mlp) is Mlp or packed:
             checks["a norm inside the MLP (scale_mlp_norm)"] = not isinstance(mlp.norm, nn.Identity)
         missing += [what for what, found in checks.items() if found]
     if model.global_pool == "map":
@@ -83,8 +85,13 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
         if model.attn_pool.num_heads != block.attn.num_heads:
             missing.append("an attention pool with other heads than the blocks'")
     fc_norm = isinstance(model.fc_norm, nn.LayerNorm)
-    if fc_norm == isinstance(model.norm, nn.LayerNorm):
-        missing.append("a final norm both before and after pooling, or neither")
+    if fc_norm and isinstance(model.norm, nn.LayerNorm):
+        missing.append("a final norm both before and after pooling")
+    final_norm = fc_norm or isinstance(model.norm, nn.LayerNorm)
+    for name in ("norm", "fc_norm"):
+        found = getattr(model, name)
+        if not isinstance(found, (nn.LayerNorm, nn.Identity)):
+            missing.append(f"a final {type(found).__name__} (vitray's is LayerNorm)")
     if missing:
         return refuse(arch, missing)
     return {
@@ -98,11 +105,20 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
         "reg_tokens": model.num_reg_tokens,
         "no_embed_class": model.no_embed_class,
         "norm_pre": not isinstance(model.norm_pre, nn.Identity),
-        "act": activation_of(block.mlp.act),
+        "act": "gelu" if swiglu_packed(block.mlp) else activation_of(block.mlp.act),
+        "mlp": "swiglu_packed" if swiglu_packed(block.mlp) else "mlp",
+        "final_norm": final_norm,
         "patch_bias": model.patch_embed.proj.bias is not None,
         "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
         "dist_token": type(model) is VisionTransformerDistilled,
     }
+
+
+def swiglu_packed(mlp: nn.Module) -> bool:
+    """timm's SwiGLUPacked (DINOv2 giant): a GluMlp gating SiLU(first half) * second half."""
+    from timm.layers import GluMlp
+
+    return type(mlp) is GluMlp and not mlp.gate_last and type(mlp.act) is nn.SiLU
 
 
 def activation_of(act: nn.Module | None) -> str | None:

@@ -25,6 +25,40 @@ def resolve_config(name: str, image_size: int | None, num_classes: int | None) -
     return config
 
 
+def family(c: ViTConfig) -> str:
+    """The ViT family a config's options make, and those options in words."""
+    if c.dist_token:
+        name = "distilled DeiT"
+    elif c.pool == "map":
+        name = "SigLIP image tower"
+    elif c.norm_pre:
+        name = "OpenAI CLIP image tower" if c.act == "quick_gelu" else "CLIP image tower"
+    elif c.layer_scale is not None and c.reg_tokens:
+        name = "DINOv2 with registers"
+    elif c.layer_scale is not None:
+        name = "DeiT III / DINOv2"
+    else:
+        name = "ViT (the paper's)"
+    words = {
+        f"layer scale (init {c.layer_scale:g})" if c.layer_scale is not None else "": True,
+        f"{c.reg_tokens} register tokens": c.reg_tokens > 0,
+        "a distillation token and head": c.dist_token,
+        "no class token": not c.class_token,
+        "position embeddings for the patches only": c.no_embed_class,
+        "a norm before the blocks": c.norm_pre,
+        f"{c.act} activation": c.act != "gelu",
+        "no patch embedding bias": not c.patch_bias,
+        "qk norm": c.qk_norm,
+        {
+            "cls": "class-token pooling",
+            "gap": "average pooling",
+            "map": "attention pooling (MAP head)",
+        }[c.pool]: True,  # fmt: skip
+        f"position embeddings resized as {c.posemb_interpolation} does": True,
+    }
+    return f"{name}: " + ", ".join(w for w, on in words.items() if w and on)
+
+
 def run(args: argparse.Namespace) -> None:
     config = resolve_config(args.model, args.image_size, args.num_classes)
     params = ViT(config).num_params()
@@ -35,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
         f"{config.patch_size}x{config.patch_size} ({config.num_patches} + "
         f"{config.num_prefix_tokens} tokens)"
     )
+    print(f"family: {family(config)}")
     print(f"parameters: {params / 1e6:.2f} M")
     print(f"forward GFLOPs at {h}x{w}: {forward_flops(config) / 1e9:.2f}")
 

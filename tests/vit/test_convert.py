@@ -338,7 +338,7 @@ def test_every_family_exports_to_timm_and_timm_builds_the_same_function(tmp_path
 def test_a_model_timm_cannot_hold_is_refused_before_anything_is_written(tmp_path):
     config = ViTConfig(image_size=32, patch_size=8, dim=32, depth=1, num_heads=4, norm_eps=1e-3)
     save_checkpoint(ViT(config), tmp_path / "ours")
-    with pytest.raises(ValueError, match="LayerNorm eps 0.001"):
+    with pytest.raises(ValueError, match="LayerNorm eps 0.001 with dist_token False and mlp mlp"):
         export_weights("timm", tmp_path / "ours", tmp_path / "timm-out")
     assert not (tmp_path / "timm-out" / "model.safetensors").exists()
 

@@ -37,6 +37,15 @@ FAMILIES = {
         IMAGENET_MEAN,
         Preprocessing("bicubic", 32 / 36, "center"),
     ),
+    "dinov2 giant": (  # its SwiGLU MLP
+        T.Dinov2Config(**SMALL, use_swiglu_ffn=True),
+        T.Dinov2Model,
+        T.BitImageProcessor(size={"shortest_edge": 36}, crop_size=CROP, resample=3,
+                            image_mean=IMAGENET_MEAN, image_std=(0.229, 0.224, 0.225)),
+        "pooler_output",
+        IMAGENET_MEAN,
+        Preprocessing("bicubic", 32 / 36, "center"),
+    ),
     "dinov2 with registers": (
         T.Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=4),
         T.Dinov2WithRegistersModel,
