@@ -266,4 +266,14 @@ VIT_FAMILIES = {  # ViTConfig options of the later ViTs, as each family has them
     "qk norm": dict(qk_norm=True, qkv_bias=False),
     "dinov2 giant": dict(layer_scale=1e-5, mlp="swiglu_packed"),
     "no final norm": dict(final_norm=False),
+    "beit3 sub-ln": dict(sub_norm=True),
+    "aimv2": dict(
+        norm="rmsnorm",
+        patch_norm=True,
+        proj_bias=False,
+        qkv_bias=False,
+        mlp="swiglu_packed",
+        class_token=False,
+        pool="gap",
+    ),  # fmt: skip
 }

@@ -74,7 +74,13 @@ class ViTConfig:
     qk_norm: bool = False  # a LayerNorm on each head's queries and keys
     dist_token: bool = False  # DeiT's distillation token and its own head (distilled DeiT)
     final_norm: bool = True  # False: no norm after the blocks (RADIO, InternViT)
-    mlp: str = "mlp"  # 'mlp' (paper) | 'swiglu_packed' (DINOv2 giant: SiLU(a) * b, one fc1)
+    norm: str = "layernorm"  # every norm's kind: 'layernorm' (paper) | 'rmsnorm' (AIMv2)
+    patch_norm: bool = False  # a norm on the patch embeddings (AIMv2)
+    proj_bias: bool = True  # False: attention's output projection and the MLP without bias
+    sub_norm: bool = False  # a norm inside each branch, before its output projection (BEiT-3)
+    # 'mlp' (paper) | 'swiglu_packed' (SiLU(a) * b with a and b from one fc1: DINOv2 giant;
+    # AIMv2's two projections are stacked into it)
+    mlp: str = "mlp"
     # how the weights' own source resizes the position embeddings at another size (the
     # presets of vit.resize): a model run at a new size answers as its source would
     posemb_interpolation: str = "timm"
@@ -102,6 +108,8 @@ class ViTConfig:
                 f"posemb_interpolation must be one of {POSEMB_INTERPOLATIONS}, "
                 f"got {self.posemb_interpolation!r}"
             )
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         if self.mlp not in ("mlp", "swiglu_packed"):
             raise ValueError(f"mlp must be 'mlp' or 'swiglu_packed', got {self.mlp!r}")
         if self.mlp == "swiglu_packed" and self.mlp_dim % 2:

@@ -226,7 +226,8 @@ def import_weights(fmt: str, src: Path, out: Path, **overrides: Any) -> ViT:
 
 # The options of later ViTs that Hugging Face's ViT and the paper's JAX layout do not have.
 LATER_VIT_OPTIONS = ("layer_scale", "reg_tokens", "no_embed_class", "norm_pre", "patch_bias",
-                     "qk_norm", "dist_token", "fc_norm")  # fmt: skip
+                     "qk_norm", "dist_token", "fc_norm", "final_norm", "mlp", "norm", "patch_norm",
+                     "proj_bias", "sub_norm")  # fmt: skip
 
 
 def paper_vit_only(config: ViTConfig, target: str) -> None:

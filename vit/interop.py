@@ -140,6 +140,9 @@ def infer_config(state: StateDict, **overrides: Any) -> ViTConfig:
         patch_bias="patch_embed.bias" in state,
         qk_norm="blocks.0.attn.q_norm.weight" in state,
         final_norm="norm.weight" in state or fc_norm,
+        patch_norm="patch_norm.weight" in state,
+        proj_bias="blocks.0.attn.proj.bias" in state,
+        sub_norm="blocks.0.attn.norm.weight" in state,
     )
     if "pre_logits.0.weight" in state:
         found["representation_size"] = state["pre_logits.0.weight"].shape[0]
@@ -172,6 +175,14 @@ def build_from_state(state: StateDict, **overrides: Any) -> ViT:
 def timm_to_vit(state: StateDict) -> StateDict:
     out = rename(state, TIMM_NAMES, reverse=True)
     out["patch_embed.weight"] = conv_to_linear(out["patch_embed.weight"])
+    # timm's SwiGLU (AIMv2) keeps the gate's and the value's projections apart: stacked,
+    # they are one packed projection, SiLU(gate) * value (ViTConfig's swiglu_packed)
+    for key in [k for k in out if ".mlp.fc1_g." in k]:
+        out[key.replace(".fc1_g.", ".fc1.")] = torch.cat(
+            [out.pop(key), out.pop(key.replace("_g.", "_x."))]
+        )
+    out.update({k.replace("patch_embed.norm.", "patch_norm."): out.pop(k)
+                for k in [k for k in out if k.startswith("patch_embed.norm.")]})  # fmt: skip
     return out
 
 
@@ -248,6 +259,9 @@ def timm_model_config(config: ViTConfig) -> dict[str, Any]:
         f"LayerNorm eps {c.norm_eps} with dist_token {c.dist_token} and mlp {c.mlp}": arch is None,
         "sincos2d position embeddings (timm's are learned)": c.posemb != "learn",
         "a pre-logits layer": c.representation_size is not None,
+        "RMSNorm, a patch-embedding norm or no projection biases (AIMv2's layout)": (
+            c.norm != "layernorm" or c.patch_norm or not c.proj_bias
+        ),
         "a patch embedding bias that is not the opposite of norm_pre (timm ties them)": (
             c.patch_bias == c.norm_pre
         ),
@@ -275,6 +289,8 @@ def timm_model_config(config: ViTConfig) -> dict[str, Any]:
         pre_norm=c.norm_pre,
         fc_norm=c.fc_norm,
         final_norm=c.final_norm,
+        scale_attn_norm=c.sub_norm,
+        scale_mlp_norm=c.sub_norm,
         global_pool={"cls": "token", "gap": "avg", "map": "map"}[c.pool],
         act_layer="silu" if c.mlp == "swiglu_packed" else c.act,  # timm's names
     )

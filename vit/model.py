@@ -19,8 +19,14 @@ from vit.patches import patchify
 from vit.resize import INTERPOLATION_PRESETS, resize_pos_embed
 
 
-def norm_or_identity(on: bool, dim: int, eps: float) -> nn.Module:
-    return nn.LayerNorm(dim, eps=eps) if on else nn.Identity()
+def make_norm(config: ViTConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm (LayerNorm, or AIMv2's RMSNorm) over `dim` (default: the width)."""
+    kind = nn.RMSNorm if config.norm == "rmsnorm" else nn.LayerNorm
+    return kind(dim or config.dim, eps=config.norm_eps)
+
+
+def norm_or_identity(on: bool, config: ViTConfig, dim: int | None = None) -> nn.Module:
+    return make_norm(config, dim) if on else nn.Identity()
 
 
 class Attention(nn.Module):
@@ -30,9 +36,10 @@ class Attention(nn.Module):
         head_dim = config.dim // config.num_heads
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=config.qkv_bias)
         # qk_norm: each head's queries and keys layer-normalised (ViT-22B), else Identity
-        self.q_norm = norm_or_identity(config.qk_norm, head_dim, config.norm_eps)
-        self.k_norm = norm_or_identity(config.qk_norm, head_dim, config.norm_eps)
-        self.proj = nn.Linear(config.dim, config.dim)
+        self.q_norm = norm_or_identity(config.qk_norm, config, head_dim)
+        self.k_norm = norm_or_identity(config.qk_norm, config, head_dim)
+        self.norm = norm_or_identity(config.sub_norm, config)  # sub-LN: before the projection
+        self.proj = nn.Linear(config.dim, config.dim, bias=config.proj_bias)
         self.attn_dropout = config.attn_dropout
         self.proj_drop = nn.Dropout(config.dropout)
 
@@ -50,7 +57,7 @@ class Attention(nn.Module):
         else:
             p = self.attn_dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        y = y.transpose(1, 2).reshape(b, n, d)
+        y = self.norm(y.transpose(1, 2).reshape(b, n, d))
         return self.proj_drop(self.proj(y)), weights
 
 
@@ -75,9 +82,11 @@ class MLP(nn.Module):
         # swiglu_packed: fc1 makes a value and a gate side by side, SiLU(value) * gate goes
         # on (DINOv2 giant, as timm's SwiGLUPacked and HF's Dinov2SwiGLUFFN compute it)
         self.gated = config.mlp == "swiglu_packed"
-        self.fc1 = nn.Linear(config.dim, config.mlp_dim)
+        hidden = config.mlp_dim // 2 if self.gated else config.mlp_dim
+        self.fc1 = nn.Linear(config.dim, config.mlp_dim, bias=config.proj_bias)
         self.act = nn.SiLU() if self.gated else activation(config.act)
-        self.fc2 = nn.Linear(config.mlp_dim // 2 if self.gated else config.mlp_dim, config.dim)
+        self.norm = norm_or_identity(config.sub_norm, config, hidden)  # sub-LN: before fc2
+        self.fc2 = nn.Linear(hidden, config.dim, bias=config.proj_bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +96,7 @@ class MLP(nn.Module):
             x = self.act(value) * gate
         else:
             x = self.act(x)
-        return self.drop(self.fc2(self.drop(x)))
+        return self.drop(self.fc2(self.norm(self.drop(x))))
 
 
 class DropPath(nn.Module):
@@ -121,9 +130,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ViTConfig, drop_path: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.norm1 = make_norm(config)
         self.attn = Attention(config)
-        self.norm2 = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.norm2 = make_norm(config)
         self.mlp = MLP(config)
         self.drop_path = DropPath(drop_path)
         scaled = config.layer_scale is not None  # layer scale: each branch times its gammas
@@ -151,7 +160,7 @@ class MAPHead(nn.Module):
         self.q = nn.Linear(d, d)
         self.kv = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d, eps=config.norm_eps)
+        self.norm = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +195,7 @@ class ViT(nn.Module):
         self.config = config
         c = config
         self.patch_embed = nn.Linear(c.patch_dim, c.dim, bias=c.patch_bias)  # E, per patch
+        self.patch_norm = norm_or_identity(c.patch_norm, c)  # AIMv2: E's output normalised
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.class_token else None
         # distilled DeiT: a second token after the class token, read by its own head
         self.dist_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.dist_token else None
@@ -197,12 +207,12 @@ class ViT(nn.Module):
         else:
             self.register_buffer("pos_embed", self._sincos(c.grid_size), persistent=False)
         self.pos_drop = nn.Dropout(c.dropout)
-        self.norm_pre = norm_or_identity(c.norm_pre, c.dim, c.norm_eps)  # CLIP's ln_pre
+        self.norm_pre = norm_or_identity(c.norm_pre, c)  # CLIP's ln_pre
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()
         self.blocks = nn.ModuleList(Block(c, rate) for rate in rates)
         # the final norm: on every token, or (fc_norm) on the pooled one; none without it
-        self.norm = norm_or_identity(c.final_norm and not c.fc_norm, c.dim, c.norm_eps)
-        self.fc_norm = norm_or_identity(c.final_norm and c.fc_norm, c.dim, c.norm_eps)
+        self.norm = norm_or_identity(c.final_norm and not c.fc_norm, c)
+        self.fc_norm = norm_or_identity(c.final_norm and c.fc_norm, c)
         if c.pool == "map":
             self.attn_pool = MAPHead(c)
         if c.representation_size:
@@ -230,6 +240,8 @@ class ViT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
             elif isinstance(module, LayerScale):
                 nn.init.constant_(module.gamma, module.init)
         # the paper's JAX code: a patch-embedding conv with Flax's default lecun_normal init
@@ -293,7 +305,7 @@ class ViT(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with their position embeddings, after the prefix tokens."""
         patches, grid = self.to_patches(x)
-        x = self.patch_embed(patches)  # (B, N, D)
+        x = self.patch_norm(self.patch_embed(patches))  # (B, N, D)
         tokens = (self.cls_token, self.dist_token, self.reg_token)
         prefix = [t.expand(x.shape[0], -1, -1).to(x.dtype) for t in tokens if t is not None]
         if self.config.no_embed_class:  # the patches alone are embedded, then prefixed

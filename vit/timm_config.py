@@ -42,7 +42,7 @@ def timm_architecture(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
     """The fields of a timm VisionTransformer that vitray's ViT reproduces exactly."""
-    from timm.layers import Mlp, PatchEmbed
+    from timm.layers import PatchEmbed
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
@@ -57,41 +57,39 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
         "no position embedding": model.pos_embed is None,
         f"global_pool {model.global_pool!r} (vitray pools by token, avg or map)": model.global_pool
         not in ("token", "avg", "map"),
-        "a norm in the patch embedding": not isinstance(model.patch_embed.norm, nn.Identity),
         "pooling over the prefix tokens too (pool_include_prefix)": model.pool_include_prefix,
         f"{type(block).__name__} blocks (not timm's Block)": type(block) is not Block,
     }
     missing += [what for what, found in checks.items() if found]
+    kinds = {norm_kind(n) for n in norms_of(model)}
+    if len(kinds) != 1 or None in kinds:
+        names = sorted({type(n).__name__ for n in norms_of(model)})
+        missing.append(f"norms of kinds {names} (vitray's are all LayerNorm or all RMSNorm)")
     if type(block) is Block:
         attn, mlp = block.attn, block.mlp
         act = getattr(mlp, "act", None)
-        packed = swiglu_packed(mlp)
+        gated = mlp_kind(mlp) == "swiglu_packed"
         checks = {
             f"{type(attn).__name__} attention": type(attn) is not Attention,
-            f"{type(mlp).__name__} MLP (not timm's Mlp or SwiGLUPacked)": type(mlp) is not Mlp
-            and not packed,
-            f"activation {act!r} (vitray has GELU, its tanh form and QuickGELU)": not packed
+            f"{type(mlp).__name__} MLP (not timm's Mlp, SwiGLU or SwiGLUPacked)": mlp_kind(mlp)
+            is None,
+            f"activation {act!r} (vitray has GELU, its tanh form and QuickGELU)": not gated
             and activation_of(act) is None,
+            "biases on attention's output projection but not the MLP's, or the reverse": (
+                biased(attn, "proj") != biased(mlp, "fc2")
+            ),
         }
-        if type(attn) is Attention:
-            checks["a norm after attention (scale_attn_norm)"] = not isinstance(
-                attn.norm, nn.Identity
-            )
-        if type(mlp) is Mlp or packed:
-            checks["a norm inside the MLP (scale_mlp_norm)"] = not isinstance(mlp.norm, nn.Identity)
+        checks["a norm after attention or inside the MLP, not both (sub-LN)"] = (
+            sub_norms(block) is None
+        )
         missing += [what for what, found in checks.items() if found]
     if model.global_pool == "map":
         missing += map_head_differences(model.attn_pool)
         if model.attn_pool.num_heads != block.attn.num_heads:
             missing.append("an attention pool with other heads than the blocks'")
-    fc_norm = isinstance(model.fc_norm, nn.LayerNorm)
-    if fc_norm and isinstance(model.norm, nn.LayerNorm):
+    fc_norm = not isinstance(model.fc_norm, nn.Identity)
+    if fc_norm and not isinstance(model.norm, nn.Identity):
         missing.append("a final norm both before and after pooling")
-    final_norm = fc_norm or isinstance(model.norm, nn.LayerNorm)
-    for name in ("norm", "fc_norm"):
-        found = getattr(model, name)
-        if not isinstance(found, (nn.LayerNorm, nn.Identity)):
-            missing.append(f"a final {type(found).__name__} (vitray's is LayerNorm)")
     if missing:
         return refuse(arch, missing)
     return {
@@ -101,24 +99,67 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
         "pool": {"token": "cls", "avg": "gap", "map": "map"}[model.global_pool],
         "fc_norm": fc_norm,
         "norm_eps": block.norm1.eps,
+        "norm": norm_kind(block.norm1),
         "layer_scale": block.ls1.init_values if not isinstance(block.ls1, nn.Identity) else None,
         "reg_tokens": model.num_reg_tokens,
         "no_embed_class": model.no_embed_class,
         "norm_pre": not isinstance(model.norm_pre, nn.Identity),
-        "act": "gelu" if swiglu_packed(block.mlp) else activation_of(block.mlp.act),
-        "mlp": "swiglu_packed" if swiglu_packed(block.mlp) else "mlp",
-        "final_norm": final_norm,
+        "act": "gelu" if mlp_kind(block.mlp) == "swiglu_packed" else activation_of(block.mlp.act),
+        "mlp": mlp_kind(block.mlp),
+        "final_norm": fc_norm or not isinstance(model.norm, nn.Identity),
+        "patch_norm": not isinstance(model.patch_embed.norm, nn.Identity),
         "patch_bias": model.patch_embed.proj.bias is not None,
+        "proj_bias": block.attn.proj.bias is not None,
         "qk_norm": not isinstance(block.attn.q_norm, nn.Identity),
+        "sub_norm": sub_norms(block),
         "dist_token": type(model) is VisionTransformerDistilled,
     }
 
 
-def swiglu_packed(mlp: nn.Module) -> bool:
-    """timm's SwiGLUPacked (DINOv2 giant): a GluMlp gating SiLU(first half) * second half."""
-    from timm.layers import GluMlp
+def sub_norms(block: nn.Module) -> bool | None:
+    """BEiT-3's sub-LN (a norm after attention and one inside the MLP): True, False, or
+    None for one of the two alone."""
+    inside = [getattr(block.attn, "norm", None), getattr(block.mlp, "norm", None)]
+    found = {n is not None and not isinstance(n, nn.Identity) for n in inside}
+    return found.pop() if len(found) == 1 else None
 
-    return type(mlp) is GluMlp and not mlp.gate_last and type(mlp.act) is nn.SiLU
+
+def biased(module: nn.Module, linear: str) -> bool | None:
+    """Whether `module.<linear>` has a bias (None: no such layer)."""
+    layer = getattr(module, linear, None)
+    return None if layer is None else layer.bias is not None
+
+
+def norms_of(model: nn.Module) -> list[nn.Module]:
+    """Every norm a timm ViT uses (those it has), which vitray builds of one kind."""
+    block = model.blocks[0]
+    attn = getattr(block, "attn", None)
+    found = [getattr(block, "norm1", None), getattr(block, "norm2", None), model.norm]
+    found += [model.fc_norm, model.norm_pre, model.patch_embed.norm]
+    found += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+    return [n for n in found if n is not None and not isinstance(n, nn.Identity)]
+
+
+def norm_kind(norm: nn.Module) -> str | None:
+    """ViTConfig's name for a timm norm module; None for one vitray lacks."""
+    from timm.layers import LayerNorm, RmsNorm
+
+    kinds = {nn.LayerNorm: "layernorm", LayerNorm: "layernorm", RmsNorm: "rmsnorm"}
+    return kinds.get(type(norm))
+
+
+def mlp_kind(mlp: nn.Module) -> str | None:
+    """ViTConfig's `mlp` for a timm MLP: the paper's, or a SwiGLU (timm's SwiGLU, whose two
+    projections the converter stacks, or SwiGLUPacked); None for one vitray lacks."""
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    if type(mlp) is Mlp:
+        return "mlp"
+    if type(mlp) is GluMlp and not mlp.gate_last and type(mlp.act) is nn.SiLU:
+        return "swiglu_packed"
+    if type(mlp) is SwiGLU and type(mlp.act) is nn.SiLU:
+        return "swiglu_packed"
+    return None
 
 
 def activation_of(act: nn.Module | None) -> str | None:
