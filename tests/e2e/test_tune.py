@@ -191,3 +191,40 @@ def test_watchdog_names_a_stalled_trial_and_stops_the_search(
     path = search_config(tmp_path, digits_dir / "digits", mlflow_server, "stall", stall_timeout_s=1)
     with pytest.raises(SearchStopped, match=r"trial \w+ .*reported nothing for"):
         tracked_search(load_config(path))
+
+
+@pytest.mark.parametrize(
+    "arch, layout",
+    [
+        ("vit_base_patch16_clip_quickgelu_224", {"norm_pre": True, "act": "quick_gelu"}),
+        ("vit_small_patch14_reg4_dinov2", {"reg_tokens": 4, "no_embed_class": True}),
+    ],
+)
+def test_a_search_fine_tunes_a_later_vit_from_timm_at_twice_its_size_and_registers_it(
+    ray_local, digits_dir, mlflow_server, tmp_path, arch, layout
+):
+    """The towers people start from, through the whole path: timm writes a tiny CLIP or
+    DINOv2-with-registers model (random weights), `init.checkpoint=timm:DIR` converts it,
+    the search fine-tunes it on digits at 32 px from 16 (its grid 4x4 -> 8x8, prefix tokens
+    kept out of the interpolation) and registers the pick, which loads with its layout."""
+    import timm
+    from mlflow import MlflowClient
+    from timm.models._hub import save_for_hf
+
+    from jobs.tracking.checkpoints import load_any
+
+    tower = timm.create_model(arch, pretrained=False, img_size=16, patch_size=4, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=0)  # fmt: skip
+    save_for_hf(tower, tmp_path / "tower", safe_serialization=True)
+    path = search_config(
+        tmp_path, digits_dir / "digits", mlflow_server, f"tower-{arch}", epochs=1,
+        num_samples=1, scheduler="fifo", register_as=f"tower-{arch}",
+    )  # fmt: skip
+    cfg = load_config(path, ["model.preset=null", f"init.checkpoint=timm:{tmp_path / 'tower'}",
+                             "data.image_size=32"])  # fmt: skip
+    outcome = tracked_search(cfg)
+    version = MlflowClient(mlflow_server).get_model_version_by_alias(f"tower-{arch}", "champion")
+    assert version.version == outcome.registered.version
+    tuned = load_any(f"models:/tower-{arch}@champion", mlflow_server)
+    assert tuned.config.grid_size == (8, 8) and tuned.config.num_classes == 10
+    assert {k: getattr(tuned.config, k) for k in layout} == layout

@@ -3,6 +3,7 @@ one image tag, request the GPUs their configs need, hold no secrets, require aut
 admit only what they must, and chain pretraining's registered model into the fine-tunes."""
 
 import base64
+import json
 import os
 import re
 import shlex
@@ -523,3 +524,17 @@ def test_the_k8s_mlflow_command_refuses_strangers_and_serves_its_clients(tmp_pat
         assert status("localhost:5000", *admin) == 200  # through kubectl port-forward
     finally:
         stop_group(proc)
+
+
+def test_the_launcher_config_validates_against_rays_own_schema():
+    """Ray's `ray-schema.json` (the one `ray up` checks with), strict where Ray is: a key
+    Ray does not know fails here, not on the user's first `ray up`."""
+    import jsonschema
+    import ray
+
+    schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    (launcher,) = documents(INFRA / "cluster-launcher" / "aws-gpu.yaml")
+    jsonschema.validate(launcher, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**launcher, "max_wrokers": 8}, schema)  # a misspelt key
