@@ -13,7 +13,6 @@ a layout not covered here fails, it never loads partly.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from vit.checkpoint import load_state_dict_checked
 from vit.config import ViTConfig
-from vit.interop import conv_to_linear, infer_config, rename
+from vit.interop import conv_to_linear, fuse_qkv, infer_config, rename
 from vit.model import ViT
 
 StateDict = dict[str, torch.Tensor]
@@ -213,17 +212,6 @@ def family_of(cfg: dict[str, Any]) -> Family | None:
             f"{' or '.join(family.architectures)}; save that model instead"
         )
     return family
-
-
-def fuse_qkv(state: StateDict) -> StateDict:
-    qkv = re.compile(r"blocks\.(\d+)\.attn\.([qkv])\.(\w+)$")
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key in [k for k in state if qkv.match(k)]:
-        i, which, w = qkv.match(key).groups()
-        parts.setdefault((i, w), {})[which] = state.pop(key)
-    for (i, w), p in parts.items():
-        state[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([p["q"], p["k"], p["v"]])
-    return state
 
 
 def from_hf_family(state: StateDict, cfg: dict[str, Any], family: Family, **overrides: Any) -> ViT:

@@ -44,6 +44,13 @@ HF_NAMES = [
     ("norm.{w}", "vit.layernorm.{w}"),
     ("head.{w}", "classifier.{w}"),
 ]
+HF_QKV_NAMES = [  # read only: fused by fuse_qkv, split again by vit_to_hf
+    (
+        f"blocks.{{i}}.attn.{ours}.{{w}}",
+        f"vit.encoder.layer.{{i}}.attention.attention.{theirs}.{{w}}",
+    )
+    for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value"))
+]
 # transformers >= 5 renames the modules in memory (`model.state_dict()`), not in files.
 HF_MEMORY_TO_FILE_NAMES = [
     ("vit.layers.{i}.attention.q_proj.{w}", "vit.encoder.layer.{i}.attention.attention.query.{w}"),
@@ -307,16 +314,22 @@ def hf_to_vit(state: StateDict) -> StateDict:
     if not any(k.startswith("vit.") for k in state):  # a bare ViTModel
         state = {f"vit.{k}": v for k, v in state.items()}
     state = rename(state, HF_MEMORY_TO_FILE_NAMES)
-    out = rename(state, HF_NAMES, reverse=True)
+    out = rename(state, HF_NAMES + HF_QKV_NAMES, reverse=True)
     out["patch_embed.weight"] = conv_to_linear(out["patch_embed.weight"])
-    qkv = re.compile(r"vit\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(\w+)$")
+    return fuse_qkv(out)
+
+
+def fuse_qkv(state: StateDict) -> StateDict:
+    """Separate query, key and value projections (`blocks.i.attn.q.*`, `.k.*`, `.v.*`, as
+    the Hugging Face layouts keep them) fused into our `qkv`, in that order."""
+    qkv = re.compile(r"blocks\.(\d+)\.attn\.([qkv])\.(\w+)$")
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key in [k for k in out if qkv.match(k)]:
+    for key in [k for k in state if qkv.match(k)]:
         i, which, w = qkv.match(key).groups()
-        parts.setdefault((i, w), {})[which] = out.pop(key)
+        parts.setdefault((i, w), {})[which] = state.pop(key)
     for (i, w), p in parts.items():
-        out[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([p["query"], p["key"], p["value"]])
-    return out
+        state[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([p["q"], p["k"], p["v"]])
+    return state
 
 
 def vit_to_hf(state: StateDict, in_chans: int = 3) -> StateDict:

@@ -25,14 +25,20 @@ SMALL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
 )
 CROP = {"height": 32, "width": 32}
+DINOV2_PROCESSOR = T.BitImageProcessor(  # DINOv2's: resize to 256, crop 224 (here 36, 32)
+    size={"shortest_edge": 36},
+    crop_size=CROP,
+    resample=3,
+    image_mean=IMAGENET_MEAN,
+    image_std=(0.229, 0.224, 0.225),
+)
 
 # family: (config, model class, processor, output read, mean and preprocessing declared)
 FAMILIES = {
     "dinov2": (
         T.Dinov2Config(**SMALL, mlp_ratio=2),
         T.Dinov2Model,
-        T.BitImageProcessor(size={"shortest_edge": 36}, crop_size=CROP, resample=3,
-                            image_mean=IMAGENET_MEAN, image_std=(0.229, 0.224, 0.225)),
+        DINOV2_PROCESSOR,
         "pooler_output",
         IMAGENET_MEAN,
         Preprocessing("bicubic", 32 / 36, "center"),
@@ -40,8 +46,7 @@ FAMILIES = {
     "dinov2 giant": (  # its SwiGLU MLP
         T.Dinov2Config(**SMALL, use_swiglu_ffn=True),
         T.Dinov2Model,
-        T.BitImageProcessor(size={"shortest_edge": 36}, crop_size=CROP, resample=3,
-                            image_mean=IMAGENET_MEAN, image_std=(0.229, 0.224, 0.225)),
+        DINOV2_PROCESSOR,
         "pooler_output",
         IMAGENET_MEAN,
         Preprocessing("bicubic", 32 / 36, "center"),
@@ -49,8 +54,7 @@ FAMILIES = {
     "dinov2 with registers": (
         T.Dinov2WithRegistersConfig(**SMALL, mlp_ratio=2, num_register_tokens=4),
         T.Dinov2WithRegistersModel,
-        T.BitImageProcessor(size={"shortest_edge": 36}, crop_size=CROP, resample=3,
-                            image_mean=IMAGENET_MEAN, image_std=(0.229, 0.224, 0.225)),
+        DINOV2_PROCESSOR,
         "pooler_output",
         IMAGENET_MEAN,
         Preprocessing("bicubic", 32 / 36, "center"),
