@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from jobs.cluster.raynode import quiet_ray_notices
 from jobs.secrets import mask_process_output
 
 # name -> (module, help, description). Each module under jobs/commands defines
@@ -152,14 +153,25 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+CPP_LOG_LINE = r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \w+\.cc:\d+:"
+
+
 def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in logs as they come
     mask_process_output()  # before any handler holds the streams: no password printed
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_ray_notices()
     # Before any command imports Ray Data, which reads it once: no "Dataset ... execution
     # finished" INFO line between the progress lines each time a dataset runs here.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    # Ray's C++ log lines from worker processes stay in the session logs, off the console
+    # (a Ray Train run printed an ERROR about its own PreemptionWatcher's arguments); errors
+    # that reach Python still show
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", CPP_LOG_LINE)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # \r bars in logs
+    # MLflow's INFO lines (database tables, system-metrics monitors, input validation):
+    # read when MLflow configures its logger on import, after this
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     # MLflow prints a run's URL each time a run ends, with the credentials of the tracking
     # URI in it; the commands print the run's URL themselves, the password masked.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

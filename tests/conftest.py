@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from jobs.bench.s3server import moto_server
-from jobs.cluster.raynode import MASK_HOOK, node_env
+from jobs.cluster.raynode import SETUP_HOOK, node_env
 from jobs.config import CONFIGS
 
 from helpers import (
@@ -60,8 +60,8 @@ def ray_local():
     """One real local Ray for the session, 2 CPUs, no dashboard."""
     import ray
 
-    # its workers mask passwords as those of every Ray vitray joins or starts do
-    hook = {"worker_process_setup_hook": MASK_HOOK}
+    # its workers set up (masked, quiet) as those of every Ray vitray joins or starts are
+    hook = {"worker_process_setup_hook": SETUP_HOOK}
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=hook
     )

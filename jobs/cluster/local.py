@@ -60,10 +60,12 @@ def save_state(state_dir: Path, state: dict[str, Any]) -> None:
 
 def identity(pid: int) -> dict[str, Any]:
     """What tells this process from a later one given the same pid. A process that has just
-    been started reads an empty command line for a moment, until its exec completes."""
-    proc = psutil.Process(pid)
-    deadline = time.monotonic() + 5
-    while not (cmdline := proc.cmdline()) and time.monotonic() < deadline:
+    been started reads an empty command line for a moment, and then, until its exec
+    completes, ours (it is a fork of this process): recorded then, `down` took the process
+    for another one later and left it running."""
+    proc, own = psutil.Process(pid), psutil.Process().cmdline()
+    deadline = time.monotonic() + 30
+    while (cmdline := proc.cmdline()) in ([], own) and time.monotonic() < deadline:
         time.sleep(0.01)
     return {"pid": pid, "create_time": proc.create_time(), "cmdline": cmdline}
 

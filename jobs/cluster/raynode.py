@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+
+from jobs.secrets import mask_process_output
 
 
 def node_env(cpus: int | None = None) -> dict[str, str]:
@@ -26,7 +30,32 @@ def node_env(cpus: int | None = None) -> dict[str, str]:
     }
 
 
-MASK_HOOK = "jobs.secrets.mask_process_output"
+SETUP_HOOK = "jobs.cluster.raynode.setup_worker"  # every worker of a Ray vitray runs on
+
+# Ray's notices that a vitray user cannot act on, in every vitray process: token auth is
+# vitray's own choice; the progress bars are off because jobs print their own progress
+# lines; Tune says where it wrote its state after every search. Ray's warnings still show.
+RAY_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.data._internal.progress": logging.ERROR,
+    "ray.tune.tune": logging.WARNING,
+}
+
+
+def quiet_ray_notices() -> None:
+    """RAY_NOTICES' loggers turned down, and the deprecation warnings that Ray's own
+    internals raise against Ray's own APIs (Ray Data's in Ray Train, each run) dropped."""
+    for name, level in RAY_NOTICES.items():
+        logging.getLogger(name).setLevel(level)
+    # (by module, not RayDeprecationWarning itself: importing Ray here would slow every command)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+
+
+def setup_worker() -> None:
+    """Ray's `worker_process_setup_hook`: a worker's output masked (jobs.secrets) and quiet
+    as the driver's."""
+    mask_process_output()
+    quiet_ray_notices()
 
 
 def set_node_env(cpus: int | None = None) -> None:
@@ -51,5 +80,5 @@ def ensure_ray() -> None:
     # The job's workers, on every node, mask passwords too: their output reaches the
     # console and Ray's logs. Inside a submitted job, Ray merges this into the job's own
     # runtime_env (which sets no hook: a key set twice would be a conflict).
-    runtime_env = {"worker_process_setup_hook": MASK_HOOK}
+    runtime_env = {"worker_process_setup_hook": SETUP_HOOK}
     ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)

@@ -196,9 +196,9 @@ def epoch_batches(runner: Runner, cfg: JobConfig) -> Iterator[dict[str, torch.Te
     )
 
 
-# Gradients live in DDP's buckets (no copy per step); no buffer broadcast before each
-# forward: the model's buffers (normalisation constants, fixed sincos embeddings) never change.
-DDP_OPTIONS = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+# Gradients live in DDP's buckets (no copy per step); no buffer sync before each forward:
+# the model's buffers (normalisation constants, fixed sincos embeddings) never change.
+DDP_OPTIONS = {"gradient_as_bucket_view": True, "forward_sync_buffers": False}
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

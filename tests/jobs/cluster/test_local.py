@@ -68,3 +68,17 @@ def test_down_never_signals_a_process_that_took_a_recorded_pid(tmp_path, capsys)
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_process_is_recorded_by_the_command_it_execs_not_the_fork_before():
+    """Between fork and exec a child shows its parent's command line: recorded then (a
+    loaded machine makes the window long), `down` later took it for another process and
+    left the cluster running."""
+    import time
+
+    child = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: time.sleep(0.5))
+    try:
+        assert identity(child.pid)["cmdline"] == ["sleep", "30"]
+    finally:
+        child.kill()
+        child.wait()

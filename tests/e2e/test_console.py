@@ -1,0 +1,44 @@
+"""What a person sees: `vitray demo` (shortened to 2 epochs and 2 trials) prints vitray's
+own lines, Tune's status tables and warnings a user can act on, and none of the notices of
+Ray's and MLflow's internals that it printed before (docs/benchmarks.md counts the lines of
+the whole demo)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Seen in the demo's console before, none actionable by its user.
+NOISE = {
+    "Ray Data's progress-bar notice": "Progress bars disabled",
+    "Ray's deprecation warnings against its own APIs": "RayDeprecationWarning",
+    "a FutureWarning from DDP's arguments": "FutureWarning",
+    "Tune's snapshot warning": "snapshotting has been triggered",
+    "MLflow's type-hint advice": "Add type hints",
+    "MLflow's INFO lines": "INFO mlflow",
+    "Ray's token-auth notice": "Token authentication is enabled",
+    "Tune's state-written INFO line": "Wrote the latest version of all result files",
+    "Ray's C++ log lines": "core_worker.cc",
+    "a traceback": "Traceback (most recent call last)",
+}
+
+
+def test_the_demo_console_is_vitrays_lines_and_tunes_tables(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env |= {"RAY_DISABLE_USAGE_STATS": "1", "VITRAY_DATA": str(tmp_path / "data")}
+    demo = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "demo", "--set", "train.epochs=2",
+         "--set", "tune.num_samples=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    console = re.sub(r"\x1b\[[0-9;]*m", "", demo.stdout + demo.stderr)
+    assert demo.returncode == 0, console[-4000:]
+    seen = {what: text for what, text in NOISE.items() if text in console}
+    assert seen == {}, console
+    assert "vitray demo finished" in console and "Trial status:" in console
