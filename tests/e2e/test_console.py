@@ -25,7 +25,6 @@ NOISE = {
     "Ray's token-auth notice": "Token authentication is enabled",
     "Tune's state-written INFO line": "Wrote the latest version of all result files",
     "Ray's C++ log lines": "core_worker.cc",
-    "a traceback": "Traceback (most recent call last)",
 }
 
 

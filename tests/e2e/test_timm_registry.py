@@ -71,7 +71,10 @@ def test_timm_architecture_converts_exactly_or_is_refused(tmp_path: Path, name: 
     pixels = (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
     with torch.no_grad():
         expected, got = theirs(pixels), ours(patchify(images, patch))
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+    # within 1e-5 of the logits' scale: wide models (the giants, 1,536 wide) sum in another
+    # order than timm does, and random weights give logits of any size
+    scale = float(expected.abs().max().clamp(min=1.0))
+    assert torch.allclose(got, expected, atol=1e-5 * scale, rtol=1e-4), (got - expected).abs().max()
 
 
 def test_the_registry_tally_covers_the_families_people_fine_tune_from(capsys):
