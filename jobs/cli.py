@@ -153,6 +153,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+PROGRESS_LINE = r"\bstep \d+/\d+ epoch \d"  # jobs.training.report's
 CPP_LOG_LINE = r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \w+\.cc:\d+:"
 
 
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     # (a Ray Train run printed an ERROR about its own PreemptionWatcher's arguments); errors
     # that reach Python still show
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", CPP_LOG_LINE)
+    # Every trial's progress line shows, each its own: Ray would fold two trials' lines into
+    # "[repeated 9x across cluster]" with a notice about its deduplication
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINE)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # \r bars in logs
     # MLflow's INFO lines (database tables, system-metrics monitors, input validation):
     # read when MLflow configures its logger on import, after this

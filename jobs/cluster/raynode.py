@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from typing import Any
 
 from jobs.secrets import mask_process_output
 
@@ -53,9 +55,23 @@ def quiet_ray_notices() -> None:
 
 def setup_worker() -> None:
     """Ray's `worker_process_setup_hook`: a worker's output masked (jobs.secrets) and quiet
-    as the driver's."""
+    as the driver's, and the worker bound to its own Ray: Ray Train's placement-group
+    cleaner asks Ray's state API for "the" cluster, which fails with a traceback when a
+    second Ray runs on the machine (two local runs) unless RAY_ADDRESS names it."""
+    import ray
+
     mask_process_output()
     quiet_ray_notices()
+    sys.unraisablehook = quiet_exit_in_finalizers
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def quiet_exit_in_finalizers(unraisable: Any) -> None:
+    """Python's default report of an exception a finalizer raised, but for SystemExit: Ray
+    stops a worker on SIGTERM by raising it, and when that lands in a weakref callback Python
+    prints its traceback as "Exception ignored in", at random, on the user's console."""
+    if not isinstance(unraisable.exc_value, SystemExit):
+        sys.__unraisablehook__(unraisable)
 
 
 def set_node_env(cpus: int | None = None) -> None:

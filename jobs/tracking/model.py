@@ -101,13 +101,30 @@ def register_vit_model(
 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    version = registered_from(client, model_uri, name) or mlflow.register_model(
-        model_uri, name, tags=tags
-    )
+    version = registered_from(client, model_uri, name)
+    if version is None:
+        # The client's calls, not mlflow.register_model: that one prints its own lines
+        # ("Successfully registered model ...") under vitray's
+        ensure_registered_model(client, name)
+        version = client.create_model_version(
+            name, model_uri, tags=tags, model_id=model_uri.removeprefix("models:/")
+        )
     client.update_model_version(version.name, version.version, description=description)
     client.set_registered_model_alias(name, alias, version.version)
     print(f"registered models:/{version.name}/{version.version} as @{alias}", flush=True)
     return version
+
+
+def ensure_registered_model(client: Any, name: str) -> None:
+    """Create `name` in the registry unless it is there (asked by creating it: a name may
+    hold quotes, which MLflow's filter grammar cannot escape)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
 
 
 def registered_from(client: Any, model_uri: str, name: str) -> ModelVersion | None:

@@ -20,7 +20,7 @@ import pytest
 
 from jobs.config import CONFIGS
 
-from helpers import ROOT
+from helpers import ROOT, files_holding
 
 pytestmark = pytest.mark.slow
 
@@ -176,9 +176,12 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(
     local_cluster, digits_dir, tmp_path, monkeypatch
 ):
     """Submitted from the user's own directory, with the user's own config file; the job
-    logs to MLflow with the client's credentials, which no output shows."""
+    logs to MLflow with the password in its tracking URI, which neither the console nor
+    any node's Ray logs (its workers' output among them) show."""
     from mlflow import MlflowClient
 
+    password = local_cluster["mlflow_env"]["MLFLOW_TRACKING_PASSWORD"]
+    with_password = local_cluster["mlflow"].replace("://", f"://admin:{password}@")
     shutil.copy(CONFIGS / "demo-pretrain.yaml", tmp_path / "my.yaml")
     run = vitray(
         "submit", "--address", local_cluster["dashboard"], "--",
@@ -188,14 +191,16 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(
         "--set", "scaling.placement_strategy=SPREAD",
         "--set", "data.cpus_per_task=0.25",
         "--set", f"run.storage_path={tmp_path / 'runs'}",
-        "--set", f"mlflow.tracking_uri={local_cluster['mlflow']}",
+        "--set", f"mlflow.tracking_uri={with_password}",
         "--set", "mlflow.experiment=cluster-test",
         cwd=tmp_path,
         **local_cluster["env"],
-        **local_cluster["mlflow_env"],
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert local_cluster["mlflow_env"]["MLFLOW_TRACKING_PASSWORD"] not in run.stdout + run.stderr
+    assert password not in run.stdout + run.stderr
+    node_logs = [Path(temp) / "session_latest" / "logs" for temp in local_cluster["temp_dirs"]]
+    assert all(logs.is_dir() for logs in node_logs)
+    assert [f for logs in node_logs for f in files_holding(password, logs)] == []
     assert "SUCCEEDED" in run.stdout and run.stdout.count("step 10/10") == 1  # printed once
     assert "Reporting training result" not in run.stdout  # Ray Train's per-report INFO lines
     assert "Execution plan of Dataset" not in run.stdout  # Ray Data's lines per epoch

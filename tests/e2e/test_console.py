@@ -25,6 +25,10 @@ NOISE = {
     "Ray's token-auth notice": "Token authentication is enabled",
     "Tune's state-written INFO line": "Wrote the latest version of all result files",
     "Ray's C++ log lines": "core_worker.cc",
+    "MLflow's registration lines": "Successfully registered model",
+    "TensorBoard's command for Tune's duplicate event files": "tensorboard --logdir",
+    "Ray's deduplication of the trials' progress lines": "repeated",
+    "a traceback (Ray's SIGTERM in a stopped worker's finalizer)": "Traceback",
 }
 
 

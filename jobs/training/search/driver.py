@@ -95,6 +95,9 @@ def tune_fit(
         # and warns when that happens twice in 5 s: a cost of remote storage, while a local
         # snapshot is a file copy. Tune's documented knob, for local storage only.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own loggers but TensorBoard's: the runs are in MLflow, and Tune would print a
+    # `tensorboard --logdir` line for event files that duplicate them
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if tune.Tuner.can_restore(run_dir):
         print(f"resuming the search in {run_dir}", flush=True)
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
@@ -125,6 +128,7 @@ def unfinished_trials(run_dir: str) -> list[str]:
 
 def build_tuner(cfg: JobConfig, trainable: Any, concurrent: int) -> Any:
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     t = cfg.tune
     return tune.Tuner(
@@ -145,7 +149,8 @@ def build_tuner(cfg: JobConfig, trainable: Any, concurrent: int) -> Any:
             name=cfg.run.name,
             storage_path=storage_dir(cfg),
             stop=WatchdogStop(),
-            callbacks=[WatchdogFeed()],
+            # CSV and JSON: ResultGrid and ExperimentAnalysis read them
+            callbacks=[WatchdogFeed(), CSVLoggerCallback(), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=cfg.run.num_to_keep,
                 checkpoint_score_attribute=t.metric,

@@ -1,4 +1,5 @@
-"""The Ray that vitray starts keeps a data task's worker process between epochs."""
+"""The Ray that vitray starts: it keeps a data task's worker process between epochs, and its
+workers stay quiet when Ray stops them."""
 
 import os
 import shutil
@@ -62,3 +63,35 @@ def test_a_local_run_starts_its_own_ray_whatever_cluster_ran_here_before():
         assert "nodes 1" in done.stdout
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+FINALIZERS_RAISE = """
+import sys, weakref
+from jobs.cluster.raynode import quiet_exit_in_finalizers
+sys.unraisablehook = quiet_exit_in_finalizers
+class Box: pass
+def stop(_):  # what Ray's SIGTERM handler does when the signal lands in a finalizer
+    raise SystemExit(1)
+def fail(_):
+    raise KeyError("a real error")
+for callback in (stop, fail):
+    box = Box(); ref = weakref.ref(box, callback); del box
+print("went on")
+"""
+
+
+def test_a_workers_exit_in_a_finalizer_is_quiet_and_other_errors_still_show():
+    run = subprocess.run(
+        [sys.executable, "-c", FINALIZERS_RAISE], capture_output=True, text=True, timeout=60
+    )
+    assert run.stdout == "went on\n"
+    assert "SystemExit" not in run.stderr
+    assert "Exception ignored in" in run.stderr and "KeyError: 'a real error'" in run.stderr
+
+
+def test_a_worker_names_its_own_ray_for_rays_state_api(ray_local):
+    """With two Rays on one machine (two local runs), Ray's state API in a worker (Ray
+    Train's placement-group cleaner) cannot tell which is its own unless RAY_ADDRESS says."""
+    ray = ray_local
+    seen = ray.get(ray.remote(num_cpus=0.25)(lambda: os.environ.get("RAY_ADDRESS")).remote())
+    assert seen == ray.get_runtime_context().gcs_address

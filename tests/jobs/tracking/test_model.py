@@ -45,3 +45,23 @@ def test_a_registration_retried_after_a_lost_answer_adds_no_second_version(logge
     assert client.get_model_version_by_alias("digits", "champion").version == version.version
     again = register_vit_model(model_uri, "digits-2", "champion", uri, "best", {})
     assert again.version == 1 and again.name == "digits-2"  # another name: its own version
+
+
+def test_registering_prints_one_line_of_ours_and_a_second_model_is_version_2(
+    logged, tmp_path, capfd
+):
+    uri, model_uri = logged
+    with mlflow.start_run():
+        second = log_vit_model(tmp_path / "ckpt")
+    capfd.readouterr()
+    register_vit_model(model_uri, "digits", "champion", uri, "best", {})
+    latest = register_vit_model(second, "digits", "champion", uri, "better", {"seed": "1"})
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [
+        "registered models:/digits/1 as @champion",
+        "registered models:/digits/2 as @champion",
+    ]
+    assert err == ""  # none of MLflow's own "Successfully registered model" lines
+    version = MlflowClient(uri).get_model_version_by_alias("digits", "champion")
+    assert int(latest.version) == int(version.version) == 2
+    assert (version.description, version.tags) == ("better", {"seed": "1"})
