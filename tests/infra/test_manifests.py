@@ -538,3 +538,43 @@ def test_the_launcher_config_validates_against_rays_own_schema():
     jsonschema.validate(launcher, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**launcher, "max_wrokers": 8}, schema)  # a misspelt key
+
+
+K8S_VERSIONS = ("1.30", "1.37")  # the oldest Kubernetes KubeRay 1.6 supports, the newest
+
+
+def kubernetes_objects() -> list[tuple[str, dict]]:
+    """(where, object) for every Kubernetes object the manifests ship, and every pod
+    template inside a RayCluster or RayJob as the core PodTemplate it is (KubeRay's own
+    fields are not in Kubernetes' schemas)."""
+    found = []
+    for path in [*sorted((INFRA / "kuberay").glob("*.yaml")), INFRA / "mlflow" / "mlflow-k8s.yaml"]:
+        for doc in documents(path):
+            where = f"{path.name}: {doc['kind']} {doc['metadata']['name']}"
+            if not doc["apiVersion"].startswith("ray.io/"):
+                found.append((where, doc))
+                continue
+            spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+            groups = [("head", spec["headGroupSpec"])]
+            groups += [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+            for name, group in groups:
+                pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}}
+                found.append((f"{where}, group {name}", {**pod, "template": group["template"]}))
+    return found
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_kubernetes_object_and_ray_pod_validates_strictly(version):
+    """Against Kubernetes' own OpenAPI schemas (kubernetes-validate), unknown fields as
+    errors: a misspelt or misplaced key is an error here, not a field the API server drops."""
+    import kubernetes_validate
+
+    objects = kubernetes_objects()
+    assert len(objects) >= 12
+    errors = []
+    for where, obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{where}: {e.message} at {'.'.join(map(str, e.path))}")
+    assert errors == []
