@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-# Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), for MFU.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0}
+from jobs.training import mfu
 
 
 def machine() -> dict[str, Any]:
@@ -32,10 +31,10 @@ def machine() -> dict[str, Any]:
 
 
 def peak_tflops() -> float | None:
+    """This machine's card's dense bf16 peak (jobs.training.mfu's table); None on a CPU."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return mfu.peak_tflops(torch.cuda.get_device_name())
 
 
 def time_call(fn: Callable[[], Any], sync: bool) -> float:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.config import JobConfig
+from jobs.training.mfu import device_peak_flops
 from jobs.training.mix import mix_batch
 from jobs.training.optim import build_optimizer
 from jobs.training.plan import TrainPlan
@@ -32,7 +33,7 @@ from jobs.training.staging import remove_orphans, staging_dir
 from jobs.training.state import restore, save
 from jobs.training.tracker import MetricsSink
 from pipeline.dataset import fits_in_cache
-from vit import Preprocessing, ViT
+from vit import Preprocessing, ViT, forward_flops
 from vit.checkpoint import load_state_dict_checked
 
 
@@ -110,6 +111,14 @@ class Runner:
     # `report` returns before the checkpoint is uploaded, and the uploader deletes its
     # directory once done (Ray's ASYNC mode); otherwise the loop deletes it after `report`
     uploads_in_background: bool = False
+
+
+def cluster_peak_flops(device: torch.device) -> float | None:
+    """The summed bf16 peak of every rank's card; None when any is a CPU or an unknown card
+    (a collective: every rank calls it)."""
+    peak = device_peak_flops(device)
+    total, unknown = all_sum([peak or 0.0, 0.0 if peak else 1.0], device)
+    return total if unknown == 0 else None
 
 
 def quiet_report_logs(level: str) -> None:
@@ -359,6 +368,8 @@ def run_training(config: dict[str, Any], runner: Runner) -> None:
         progress=runner.progress,
         start_step=step,
         device=runner.device,
+        train_flops_per_image=3 * forward_flops(model.vit.config),  # the backward: 2 forwards
+        peak_flops=cluster_peak_flops(runner.device),
     )
     model.compute.train()
     while step < plan.total_steps:

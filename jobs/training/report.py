@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from jobs.training.mfu import mfu
 from jobs.training.tracker import MetricsSink
 
 
@@ -46,11 +47,17 @@ class Reporter:
         progress: Callable[[str, bool], None] | None,
         start_step: int,
         device: torch.device,
+        train_flops_per_image: float = 0.0,
+        peak_flops: float | None = None,
     ) -> None:
+        """`peak_flops`: the summed bf16 peak of every rank's card (jobs.training.mfu), for
+        the `mfu` metric; None on CPUs and unknown cards."""
         self.rank, self.micro_batch, self.sink, self.progress = rank, micro_batch, sink, progress
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.report_every, self.device = report_every, device
+        self.train_flops_per_image, self.peak_flops = train_flops_per_image, peak_flops
         self.run_start, self.start_step = time.perf_counter(), start_step
+        self.first_window = True  # holds the start: compiling, the first batches' decode
         self.reset()
 
     def reset(self) -> None:
@@ -79,12 +86,16 @@ class Reporter:
         return step % self.report_every == 0 or self.end_of_epoch(step)
 
     def metrics(self, step: int, lr: float) -> dict[str, float]:
-        """The window's metrics, summed over every rank (a collective: all ranks call it)."""
+        """The window's metrics, summed over every rank (a collective: all ranks call it).
+        The window is timed once the device has run what it was given, and `mfu` leaves out
+        the first window after a start, whose time holds compiling and the pipeline's start."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - self.window_start
         loss_total, images_total, skipped_total = all_sum(
             [self.loss_sum, self.images, self.skipped], self.device
         )
-        return {
+        metrics = {
             "step": step,
             "epoch": step / self.steps_per_epoch,
             "loss": loss_total / max(images_total / self.micro_batch, 1),
@@ -93,6 +104,11 @@ class Reporter:
             "data_wait_fraction": self.wait / elapsed,
             "skipped_images": skipped_total,
         }
+        if self.peak_flops and not self.first_window:
+            rate = metrics["images_per_s"]
+            metrics["mfu"] = mfu(rate, self.train_flops_per_image, self.peak_flops)
+        self.first_window = False
+        return metrics
 
     def publish(self, metrics: dict[str, float], step: int) -> None:
         """Rank 0: the metrics to the sink (closed after the last step), and a progress
@@ -107,7 +123,8 @@ class Reporter:
             return
         rate = (step - self.start_step) / (time.perf_counter() - self.run_start)
         eta = format_eta((self.total_steps - step) / max(rate, 1e-9))
-        extra = f" val_top1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else ""
+        extra = f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+        extra += f" val_top1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else ""
         self.progress(
             f"step {step}/{self.total_steps} epoch {metrics['epoch']:.2f} "
             f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "

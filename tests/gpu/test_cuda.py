@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from jobs.config import CONFIGS, JobConfig, load_config
+from jobs.training.mfu import peak_tflops
 from vit import load_checkpoint
 
 from helpers import (
@@ -124,6 +125,8 @@ def test_gpu_pretraining_survives_a_killed_worker_and_a_rerun_resumes(
     assert first.result.metrics["step"] == 60 and first.result.metrics["val_top1"] > 0.25
     run = MlflowClient(mlflow_server).get_run(first.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["gpu_type"] != "none"
+    if peak_tflops(torch.cuda.get_device_name()):  # a card in jobs/training/mfu.py's table
+        assert 0 < run.data.metrics["mfu"] < 1  # per report, from the second window on
     model = load_checkpoint(first.result.checkpoint.path)  # every key checked: no _orig_mod.
     assert model.config.num_classes == 10
 
@@ -168,13 +171,13 @@ def test_predict_runs_its_model_on_the_gpu_as_accurately_as_on_the_cpu(
 
 def test_bench_model_b16_reports_mfu(tmp_path):
     """`vitray bench model --preset b/16`: a bf16 training step of ours and timm's, with the
-    model FLOPs utilisation of each against the card's peak (the table in bench/common.py).
+    model FLOPs utilisation of each against the card's peak (the table in jobs/training/mfu.py).
     The numbers go to docs/benchmarks.md by hand; here they must exist and be plausible."""
-    from jobs.bench.common import peak_tflops
     from jobs.cli import main
 
-    if peak_tflops() is None:
-        pytest.skip(f"no peak bf16 figure for {torch.cuda.get_device_name()} in bench/common.py")
+    card = torch.cuda.get_device_name()
+    if peak_tflops(card) is None:
+        pytest.skip(f"no peak bf16 figure for {card} in jobs/training/mfu.py")
     path = tmp_path / "model.json"
     main(["bench", "model", "--preset", "b/16", "--batch", "64", "--json", str(path)])
     result = json.loads(path.read_text())
