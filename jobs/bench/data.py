@@ -33,12 +33,14 @@ import torch
 
 from jobs.bench.common import write_result
 from jobs.cluster.raynode import set_node_env
+from jobs.training.mfu import gpu_images_per_s
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, describe_dataset, quiet_progress
 from pipeline.prepare import prepare
 from pipeline.readers import Unit, batches, plan_units, read_unit
 from pipeline.sources import Source, data_home
 from pipeline.transforms import preprocess_batch
+from vit import ViTConfig, forward_flops
 
 
 def unit_batches(
@@ -200,6 +202,7 @@ def local_ray(cores: int, object_store_mib: int | None = None) -> Iterator[None]
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cores = args.cores or os.cpu_count() or 1
+    gpu_img_s = gpu_demand(args)  # an unknown card or preset stops here, not after the bench
     cfg = DataConfig(
         dataset=f"builtin:photos?n={args.images}",
         image_size=args.size,
@@ -250,8 +253,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
     ray_img_s, dl = max(ray_rates), max(dl_rates)
+    feed = cores_per_gpu(args, gpu_img_s, ray_img_s / cores)
     return write_result(
         {
+            **feed,
             "benchmark": "data",
             "images": info.split_rows["train"],
             "size": args.size,
@@ -278,6 +283,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def gpu_demand(args: argparse.Namespace) -> float:
+    """Images/s one `--card` trains `--preset` at `--size` and `--at-mfu` of its peak."""
+    train_flops = 3 * forward_flops(ViTConfig.from_preset(args.preset, image_size=args.size))
+    return gpu_images_per_s(train_flops, args.card, args.at_mfu)
+
+
+def cores_per_gpu(
+    args: argparse.Namespace, gpu_img_s: float, img_s_per_core: float
+) -> dict[str, Any]:
+    """The decode cores one GPU needs: its images/s over the images/s one core of this
+    machine decoded through Ray Data. A cluster with fewer decode cores per GPU than this
+    starves its GPUs."""
+    cores = gpu_img_s / img_s_per_core
+    print(
+        f"{args.preset} at {args.size} px on one {args.card} at {args.at_mfu:.0%} MFU trains "
+        f"{gpu_img_s:,.0f} img/s: {cores:.1f} decode cores per GPU at the "
+        f"{img_s_per_core:,.0f} img/s per core measured here",
+        flush=True,
+    )
+    return {
+        "preset": args.preset,
+        "card": args.card,
+        "at_mfu": args.at_mfu,
+        "gpu_img_s": round(gpu_img_s),
+        "ray_img_s_per_core": round(img_s_per_core),
+        "cores_per_gpu": round(cores, 1),
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=4000, help="builtin:photos images")
     parser.add_argument("--size", type=int, default=224, help="output image size")
@@ -302,5 +336,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Ray object store of the memory epochs, smaller than the data they stream (the "
         "timed epochs run with Ray's default store, as training jobs do: at 256 MiB Ray "
         "spilled a quarter of the blocks to disk)",
+    )
+    parser.add_argument(
+        "--preset", default="b/16", help="the model whose GPU the decode cores must feed"
+    )
+    parser.add_argument(
+        "--card",
+        default="H100 SXM",
+        help="the GPU, as torch names it or a part of that (H100 PCIe, A100, L4, ...)",
+    )
+    parser.add_argument(
+        "--at-mfu", type=float, default=0.5, help="the GPU's utilisation to feed (0.5: 50%%)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the result here")

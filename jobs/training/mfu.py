@@ -36,3 +36,12 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 def mfu(images_per_s: float, train_flops_per_image: float, peak_flops: float) -> float:
     return images_per_s * train_flops_per_image / peak_flops
+
+
+def gpu_images_per_s(train_flops_per_image: float, card: str, at_mfu: float = 0.5) -> float:
+    """Images/s one `card` trains at `at_mfu` of its peak: what its decode CPUs must feed."""
+    peak = peak_tflops(card)
+    if peak is None:
+        known = ", ".join(part for part, _ in PEAK_BF16_TFLOPS)
+        raise ValueError(f"no bf16 peak for the card {card!r}; known: {known}")
+    return at_mfu * peak * 1e12 / train_flops_per_image

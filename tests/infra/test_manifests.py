@@ -352,6 +352,35 @@ def test_a_cpu_group_decodes_and_gpu_workers_leave_a_decode_task_room():
         assert fits(cfg, 192, 8), f"{run} on the launcher's {p5}"
 
 
+# Ray Data's decode + crop + patchify rate per core at 224 px, measured by `vitray bench data`
+# (docs/benchmarks.md, 2026-11-27: 1,490-1,519 img/s on 2 cores)
+RAY_DATA_IMG_S_PER_CORE = 750
+
+
+def test_every_rayjob_has_the_decode_cores_to_feed_its_gpus_at_half_their_peak():
+    """The CPUs a RayJob's cluster leaves to decoding (its CPU pods, and what its GPU pods'
+    train workers leave free), per GPU, against what one H100 SXM training the job's model
+    at 50% MFU consumes at the measured per-core decode rate."""
+    from jobs.training.mfu import gpu_images_per_s
+    from vit import ViTConfig, forward_flops
+
+    preset = job_config(rayjob("rayjob-pretrain.yaml")).model.preset  # the tune job's too
+    for name in ("rayjob-pretrain.yaml", "rayjob-tune.yaml"):
+        doc = rayjob(name)
+        cfg = job_config(doc)
+        spec = RayClusterSpec.model_validate(doc["spec"]["rayClusterSpec"])
+        decode_cpus = total_gpus = 0.0
+        for group in spec.workerGroupSpecs:
+            c = group.template.spec.containers[0]
+            train = gpus(c) * cfg.scaling.cpus_per_worker  # one worker per GPU
+            decode_cpus += group.replicas * (cpus(c) - train)
+            total_gpus += group.replicas * gpus(c)
+        vit = ViTConfig.from_preset(preset, image_size=cfg.data.image_size)
+        demand = gpu_images_per_s(3 * forward_flops(vit), "H100 SXM", at_mfu=0.5)
+        needed = demand / RAY_DATA_IMG_S_PER_CORE
+        assert decode_cpus / total_gpus >= needed, f"{name}: {decode_cpus / total_gpus} < {needed}"
+
+
 def test_the_tune_job_starts_from_the_model_pretraining_registers():
     pretrain = job_config(rayjob("rayjob-pretrain.yaml"))
     tune = job_config(rayjob("rayjob-tune.yaml"))

@@ -52,3 +52,12 @@ def test_mfu_is_the_models_flops_over_the_peak_from_the_second_window_on():
 def test_no_mfu_without_a_known_peak():
     rep = reporter(peak_flops=None)
     assert "mfu" not in window(rep, 10) and "mfu" not in window(rep, 20)
+
+
+def test_the_images_a_gpu_trains_follow_its_peak_and_an_unknown_card_is_named():
+    from jobs.training.mfu import gpu_images_per_s
+
+    sxm, pcie = gpu_images_per_s(1e9, "H100 SXM"), gpu_images_per_s(1e9, "NVIDIA H100 PCIe")
+    assert sxm == pytest.approx(0.5 * 989e12 / 1e9) and pcie / sxm == pytest.approx(756 / 989)
+    with pytest.raises(ValueError, match="'Tesla T4'.*known: H100 PCIe"):
+        gpu_images_per_s(1e9, "Tesla T4")
