@@ -1,4 +1,5 @@
-"""Accuracy of a checkpoint on a split, streamed through the same Ray Data pipeline."""
+"""Accuracy of a checkpoint on a split, streamed through the same Ray Data pipeline, on the
+cluster's GPU when it has one."""
 
 from __future__ import annotations
 
@@ -9,26 +10,68 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, quiet_progress
-from vit import ViT, load_checkpoint
+from vit import ViT, ViTConfig, load_checkpoint
 
 
 def predict_split(
-    model: ViT, data: DataConfig, split: str, batch_size: int = 256, pre_logits: bool = False
+    model: ViT,
+    data: DataConfig,
+    split: str,
+    batch_size: int = 256,
+    pre_logits: bool = False,
+    on_gpu: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Logits (or pre-logits features) and labels of every good row of `split` (eval
-    transforms), in this process."""
+    transforms). On a Ray cluster with a GPU (`on_gpu=None`), scored in bf16 in a task that
+    holds one, wherever it runs: the driver's node may have none (KubeRay's head), and its
+    CPUs would score while the GPUs sit idle. Else in this process."""
+    import ray
+
+    from jobs.cluster.raynode import ensure_ray
+
+    ensure_ray()  # the split streams through Ray Data either way
+    if on_gpu is None:
+        on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if not on_gpu:
+        return score(model, data, split, batch_size, pre_logits)
+    weights = ray.put((model.config.to_dict(), model.state_dict()))
+    task = ray.remote(num_gpus=1, num_cpus=0)(score_in_task)
+    return ray.get(task.remote(weights, data, split, batch_size, pre_logits))
+
+
+def score_in_task(
+    weights: tuple[dict[str, Any], dict[str, torch.Tensor]],
+    data: DataConfig,
+    split: str,
+    batch_size: int,
+    pre_logits: bool,
+) -> dict[str, torch.Tensor]:
+    config, state = weights
+    model = ViT(ViTConfig.from_dict(config))
+    model.load_state_dict(state)
+    return score(model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                 data, split, batch_size, pre_logits)  # fmt: skip
+
+
+def score(
+    model: ViT, data: DataConfig, split: str, batch_size: int, pre_logits: bool
+) -> dict[str, torch.Tensor]:
+    """predict_split on the model's own device (bf16 autocast on a GPU), here."""
     ds = quiet_progress(
         build_dataset(data, split, model.config.patch_size, model.config.num_classes)
     )
+    device = next(model.parameters()).device
     logits, labels, skipped = [], [], 0
     model.eval()
-    with torch.no_grad():
+    bf16 = device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for b in ds.iter_torch_batches(batch_size=batch_size):
             ok = b["ok"]
             skipped += int((~ok).sum())
             if ok.any():
-                features = model.forward_features(b["patches"][ok])
-                logits.append(model.forward_head(features, pre_logits=pre_logits))
+                features = model.forward_features(b["patches"][ok].to(device))
+                out = model.forward_head(features, pre_logits=pre_logits)
+                logits.append(out.float().cpu())
                 labels.append(b["label"][ok])
     return {
         "logits": torch.cat(logits) if logits else torch.empty(0),
