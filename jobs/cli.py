@@ -91,10 +91,11 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "jobs": ("jobs.commands.jobs", "list, status, logs [--follow], stop Ray Jobs", None),
     "cluster": (
         "jobs.commands.cluster",
-        "start/stop a local multi-node Ray cluster + MLflow server on 127.0.0.1",
+        "a local multi-node Ray cluster + MLflow server; the all-reduce bandwidth of a cluster",
         "vitray cluster local up [--workers N] [--cpus C]: a Ray head and N worker nodes "
         "(dashboard and job server included) and an MLflow server (SQLite, local artifacts), "
-        "all bound to 127.0.0.1; `down` stops exactly what `up` started.",
+        "all bound to 127.0.0.1; `down` stops exactly what `up` started. vitray cluster "
+        "check: all-reduce GB/s over the workers of the cluster RAY_ADDRESS names.",
     ),
 }
 BENCHMARKS: dict[str, tuple[str, str, str | None]] = {

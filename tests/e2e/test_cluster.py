@@ -1,12 +1,14 @@
 """The cluster path, live: `vitray cluster local up` (a Ray head + 1 worker node + an MLflow
 server with authentication, all on 127.0.0.1, token auth on), refusing clients without the
 token or the password, `vitray submit` of a 2-worker pretrain spread over both nodes,
+`vitray cluster check` submitted to both nodes,
 `vitray jobs`, a failing job, `down` leaving no process behind, and `down` after an
 interrupted `up`. Slow: marked, still run in CI."""
 
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,6 +231,20 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(
     assert logs.returncode == 0 and "step 10/10" in logs.stdout
     listed = vitray("jobs", "list", "--address", local_cluster["dashboard"], **local_cluster["env"])
     assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+
+
+def test_cluster_check_times_an_all_reduce_over_both_nodes_and_their_link(local_cluster):
+    """`vitray cluster check` without GPUs, submitted as a job: one gloo worker per node."""
+    run = vitray(
+        "submit", "--address", local_cluster["dashboard"], "--",
+        "cluster", "check", "--size-mib", "4", "--iterations", "3", "--cpus-per-worker", "0.5",
+        **local_cluster["env"],
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "over 2 worker(s) (gloo" in run.stdout and "2 ranks on 2 node(s)" in run.stdout
+    overall = re.search(r"all ranks: ([\d.]+) GB/s", run.stdout)
+    link = re.search(r"node 0-1: ([\d.]+) GB/s", run.stdout)
+    assert overall and link and float(overall.group(1)) > 0 and float(link.group(1)) > 0
 
 
 def test_a_failing_job_makes_submit_exit_nonzero_with_its_error(local_cluster):
