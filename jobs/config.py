@@ -149,6 +149,13 @@ class TuneSection(Section):
         "its final checkpoint; peak: the best metric any report reached (an early epoch "
         "picked on a small val split: optimistic)",
     )
+    trial_decode_cpus: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="CPUs a single-worker trial keeps for its decode tasks (at least "
+        "data.cpus_per_task). auto: one decode task on CPUs; on a GPU, the cores that feed "
+        "one GPU training this model at 50%% MFU at the measured decode rate per core "
+        "(jobs/training/mfu.py), capped by the largest GPU node's spare CPUs",
+    )
     register_as: str | None = Field(None, description="MLflow registered model name")
     alias: str = "champion"
 

@@ -20,6 +20,11 @@ PEAK_BF16_TFLOPS = (
     ("A10G", 70.0),
 )
 
+# Images/s one CPU core decodes, crops and patchifies through Ray Data at 224 px: `vitray
+# bench data`, docs/benchmarks.md (2026-11-27: 1,490-1,519 img/s on 2 cores). What sizes the
+# decode CPUs that feed a GPU; measure your own nodes' rate with that benchmark.
+DECODE_IMG_S_PER_CORE = 750.0
+
 
 def peak_tflops(device_name: str) -> float | None:
     """The card's dense bf16 peak, or None for a card not in the table."""

@@ -352,16 +352,11 @@ def test_a_cpu_group_decodes_and_gpu_workers_leave_a_decode_task_room():
         assert fits(cfg, 192, 8), f"{run} on the launcher's {p5}"
 
 
-# Ray Data's decode + crop + patchify rate per core at 224 px, measured by `vitray bench data`
-# (docs/benchmarks.md, 2026-11-27: 1,490-1,519 img/s on 2 cores)
-RAY_DATA_IMG_S_PER_CORE = 750
-
-
 def test_every_rayjob_has_the_decode_cores_to_feed_its_gpus_at_half_their_peak():
     """The CPUs a RayJob's cluster leaves to decoding (its CPU pods, and what its GPU pods'
     train workers leave free), per GPU, against what one H100 SXM training the job's model
     at 50% MFU consumes at the measured per-core decode rate."""
-    from jobs.training.mfu import gpu_images_per_s
+    from jobs.training.mfu import DECODE_IMG_S_PER_CORE, gpu_images_per_s
     from vit import ViTConfig, forward_flops
 
     preset = job_config(rayjob("rayjob-pretrain.yaml")).model.preset  # the tune job's too
@@ -377,7 +372,7 @@ def test_every_rayjob_has_the_decode_cores_to_feed_its_gpus_at_half_their_peak()
             total_gpus += group.replicas * gpus(c)
         vit = ViTConfig.from_preset(preset, image_size=cfg.data.image_size)
         demand = gpu_images_per_s(3 * forward_flops(vit), "H100 SXM", at_mfu=0.5)
-        needed = demand / RAY_DATA_IMG_S_PER_CORE
+        needed = demand / DECODE_IMG_S_PER_CORE
         assert decode_cpus / total_gpus >= needed, f"{name}: {decode_cpus / total_gpus} < {needed}"
 
 

@@ -62,17 +62,24 @@ def search_from(cfg: JobConfig, tracker: Tracker, run_dir: str, workdir: str) ->
     cfg = data_for_start(cfg, start)
     ensure_ray()
     cfg = fit_to_cluster(cfg, driver_cpus(cfg))  # one trial must fit, or the search waits
-    concurrent = concurrent_trials(cfg)
+    concurrent = concurrent_trials(cfg, plan.vit)
     parent_id = tracker.open_run(cfg, run_dir, "tune", plan.split_rows)
     with failed_on_the_way_out(tracker, parent_id), terminate_as_interrupt():
         if parent_id and start is not None:
             tracker.log_start(start, parent_id)
-        results = tune_fit(cfg, tracker, run_dir, parent_id, start, concurrent)
+        resources = trial_resources(cfg, plan.vit)
+        results = tune_fit(cfg, tracker, run_dir, parent_id, start, concurrent, resources)
         return finish(cfg, plan, results, parent_id, tracker, WATCHDOG)
 
 
 def tune_fit(
-    cfg: JobConfig, tracker: Tracker, run_dir: str, parent_id: str | None, start, concurrent: int
+    cfg: JobConfig,
+    tracker: Tracker,
+    run_dir: str,
+    parent_id: str | None,
+    start: Any,
+    concurrent: int,
+    resources: Any,
 ) -> Any:
     """Tune's results: the search built (or restored from `run_dir`) and run to its end.
     Raises SearchStopped when it returned with trials unfinished (Ctrl-C: Tune saved its
@@ -87,7 +94,7 @@ def tune_fit(
             tracker=tracker,
             start=start,  # in the object store once, shared by every trial
         ),
-        trial_resources(cfg),
+        resources,
     )
     WATCHDOG.reset(cfg.tune.time_budget_s, cfg.tune.stall_timeout_s)
     if "://" not in run_dir:
@@ -106,7 +113,8 @@ def tune_fit(
     print(
         f"tune: {cfg.tune.num_samples} sample(s) of {sorted(cfg.tune.space)}, "
         f"{cfg.tune.scheduler} scheduler, {cfg.tune.search} search, "
-        f"{concurrent} at a time, budget {cfg.tune.time_budget_s:.0f} s",
+        f"{concurrent} at a time, budget {cfg.tune.time_budget_s:.0f} s; each trial holds "
+        + " + ".join(" ".join(f"{v:g} {k}" for k, v in b.items()) for b in resources.bundles),
         flush=True,
     )
     results = fit_interruptibly(tuner)

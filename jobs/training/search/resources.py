@@ -14,12 +14,15 @@ sees the workers, the search caps how many trials run at once by what the cluste
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ray
 
 from jobs.config import JobConfig
-from jobs.training.capacity import worker_resources
+from jobs.training.capacity import alive_nodes, worker_resources
+from jobs.training.mfu import DECODE_IMG_S_PER_CORE, gpu_images_per_s, peak_tflops
+from vit import ViTConfig, forward_flops
 
 TRIAL_DRIVER_CPUS = 1.0  # a trial that drives a TorchTrainer (Ray's Train V2 Tune guide)
 
@@ -29,24 +32,45 @@ def driver_cpus(cfg: JobConfig) -> float:
     return TRIAL_DRIVER_CPUS if cfg.scaling.num_workers > 1 else 0.0
 
 
-def trial_resources(cfg: JobConfig) -> Any:
-    """The trial's placement group: a single-worker trial's worker and one data bundle, or
+def trial_resources(cfg: JobConfig, vit: ViTConfig | None = None) -> Any:
+    """The trial's placement group: a single-worker trial's worker and its data bundle, or
     a multi-worker trial's driver alone (its trainer reserves the workers)."""
     from ray import tune
 
     if cfg.scaling.num_workers > 1:
         return tune.PlacementGroupFactory([{"CPU": driver_cpus(cfg)}])
-    return tune.PlacementGroupFactory([worker_resources(cfg), {"CPU": cfg.data.cpus_per_task}])
+    data = {"CPU": trial_decode_cpus(cfg, vit)}
+    return tune.PlacementGroupFactory([worker_resources(cfg), data])
 
 
-def trial_footprint(cfg: JobConfig) -> dict[str, float]:
-    """What one running trial holds in all: its workers, one decode task, its driver."""
+def trial_decode_cpus(cfg: JobConfig, vit: ViTConfig | None = None) -> float:
+    """CPUs of a single-worker trial's data bundle: `tune.trial_decode_cpus`, or under auto
+    one decode task on CPUs and, on a GPU, the cores one GPU training `vit` at 50% MFU
+    consumes (a single decode CPU fed a one-GPU trial a fraction of what it trains), capped
+    by the largest GPU node's CPUs beside the worker: a bundle no node holds never starts."""
+    chosen, one_task = cfg.tune.trial_decode_cpus, cfg.data.cpus_per_task
+    if chosen != "auto":
+        return max(chosen, one_task)
+    if not cfg.scaling.use_gpu or cfg.scaling.num_workers > 1 or vit is None:
+        return one_task
+    gpu_nodes = [n for n in alive_nodes() if n.get("GPU", 0) >= 1]
+    cards = {k.removeprefix("accelerator_type:") for n in gpu_nodes for k in n}
+    card = next((c for c in sorted(cards) if peak_tflops(c)), None)
+    if card is None:
+        return one_task
+    demand = gpu_images_per_s(3 * forward_flops(vit), card) / DECODE_IMG_S_PER_CORE
+    spare = max(n.get("CPU", 0) for n in gpu_nodes) - worker_resources(cfg)["CPU"]
+    return max(one_task, min(float(math.ceil(demand)), spare))
+
+
+def trial_footprint(cfg: JobConfig, vit: ViTConfig | None = None) -> dict[str, float]:
+    """What one running trial holds in all: its workers, its decode CPUs, its driver."""
     need = {k: v * cfg.scaling.num_workers for k, v in worker_resources(cfg).items()}
-    need["CPU"] += cfg.data.cpus_per_task + driver_cpus(cfg)
+    need["CPU"] += trial_decode_cpus(cfg, vit) + driver_cpus(cfg)
     return need
 
 
-def concurrent_trials(cfg: JobConfig) -> int:
+def concurrent_trials(cfg: JobConfig, vit: ViTConfig | None = None) -> int:
     """`tune.max_concurrent`, capped by how many trials the cluster holds at once (its GPUs
     over a trial's, and its CPUs). Tune does not see a multi-worker trial's workers: trials
     started beyond that would hold their drivers and wait for workers. Under
@@ -54,5 +78,6 @@ def concurrent_trials(cfg: JobConfig) -> int:
     if cfg.scaling.autoscaling:
         return cfg.tune.max_concurrent
     have = ray.cluster_resources()
-    fits = min(int(have.get(k, 0) / v + 1e-9) for k, v in trial_footprint(cfg).items() if v)
+    need = trial_footprint(cfg, vit)
+    fits = min(int(have.get(k, 0) / v + 1e-9) for k, v in need.items() if v)
     return max(1, min(cfg.tune.max_concurrent, fits))

@@ -235,3 +235,32 @@ def test_watchdog_budget_and_stall_rules():
     assert dog.check() and dog.stalled == "a {'train.lr': 0.1}"
     dog.reset(budget_s=0, stall_s=10)
     assert dog.check() and "time budget" in dog.reason and dog.stalled is None
+
+
+H100_NODE = {"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 1.0}
+
+
+@pytest.mark.parametrize(
+    "nodes, sets, expected",
+    [
+        ([{"CPU": 2.0}], [], 0.25),  # CPU trials: one decode task
+        ([H100_NODE], ["scaling.use_gpu=true", "scaling.cpus_per_worker=6"], 7.0),
+        ([H100_NODE], ["scaling.use_gpu=true", "tune.trial_decode_cpus=3"], 3.0),
+        # capped by what the GPU node holds beside the worker
+        ([{**H100_NODE, "CPU": 8.0}], ["scaling.use_gpu=true", "scaling.cpus_per_worker=4"], 4.0),
+        # a card with no known peak: one decode task, as before
+        ([{"CPU": 64.0, "GPU": 8.0, "accelerator_type:T4": 1.0}], ["scaling.use_gpu=true"], 0.25),
+    ],
+)
+def test_a_one_gpu_trial_keeps_the_decode_cpus_its_gpu_consumes(
+    cfg, monkeypatch, nodes, sets, expected
+):
+    """One decode CPU fed a one-GPU trial a fraction of what it trains: under auto the data
+    bundle holds the cores B/16 at 224 px needs at 50% MFU (6.3 at the measured rate)."""
+    import jobs.training.search.resources as resources
+    from vit import ViTConfig
+
+    monkeypatch.setattr(resources, "alive_nodes", lambda: nodes)
+    b16 = ViTConfig.from_preset("b/16", image_size=224)
+    bundles = trial_resources(cfg(*sets), b16).bundles
+    assert bundles[1] == {"CPU": expected}
