@@ -31,6 +31,22 @@ NOISE = {
     "a traceback (Ray's SIGTERM in a stopped worker's finalizer)": "Traceback",
 }
 
+# What may be printed: vitray's own lines, Tune's status blocks, Ray's line naming the
+# dashboard; anything else is a line the user cannot place.
+ALLOWED = [
+    r"$",
+    r"\s*[╭│├╰]",  # Tune's tables
+    r"(Trial status|Current time|Logical resource usage|Current best trial|View detailed "
+    r"results here):? ",
+    r"Trial \S+ (started with configuration|completed after|finished iteration|saved a)",
+    r"\(run_trial pid=\d+\) run_trial_\w+: step \d+/\d+ epoch ",  # a trial's progress
+    r"\S+ \S+\s+INFO worker\.py:\d+ -- Started a local Ray instance\. View the dashboard",
+    r"INFO vit\.",
+    r"(prepare|wrote|pretrain|step|fine-tune start|data from the weights' preprocessing|"
+    r"MLflow run|tune|test top-1|registered|vitray demo finished|open the MLflow UI):? ",
+    r"  (pretrain|fine-tune|test top-1|registered|experiment|search run|best trial run) ",
+]
+
 
 def test_the_demo_console_is_vitrays_lines_and_tunes_tables(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
@@ -44,4 +60,10 @@ def test_the_demo_console_is_vitrays_lines_and_tunes_tables(tmp_path):
     assert demo.returncode == 0, console[-4000:]
     seen = {what: text for what, text in NOISE.items() if text in console}
     assert seen == {}, console
+    strangers = [line for line in console.splitlines() if not any_match(ALLOWED, line)]
+    assert strangers == [], console
     assert "vitray demo finished" in console and "Trial status:" in console
+
+
+def any_match(patterns: list[str], line: str) -> bool:
+    return any(re.match(pattern, line) for pattern in patterns)
