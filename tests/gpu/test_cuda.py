@@ -234,3 +234,13 @@ def test_h14_at_518_px_trains_a_useful_micro_batch_with_checkpointed_blocks():
     peak = torch.cuda.max_memory_allocated()
     print(f"h/14 at 518 px, micro-batch 8, checkpointed: peak {peak / 2**30:.1f} GiB")
     assert peak < 0.9 * total
+
+
+@pytest.mark.parametrize("sets", [{}, {"train.compile": True}], ids=["eager", "compiled"])
+def test_two_gloo_ranks_on_one_gpu_keep_identical_replicas(tmp_path, sets):
+    """DDP's code paths with CUDA tensors on one card: two gloo ranks share it, the epoch
+    ends inside a gradient accumulation (no_sync, then a backward that must all-reduce), the
+    epoch-end sums reduce on the device, eager and compiled."""
+    from loop_fixtures import assert_identical_replicas
+
+    assert_identical_replicas(tmp_path, "cuda", **sets)
