@@ -156,6 +156,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 PROGRESS_LINE = r"\bstep \d+/\d+ epoch \d"  # jobs.training.report's
 CPP_LOG_LINE = r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \w+\.cc:\d+:"
+# The raylet's warning that more worker processes started than the node has CPUs: on a small
+# machine, the decode tasks' CPU fractions (data.cpus_per_task) start that many by design.
+WORKER_START_WARNING = r"^WARNING: \d+ PYTHON worker processes have been started on node"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,10 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     # Before any command imports Ray Data, which reads it once: no "Dataset ... execution
     # finished" INFO line between the progress lines each time a dataset runs here.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-    # Ray's C++ log lines from worker processes stay in the session logs, off the console
-    # (a Ray Train run printed an ERROR about its own PreemptionWatcher's arguments); errors
-    # that reach Python still show
-    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", CPP_LOG_LINE)
+    # Ray's C++ log lines from worker processes and the raylet's worker-start warning stay in
+    # the session logs, off the console (a Ray Train run printed an ERROR about its own
+    # PreemptionWatcher's arguments); errors that reach Python still show
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", f"{CPP_LOG_LINE}|{WORKER_START_WARNING}")
     # Every trial's progress line shows, each its own: Ray would fold two trials' lines into
     # "[repeated 9x across cluster]" with a notice about its deduplication
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINE)

@@ -25,6 +25,7 @@ NOISE = {
     "Ray's token-auth notice": "Token authentication is enabled",
     "Tune's state-written INFO line": "Wrote the latest version of all result files",
     "Ray's C++ log lines": "core_worker.cc",
+    "the raylet's warning on worker processes started": "worker processes have been started",
     "MLflow's registration lines": "Successfully registered model",
     "TensorBoard's command for Tune's duplicate event files": "tensorboard --logdir",
     "Ray's deduplication of the trials' progress lines": "repeated",

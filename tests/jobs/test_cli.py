@@ -58,3 +58,22 @@ def test_vitray_debug_prints_the_traceback_of_every_error(
         .splitlines()[-1]
         .startswith(f"vitray pretrain: {'error' if code == 2 else 'failed'}: ")
     )
+
+
+def test_the_console_filters_skip_rays_internal_lines_and_keep_every_progress_line():
+    """Ray's deduplicator drops what RAY_DEDUP_LOGS_SKIP_REGEX matches and never folds what
+    RAY_DEDUP_LOGS_ALLOW_REGEX matches; these are the lines each pattern is for."""
+    import re
+
+    from jobs.cli import CPP_LOG_LINE, PROGRESS_LINE, WORKER_START_WARNING
+
+    skip = re.compile(f"{CPP_LOG_LINE}|{WORKER_START_WARNING}")
+    raylet = (
+        "WARNING: 8 PYTHON worker processes have been started on node: 21e7 with address: "
+        "192.0.2.2, which is 4x the maximum expected startup concurrency (2)."
+    )
+    cpp = "[2026-12-05 10:00:00,123 E 123 456] core_worker.cc:512: PreemptionWatcher ..."
+    progress = "run_trial_5b3f4_00000: step 10/38 epoch 0.53 loss 2.2979 lr 2.92e-02 146 img/s"
+    assert skip.search(raylet) and skip.search(cpp)
+    assert not skip.search(progress) and not skip.search("vitray tune: error: bad config")
+    assert re.search(PROGRESS_LINE, progress) and not re.search(PROGRESS_LINE, raylet)
