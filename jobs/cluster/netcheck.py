@@ -64,6 +64,7 @@ def measure(config: dict[str, Any]) -> None:
             found = {f"node {a}-{b} bus_gbps": bus_gbps(size, seconds, 2)}
         else:
             found = {}
+        dist.destroy_process_group(group)  # each NCCL communicator holds GPU memory
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, found)
         for item in gathered:
@@ -83,8 +84,16 @@ def check(size_mib: int, iterations: int, workers: int | None, cpus_per_worker: 
 
     ensure_ray()
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    nodes = len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0])
+    hosts = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = len([r for r in hosts if r.get("CPU", 0) >= cpus_per_worker])
     workers = workers or gpus or nodes
+    most = gpus or nodes  # one per GPU; without GPUs one per node (STRICT_SPREAD)
+    if not 2 <= workers <= most:
+        have = f"{gpus} GPU(s)" if gpus else f"{nodes} node(s) with {cpus_per_worker:g} CPUs"
+        raise ValueError(
+            f"cluster check runs 2 or more workers, one per GPU (without GPUs one per node), "
+            f"and this cluster has {have} for --workers {workers}"
+        )
     backend = "nccl" if gpus else "gloo"
     print(
         f"all-reduce of {size_mib} MiB x {iterations} over {workers} worker(s) "

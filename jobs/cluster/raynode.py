@@ -63,7 +63,7 @@ def setup_worker() -> None:
     mask_process_output()
     quiet_ray_notices()
     sys.unraisablehook = quiet_exit_in_finalizers
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # whatever it inherited
 
 
 def quiet_exit_in_finalizers(unraisable: Any) -> None:

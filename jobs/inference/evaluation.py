@@ -22,18 +22,20 @@ def predict_split(
     on_gpu: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Logits (or pre-logits features) and labels of every good row of `split` (eval
-    transforms). On a Ray cluster with a GPU (`on_gpu=None`), scored in bf16 in a task that
-    holds one, wherever it runs: the driver's node may have none (KubeRay's head), and its
+    transforms). On a Ray cluster with a free GPU (`on_gpu=None`), scored in bf16 in a task
+    that holds one, wherever it runs: the driver's node may have none (KubeRay's head), and its
     CPUs would score while the GPUs sit idle. Else in this process."""
     import ray
 
     from jobs.cluster.raynode import ensure_ray
 
     ensure_ray()  # the split streams through Ray Data either way
-    if on_gpu is None:
-        on_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if on_gpu is None:  # a free GPU now: one that other jobs hold would keep this waiting
+        on_gpu = ray.available_resources().get("GPU", 0) >= 1
     if not on_gpu:
         return score(model, data, split, batch_size, pre_logits)
+    if Path(data.dataset).exists():  # the task's working directory is not this one
+        data = data.model_copy(update={"dataset": str(Path(data.dataset).resolve())})
     weights = ray.put((model.config.to_dict(), model.state_dict()))
     task = ray.remote(num_gpus=1, num_cpus=0)(score_in_task)
     return ray.get(task.remote(weights, data, split, batch_size, pre_logits))

@@ -106,13 +106,23 @@ def register_vit_model(
         # The client's calls, not mlflow.register_model: that one prints its own lines
         # ("Successfully registered model ...") under vitray's
         ensure_registered_model(client, name)
-        version = client.create_model_version(
-            name, model_uri, tags=tags, model_id=model_uri.removeprefix("models:/")
-        )
+        model_id = model_uri.removeprefix("models:/")
+        version = client.create_model_version(name, model_uri, tags=tags, model_id=model_id)
+        link_versions(client, model_id, version)
     client.update_model_version(version.name, version.version, description=description)
     client.set_registered_model_alias(name, alias, version.version)
     print(f"registered models:/{version.name}/{version.version} as @{alias}", flush=True)
     return version
+
+
+def link_versions(client: Any, model_id: str, version: ModelVersion) -> None:
+    """The logged model's `mlflow.modelVersions` tag, as mlflow.register_model keeps it: the
+    logged model's page in the UI links the versions made from it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    linked.append({"name": version.name, "version": version.version})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(linked)})
 
 
 def ensure_registered_model(client: Any, name: str) -> None:

@@ -102,9 +102,6 @@ def tune_fit(
         # and warns when that happens twice in 5 s: a cost of remote storage, while a local
         # snapshot is a file copy. Tune's documented knob, for local storage only.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's own loggers but TensorBoard's: the runs are in MLflow, and Tune would print a
-    # `tensorboard --logdir` line for event files that duplicate them
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if tune.Tuner.can_restore(run_dir):
         print(f"resuming the search in {run_dir}", flush=True)
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
@@ -139,6 +136,10 @@ def build_tuner(cfg: JobConfig, trainable: Any, concurrent: int) -> Any:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     t = cfg.tune
+    # Tune's own loggers but TensorBoard's: the runs are in MLflow, and Tune would print a
+    # `tensorboard --logdir` line for event files that duplicate them. For new searches only:
+    # one resumed from before keeps the loggers Tune added to it then.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     return tune.Tuner(
         trainable,
         param_space=search_space(t.space),

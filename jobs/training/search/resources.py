@@ -46,21 +46,29 @@ def trial_resources(cfg: JobConfig, vit: ViTConfig | None = None) -> Any:
 def trial_decode_cpus(cfg: JobConfig, vit: ViTConfig | None = None) -> float:
     """CPUs of a single-worker trial's data bundle: `tune.trial_decode_cpus`, or under auto
     one decode task on CPUs and, on a GPU, the cores one GPU training `vit` at 50% MFU
-    consumes (a single decode CPU fed a one-GPU trial a fraction of what it trains), capped
-    by the largest GPU node's CPUs beside the worker: a bundle no node holds never starts."""
+    consumes (a single decode CPU fed a one-GPU trial a fraction of what it trains), at most
+    a GPU's share of its node beside the worker: one trial per GPU must still fit. A number
+    no node holds beside the worker is an error: Tune would wait for it forever."""
     chosen, one_task = cfg.tune.trial_decode_cpus, cfg.data.cpus_per_task
+    if cfg.scaling.num_workers > 1 or (chosen == "auto" and (not cfg.scaling.use_gpu or not vit)):
+        return one_task  # a trial with a trainer decodes outside it; a CPU trial needs one
+    worker = worker_resources(cfg)
+    hosts = [n for n in alive_nodes() if n.get("GPU", 0) >= worker.get("GPU", 0)]
     if chosen != "auto":
+        room = max((n.get("CPU", 0) - worker["CPU"] for n in hosts), default=None)
+        if room is not None and chosen > room + 1e-9 and not cfg.scaling.autoscaling:
+            raise ValueError(
+                f"tune.trial_decode_cpus: {chosen:g} CPUs beside a worker of "
+                f"{worker['CPU']:g}, but no node has more than {room:g} to spare"
+            )
         return max(chosen, one_task)
-    if not cfg.scaling.use_gpu or cfg.scaling.num_workers > 1 or vit is None:
-        return one_task
-    gpu_nodes = [n for n in alive_nodes() if n.get("GPU", 0) >= 1]
-    cards = {k.removeprefix("accelerator_type:") for n in gpu_nodes for k in n}
+    cards = {k.removeprefix("accelerator_type:") for n in hosts for k in n}
     card = next((c for c in sorted(cards) if peak_tflops(c)), None)
     if card is None:
         return one_task
     demand = gpu_images_per_s(3 * forward_flops(vit), card) / DECODE_IMG_S_PER_CORE
-    spare = max(n.get("CPU", 0) for n in gpu_nodes) - worker_resources(cfg)["CPU"]
-    return max(one_task, min(float(math.ceil(demand)), spare))
+    share = max(n.get("CPU", 0) / n["GPU"] for n in hosts) - worker["CPU"]
+    return max(one_task, min(float(math.ceil(demand)), math.floor(share)))
 
 
 def trial_footprint(cfg: JobConfig, vit: ViTConfig | None = None) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
 from mlflow import MlflowClient
@@ -65,3 +67,6 @@ def test_registering_prints_one_line_of_ours_and_a_second_model_is_version_2(
     version = MlflowClient(uri).get_model_version_by_alias("digits", "champion")
     assert int(latest.version) == int(version.version) == 2
     assert (version.description, version.tags) == ("better", {"seed": "1"})
+    # each logged model links its version, as MLflow's own registration does for the UI
+    links = MlflowClient(uri).get_logged_model(second.removeprefix("models:/")).tags
+    assert json.loads(links["mlflow.modelVersions"]) == [{"name": "digits", "version": 2}]

@@ -238,29 +238,54 @@ def test_watchdog_budget_and_stall_rules():
 
 
 H100_NODE = {"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 1.0}
+GPU = ["scaling.use_gpu=true"]
 
 
 @pytest.mark.parametrize(
     "nodes, sets, expected",
     [
         ([{"CPU": 2.0}], [], 0.25),  # CPU trials: one decode task
-        ([H100_NODE], ["scaling.use_gpu=true", "scaling.cpus_per_worker=6"], 7.0),
-        ([H100_NODE], ["scaling.use_gpu=true", "tune.trial_decode_cpus=3"], 3.0),
-        # capped by what the GPU node holds beside the worker
-        ([{**H100_NODE, "CPU": 8.0}], ["scaling.use_gpu=true", "scaling.cpus_per_worker=4"], 4.0),
-        # a card with no known peak: one decode task, as before
-        ([{"CPU": 64.0, "GPU": 8.0, "accelerator_type:T4": 1.0}], ["scaling.use_gpu=true"], 0.25),
+        ([H100_NODE], [*GPU, "scaling.cpus_per_worker=1"], 7.0),  # B/16 needs 6.3 cores
+        # a GPU's share of its node: 8 CPUs a GPU, 6 of them the worker's
+        ([H100_NODE], [*GPU, "scaling.cpus_per_worker=6"], 2.0),
+        ([H100_NODE], [*GPU, "tune.trial_decode_cpus=3"], 3.0),
+        # a card with no known peak: one decode task
+        ([{"CPU": 64.0, "GPU": 8.0, "accelerator_type:T4": 1.0}], GPU, 0.25),
     ],
 )
 def test_a_one_gpu_trial_keeps_the_decode_cpus_its_gpu_consumes(
     cfg, monkeypatch, nodes, sets, expected
 ):
     """One decode CPU fed a one-GPU trial a fraction of what it trains: under auto the data
-    bundle holds the cores B/16 at 224 px needs at 50% MFU (6.3 at the measured rate)."""
+    bundle holds the cores B/16 at 224 px needs at 50% MFU (6.3 at the measured rate), at
+    most its GPU's share of the node, so that every GPU can still run a trial."""
     import jobs.training.search.resources as resources
     from vit import ViTConfig
 
     monkeypatch.setattr(resources, "alive_nodes", lambda: nodes)
     b16 = ViTConfig.from_preset("b/16", image_size=224)
-    bundles = trial_resources(cfg(*sets), b16).bundles
-    assert bundles[1] == {"CPU": expected}
+    assert trial_resources(cfg(*sets), b16).bundles[1] == {"CPU": expected}
+
+
+def test_a_small_model_on_a_gpu_still_lets_every_gpu_run_a_trial(cfg, monkeypatch):
+    """28 px images train so fast that no node could feed them: the bundle stops at the
+    GPU's share of the node, and 8 trials run on 8 GPUs."""
+    import ray
+
+    import jobs.training.search.resources as resources
+    from vit import ViTConfig
+
+    monkeypatch.setattr(resources, "alive_nodes", lambda: [H100_NODE])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: H100_NODE)
+    small = ViTConfig.from_preset("micro/4", image_size=28)
+    sets = [*GPU, "scaling.cpus_per_worker=2", "tune.max_concurrent=8"]
+    assert trial_resources(cfg(*sets), small).bundles[1] == {"CPU": 6.0}
+    assert concurrent_trials(cfg(*sets), small) == 8
+
+
+def test_decode_cpus_no_node_holds_are_refused_by_name(cfg, monkeypatch):
+    import jobs.training.search.resources as resources
+
+    monkeypatch.setattr(resources, "alive_nodes", lambda: [H100_NODE])
+    with pytest.raises(ValueError, match="tune.trial_decode_cpus: 80 CPUs.*no node has more"):
+        trial_resources(cfg(*GPU, "tune.trial_decode_cpus=80"))
