@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scratch-epochs", type=int, default=10)
     parser.add_argument("--pretrain-epochs", type=int, default=12)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds from this one on")
     parser.add_argument("--smoke", action="store_true", help="20 steps each: checks it runs")
