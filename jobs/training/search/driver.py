@@ -102,7 +102,8 @@ def tune_fit(
         # and warns when that happens twice in 5 s: a cost of remote storage, while a local
         # snapshot is a file copy. Tune's documented knob, for local storage only.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if tune.Tuner.can_restore(run_dir):
+    resumed = tune.Tuner.can_restore(run_dir)
+    if resumed:
         print(f"resuming the search in {run_dir}", flush=True)
         tuner = tune.Tuner.restore(run_dir, trainable, resume_errored=True)
     else:
@@ -114,7 +115,7 @@ def tune_fit(
         + " + ".join(" ".join(f"{v:g} {k}" for k, v in b.items()) for b in resources.bundles),
         flush=True,
     )
-    results = fit_interruptibly(tuner)
+    results = fit_interruptibly(tuner, own_loggers=not resumed)
     unfinished = unfinished_trials(run_dir)
     if unfinished and not WATCHDOG.reason:
         raise SearchStopped(f"interrupted with {len(unfinished)} trial(s) unfinished; {RESUME}")
@@ -136,10 +137,6 @@ def build_tuner(cfg: JobConfig, trainable: Any, concurrent: int) -> Any:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     t = cfg.tune
-    # Tune's own loggers but TensorBoard's: the runs are in MLflow, and Tune would print a
-    # `tensorboard --logdir` line for event files that duplicate them. For new searches only:
-    # one resumed from before keeps the loggers Tune added to it then.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     return tune.Tuner(
         trainable,
         param_space=search_space(t.space),
@@ -243,17 +240,37 @@ def in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def fit_interruptibly(tuner: Any) -> Any:
+def fit_interruptibly(tuner: Any, own_loggers: bool) -> Any:
     """`tuner.fit()`. Tune installs its own SIGINT handler and never puts the previous one
-    back: after a search, Ctrl-C would only set a flag nobody reads. It is put back here."""
+    back: after a search, Ctrl-C would only set a flag nobody reads. It is put back here.
+    `own_loggers`: Tune adds no loggers of its own during this fit (the tuner has its CSV
+    and JSON ones: Tune's TensorBoard one would print a `tensorboard --logdir` line for
+    files that duplicate MLflow); a search resumed from before keeps what Tune added then."""
     before = signal.getsignal(signal.SIGINT) if in_main_thread() else None
     TUNING.set()
     try:
-        return tuner.fit()
+        with environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1" if own_loggers else None):
+            return tuner.fit()
     finally:
         TUNING.clear()
         if before is not None:
             signal.signal(signal.SIGINT, before)
+
+
+@contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """These environment variables set (None: left as they are) for the block only: Tune
+    reads them when fit starts, and another Tuner in this process must not inherit them."""
+    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextmanager
