@@ -62,7 +62,8 @@ def trial_decode_cpus(cfg: JobConfig, vit: ViTConfig | None = None) -> float:
                 f"{worker['CPU']:g}, but no node has more than {room:g} to spare"
             )
         return max(chosen, one_task)
-    cards = {k.removeprefix("accelerator_type:") for n in hosts for k in n}
+    prefix = "accelerator_type:"  # Ray's resource naming a node's card
+    cards = {k.removeprefix(prefix) for n in hosts for k in n if k.startswith(prefix)}
     card = next((c for c in sorted(cards) if peak_tflops(c)), None)
     if card is None:
         return one_task
