@@ -384,8 +384,21 @@ def test_the_tune_job_starts_from_the_model_pretraining_registers():
     assert tune.init.checkpoint == registered
 
 
-def test_launcher_requires_a_token_and_opens_no_port_to_the_internet():
+def launcher_as_ray_reads_it() -> dict:
+    """aws-gpu.yaml after Ray's own defaults and checks (`ray up`'s prepare_config and
+    validate_config) and its AWS provider's reading of network interfaces, which moves
+    their subnets and groups into the node config (ValueError where they conflict)."""
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
     (launcher,) = documents(INFRA / "cluster-launcher" / "aws-gpu.yaml")
+    config = prepare_config(launcher)
+    validate_config(config)
+    return _configure_from_network_interfaces(config)
+
+
+def test_launcher_requires_a_token_and_opens_no_port_to_the_internet():
+    launcher = launcher_as_ray_reads_it()
     assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
     assert "~/.ray/auth_token" in launcher["file_mounts"]
     for name, node_type in launcher["available_node_types"].items():
@@ -475,8 +488,12 @@ def test_image_installs_its_distributions_python_pinned_versions_and_probe_tools
     # its files (the Ray token) under the image's HOME, which the ray user must own
     assert {"rsync", "openssh-client"} <= set(packages)
     assert text.index("ENV HOME=/home/ray") < text.index("USER ray")
-    index = re.search(r"download\.pytorch\.org/whl/cu(\d+)", text).group(1)
-    assert index == cuda.replace(".", ""), f"torch wheels for CUDA {index}, base image {cuda}"
+    # torch from PyPI, the build the suite runs: its CUDA is the base image's
+    import torch
+
+    assert "--index-url" not in text and "--extra-index-url" not in text
+    assert torch.__version__.split("+")[0] == re.search(r"torch==([\d.]+)", text).group(1)
+    assert torch.version.cuda == cuda, f"torch {torch.__version__}, base image CUDA {cuda}"
     pins = dict(re.findall(r"\b([a-z]+)(?:\[[^\]]*\])?==([\d.]+)", text))
     project = [Requirement(r) for r in metadata.requires("vitray")]  # pyproject's, installed
     wanted = {r.name: r.specifier for r in project if r.marker is None}
@@ -602,3 +619,52 @@ def test_every_kubernetes_object_and_ray_pod_validates_strictly(version):
         except kubernetes_validate.ValidationError as e:
             errors.append(f"{where}: {e.message} at {'.'.join(map(str, e.path))}")
     assert errors == []
+
+
+EFA_DEVICES = {"p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16, "p4d.24xlarge": 4}
+EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_SOCKET_IFNAME": "^lo,docker"}
+
+
+def test_gpu_nodes_reach_each_other_over_efa():
+    """NCCL between GPU nodes over EFA wherever we ship them: the devices requested, the
+    provider set, the plugin in the image, the traffic admitted."""
+    for name, _, spec in cluster_specs():
+        for group in spec.workerGroupSpecs:
+            for c in group.template.spec.containers:
+                if not gpus(c):
+                    continue
+                where = f"{name}/{group.groupName}"
+                efa = c.resources.limits.get("vpc.amazonaws.com/efa")
+                assert efa == c.resources.requests.get("vpc.amazonaws.com/efa") == "32", where
+                env = {e["name"]: e.get("value") for e in c.model_extra["env"]}
+                assert EFA_ENV.items() <= env.items(), where
+
+    launcher = launcher_as_ray_reads_it()
+    options = launcher["docker"]["worker_run_options"]
+    assert {"--device=/dev/infiniband", "--ulimit memlock=-1:-1"} <= set(options)
+    assert {f"--env {k}={v}" for k, v in EFA_ENV.items()} <= set(options)
+    node = launcher["available_node_types"]["gpu_worker"]["node_config"]
+    interfaces = node["NetworkInterfaces"]
+    assert len(interfaces) == EFA_DEVICES[node["InstanceType"]]  # one per network card
+    assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(len(interfaces)))
+    assert all(i["InterfaceType"] == "efa" for i in interfaces)
+    assert [i["DeviceIndex"] for i in interfaces if i["NetworkCardIndex"] == 0] == [0]
+    assert len(set(node["SubnetIds"])) == 1, "EFA spans one subnet (one placement group zone)"
+    assert node["Placement"]["GroupName"]
+
+    (template,) = documents(INFRA / "cluster-launcher" / "security-group.yaml")
+    resources = template["Resources"]
+    itself = {"Fn::GetAtt": ["RayNodes", "GroupId"]}
+    egress = [
+        r["Properties"] for r in resources.values() if r["Type"] == "AWS::EC2::SecurityGroupEgress"
+    ]
+    assert any(
+        e["DestinationSecurityGroupId"] == itself and e["IpProtocol"] == "-1" for e in egress
+    )
+    (placement,) = [r for r in resources.values() if r["Type"] == "AWS::EC2::PlacementGroup"]
+    assert placement["Properties"]["Strategy"] == "cluster"
+
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.search(r"efa_installer\.sh .*--skip-kmod", dockerfile)
+    library_path = re.search(r"^ENV LD_LIBRARY_PATH=(\S+)", dockerfile, re.M).group(1).split(":")
+    assert {"/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu", "/opt/amazon/efa/lib"} <= set(library_path)
