@@ -668,3 +668,17 @@ def test_gpu_nodes_reach_each_other_over_efa():
     assert re.search(r"efa_installer\.sh .*--skip-kmod", dockerfile)
     library_path = re.search(r"^ENV LD_LIBRARY_PATH=(\S+)", dockerfile, re.M).group(1).split(":")
     assert {"/opt/amazon/ofi-nccl/lib/x86_64-linux-gnu", "/opt/amazon/efa/lib"} <= set(library_path)
+
+
+def test_the_compose_file_parses_under_the_compose_spec():
+    """Through a strict Compose spec parser (compose-spec: unknown keys, bad values and
+    wrong types are errors), as `docker compose` would refuse them on the user's machine."""
+    from compose_spec import PyCompose
+
+    text = (INFRA / "mlflow" / "docker-compose.yaml").read_text()
+    compose = PyCompose.from_yaml(text)
+    assert set(compose.service_names()) == {"postgres", "mlflow"}
+    for typo in (("healthcheck:", "healtcheck:"), ("ports:", "port:")):
+        assert typo[0] in text
+        with pytest.raises(ValueError):
+            PyCompose.from_yaml(text.replace(*typo, 1))
