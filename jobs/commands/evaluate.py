@@ -11,7 +11,7 @@ from jobs.config import MlflowSection
 from jobs.inference.evaluation import confusion, predict_split, split_scores
 from jobs.secrets import redact
 from jobs.tracking import plots
-from jobs.tracking.checkpoints import fetch_checkpoint
+from jobs.tracking.checkpoints import local_checkpoint
 from jobs.tracking.runs import log_evaluation, new_run, tracking_uri
 from vit import load_checkpoint, read_checkpoint_meta
 
@@ -19,9 +19,9 @@ from vit import load_checkpoint, read_checkpoint_meta
 def run(args: argparse.Namespace) -> None:
     """`vitray evaluate`: accuracy, per-class accuracy and the confusion matrix, in MLflow."""
     uri = args.tracking_uri or tracking_uri(MlflowSection())
-    checkpoint = fetch_checkpoint(args.checkpoint, uri)
-    meta = read_checkpoint_meta(checkpoint)
-    model = load_checkpoint(checkpoint)
+    with local_checkpoint(args.checkpoint, uri) as checkpoint:
+        meta = read_checkpoint_meta(checkpoint)
+        model = load_checkpoint(checkpoint)
     data = data_for(args.data, meta, args)
     out = predict_split(model, data, args.split)
     n = model.config.num_classes

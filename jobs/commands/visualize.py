@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jobs.commands.data_options import add_data_arguments, data_for
 from jobs.config import MlflowSection
-from jobs.tracking.checkpoints import fetch_checkpoint
+from jobs.tracking.checkpoints import local_checkpoint
 from jobs.tracking.figures import log_figures
 from jobs.tracking.runs import tracking_uri
 from vit import read_checkpoint_meta
@@ -16,11 +16,11 @@ from vit import read_checkpoint_meta
 
 def run(args: argparse.Namespace) -> None:
     uri = args.tracking_uri or tracking_uri(MlflowSection())
-    checkpoint = fetch_checkpoint(args.checkpoint, uri)
-    data = None
-    if args.data:
-        data = data_for(args.data, read_checkpoint_meta(checkpoint), args)
-    written = log_figures(checkpoint, data, args.mlflow_run, uri, Path(args.out))
+    with local_checkpoint(args.checkpoint, uri) as checkpoint:
+        data = None
+        if args.data:
+            data = data_for(args.data, read_checkpoint_meta(checkpoint), args)
+        written = log_figures(checkpoint, data, args.mlflow_run, uri, Path(args.out))
     for path in written:
         print(f"wrote {path}")
     if args.mlflow_run:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 
 from jobs.inference.classify import Classifier
-from jobs.tracking.checkpoints import fetch_checkpoint
+from jobs.tracking.checkpoints import local_checkpoint
 from vit import ViT, ViTConfig, load_checkpoint, read_checkpoint_meta
 
 
@@ -69,9 +69,9 @@ def predict(
     from jobs.cluster.raynode import ensure_ray
     from pipeline.dataset import build_dataset
 
-    directory = fetch_checkpoint(checkpoint, uri)
-    model = load_checkpoint(directory)
-    class_names = read_checkpoint_meta(directory).get("class_names")
+    with local_checkpoint(checkpoint, uri) as directory:
+        model = load_checkpoint(directory)
+        class_names = read_checkpoint_meta(directory).get("class_names")
     ensure_ray()
     weights = ray.put((model.config.to_dict(), model.state_dict(), class_names))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

@@ -8,6 +8,8 @@ or foreign weights as `FORMAT:PATH` (timm, hf, torchvision, jax), converted on t
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vit import ViT, load_checkpoint
@@ -26,9 +28,9 @@ def find_checkpoint_dir(root: Path) -> Path:
     raise FileNotFoundError(f"no vitray checkpoint ({WEIGHTS_FILE} + {CONFIG_FILE}) in {root}")
 
 
-def fetch_checkpoint(ref: str, tracking_uri: str | None = None, workdir: str | None = None) -> Path:
-    """A local vitray checkpoint directory for `ref`, downloading or converting as needed."""
-    workdir = workdir or tempfile.mkdtemp(prefix="vitray-init-")
+def fetch_checkpoint(ref: str, tracking_uri: str | None, workdir: str) -> Path:
+    """A local vitray checkpoint directory for `ref`, downloading or converting into
+    `workdir` as needed (a local checkpoint directory is used where it is)."""
     if ref.startswith(MLFLOW_SCHEMES):
         import mlflow.artifacts
 
@@ -58,6 +60,15 @@ def fetch_checkpoint(ref: str, tracking_uri: str | None = None, workdir: str | N
     return directory
 
 
+@contextmanager
+def local_checkpoint(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """`fetch_checkpoint` into a temporary directory that is removed on exit: a download or
+    a conversion (a ViT-B/16 is 350 MB) is not left behind in /tmp by every command."""
+    with tempfile.TemporaryDirectory(prefix="vitray-checkpoint-") as workdir:
+        yield fetch_checkpoint(ref, tracking_uri, workdir)
+
+
 def load_any(ref: str, tracking_uri: str | None = None, **kwargs) -> ViT:
     """`load_checkpoint` for any reference: `load_any("models:/digits@champion")`."""
-    return load_checkpoint(fetch_checkpoint(ref, tracking_uri), **kwargs)
+    with local_checkpoint(ref, tracking_uri) as directory:
+        return load_checkpoint(directory, **kwargs)

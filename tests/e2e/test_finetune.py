@@ -81,15 +81,17 @@ def test_finetune_from_an_mlflow_uri_and_from_timm_weights(pretrained, digits_di
     timm = pytest.importorskip("timm")
     from timm.models._hub import save_for_hf
 
-    from jobs.tracking.checkpoints import fetch_checkpoint
+    from jobs.tracking.checkpoints import fetch_checkpoint, local_checkpoint
 
-    uri_dir = fetch_checkpoint(f"runs:/{logged_run(mlflow_server)}/checkpoint/final", mlflow_server)
-    assert (uri_dir / "model.safetensors").is_file()
+    ref = f"runs:/{logged_run(mlflow_server)}/checkpoint/final"
+    with local_checkpoint(ref, mlflow_server) as uri_dir:
+        assert (uri_dir / "model.safetensors").is_file()
+    assert not uri_dir.exists(), "a command's download is left behind"
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
     path = digits_dir / "timm-tiny"  # a timm Hub directory: weights + config.json
     save_for_hf(model, path, safe_serialization=True)
-    converted = fetch_checkpoint(f"timm:{path}", workdir=str(digits_dir / "timm-conv"))
+    converted = fetch_checkpoint(f"timm:{path}", None, str(digits_dir / "timm-conv"))
     ours = load_checkpoint(converted)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours(x), model.eval()(x), atol=1e-4, rtol=1e-4)

@@ -82,7 +82,8 @@ def test_a_dinov2_with_registers_tower_fine_tunes_at_another_resolution(
         ],
     )
     classes = describe_dataset(cfg.data).class_names
-    start = resized_start(cfg, classes, fetch_checkpoint, str(tmp_path / "work"))
+    fetch = lambda ref, workdir: fetch_checkpoint(ref, None, workdir)  # noqa: E731
+    start = resized_start(cfg, classes, fetch, str(tmp_path / "work"))
     assert (start.config.reg_tokens, start.config.no_embed_class) == (4, True)
     assert start.config.grid_size == (3, 3) and start.config.num_classes == 10
     reports = train_in_process(cfg, start, keep=tmp_path / "tuned")
