@@ -682,3 +682,25 @@ def test_the_compose_file_parses_under_the_compose_spec():
         assert typo[0] in text
         with pytest.raises(ValueError):
             PyCompose.from_yaml(text.replace(*typo, 1))
+
+
+KUBERAY_SCHEMA = Path(__file__).parent / "schemas" / "kuberay-1.6.json"
+
+
+def test_every_ray_cluster_and_job_validates_strictly_against_kuberay_1_6():
+    """KubeRay's own fields (the pod templates inside are core Kubernetes, checked above),
+    unknown keys as errors: the API server would prune a misspelt one without a word."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(KUBERAY_SCHEMA.read_text()))
+    ray_objects = [doc for name, doc, _ in cluster_specs()]
+    assert {d["kind"] for d in ray_objects} == {"RayCluster", "RayJob"}
+    for doc in ray_objects:
+        errors = [e.message for e in validator.iter_errors(doc)]
+        assert not errors, f"{doc['kind']} {doc['metadata']['name']}: {errors}"
+
+    cluster = next(d for d in ray_objects if d["kind"] == "RayCluster")
+    misspelt = yaml.safe_load(yaml.safe_dump(cluster).replace("maxReplicas:", "maxReplica:", 1))
+    later = {**cluster, "spec": {**cluster["spec"], "tlsOptions": {}}}  # not a 1.6 field
+    for bad in (misspelt, later):
+        assert not validator.is_valid(bad)
