@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from jobs.cluster.raynode import quiet_ray_notices
-from jobs.secrets import mask_process_output
+from jobs.secrets import load_job_credentials, mask_process_output
 
 # name -> (module, help, description). Each module under jobs/commands defines
 # add_arguments(parser) and run(args). Only the chosen command's module is imported:
@@ -164,6 +164,7 @@ WORKER_START_WARNING = r"^WARNING: \d+ PYTHON worker processes have been started
 def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in logs as they come
     mask_process_output()  # before any handler holds the streams: no password printed
+    load_job_credentials()  # a submitted job's MLflow credentials, from its package
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_ray_notices()
     # Before any command imports Ray Data, which reads it once: no "Dataset ... execution

@@ -4,17 +4,40 @@ vitray, MLflow, requests, urllib3, Ray. One place, so that no call site can forg
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
-CREDENTIALS = re.compile(r"(://[^/@\s:]*:)[^/@\s]+@")  # the password of scheme://user:password@
+# scheme://user:password@host: the password, up to the last @ before the path (a password
+# may hold an unencoded @, as urllib reads it); scheme://token@host: the token
+PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/\s]+@")
+TOKEN = re.compile(r"://[^/@\s:]+@")
 
 
 def redact(text: str) -> str:
-    """`text` with the password of every URI in it masked: what may be printed or logged."""
-    return CREDENTIALS.sub(r"\1***@", text)
+    """`text` with the credentials of every URI in it masked: what may be printed or logged."""
+    return TOKEN.sub("://***@", PASSWORD.sub(r"\1***@", text))
+
+
+@contextmanager
+def masked_errors() -> Iterator[None]:
+    """Re-raise an exception whose traceback quotes a credential (MLflow's errors quote the
+    request's URL) as one whose text is that traceback masked: Ray writes a failed task's or
+    trial's error to disk (Tune's error.txt) and to its logs, past every masked stream."""
+    try:
+        yield
+    except Exception as e:
+        told = "".join(traceback.format_exception(e))
+        if redact(told) == told:
+            raise
+        raise RuntimeError(f"{type(e).__name__} (credentials masked):\n{redact(told)}") from None
 
 
 class MaskedStream:
@@ -47,6 +70,9 @@ def masked_record_factory(make: Any) -> Any:
         except (TypeError, ValueError):  # a bad format: the logging module reports it
             return record
         record.msg, record.args = redact(message), None
+        if record.exc_info:  # the traceback a handler would format: formatted here, masked
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_text, record.exc_info = record.exc_text.rstrip("\n"), None
         return record
 
     factory.masks = True  # type: ignore[attr-defined]
@@ -64,3 +90,17 @@ def mask_process_output() -> None:
     make = logging.getLogRecordFactory()
     if not getattr(make, "masks", False):
         logging.setLogRecordFactory(masked_record_factory(make))
+
+
+# A submitted job's MLflow credentials travel in a file of its package, never in Ray's runtime
+# env (Ray's runtime-env agent logs that whole, and the dashboard shows it): jobs_api writes
+# the file and names it here; the job's driver and every worker read it at start.
+CREDENTIALS_FILE_ENV = "VITRAY_CREDENTIALS_FILE"
+
+
+def load_job_credentials() -> None:
+    """Set the variables of the job's credentials file in this process (keeping any set)."""
+    path = os.environ.get(CREDENTIALS_FILE_ENV)
+    if path and Path(path).is_file():
+        for key, value in json.loads(Path(path).read_text()).items():
+            os.environ.setdefault(key, value)

@@ -5,14 +5,18 @@ cluster's head node. The job's directory holds the project's packages (an allowl
 virtualenv, data, runs, stores or secrets) and the files the command names, so a config in
 the user's own directory works; `--image` names a container image that holds the code
 instead. Ray's token auth stays on: the client sends the token Ray finds in
-`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token. The client's MLflow
-credentials travel in the job's runtime environment (never printed), so the job logs to an
-authenticating MLflow server as the client's user.
+`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token. The client's MLflow tracking
+URI and credentials travel in a file of the job's directory (`inputs/credentials.json`, read
+by the job's driver and workers at start), so the job logs to an authenticating MLflow
+server as the client's user: not in the job's config, and not in Ray's runtime environment,
+which Ray's runtime-env agent writes to its log and the dashboard shows. With `--image`
+there is no job directory, and they travel in the runtime environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shlex
@@ -23,17 +27,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.secrets import CREDENTIALS_FILE_ENV
 from jobs.tracking.runs import tracking_uri
 
 PROJECT = Path(__file__).resolve().parents[2]
 PACKAGES = ("vit", "pipeline", "jobs")  # what a job needs of the project: its code, no more
 INPUTS = "inputs"  # where the files a command names travel, inside the job's directory
 CONFIG_PATHS = ("data.dataset", "init.checkpoint", "run.storage_path")
-FORWARDED_ENV = (
+CREDENTIALS = f"{INPUTS}/credentials.json"
+MLFLOW_ENV = (  # the tracking URI may carry a password too
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
+)
+FORWARDED_ENV = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "RAY_DATA_LOG_LEVEL",
     "VITRAY_DATA",
@@ -57,8 +65,22 @@ def runtime_env(image: str | None, working_dir: Path | None) -> dict[str, Any]:
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env_vars.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # as on nodes vitray starts
     if image:
+        env_vars.update({k: os.environ[k] for k in MLFLOW_ENV if k in os.environ})
         return {"image_uri": image, "env_vars": env_vars}
+    env_vars[CREDENTIALS_FILE_ENV] = CREDENTIALS  # relative: workers start in the job's dir
     return {"working_dir": str(working_dir), "env_vars": env_vars}
+
+
+def write_credentials(directory: Path, uri: str | None) -> None:
+    """The job's MLflow tracking URI (as the client resolves it: its config's, else its
+    MLFLOW_TRACKING_URI, else its ./mlflow.db) and the client's MLflow credentials, in a file
+    only its owner reads."""
+    values = {k: os.environ[k] for k in MLFLOW_ENV if k in os.environ}
+    if uri:
+        values["MLFLOW_TRACKING_URI"] = uri
+    path = directory / CREDENTIALS
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(values))
 
 
 def client_path(value: str) -> str:
@@ -73,23 +95,25 @@ def client_path(value: str) -> str:
     return str(Path(value).expanduser().resolve())
 
 
-def resolved_config(path: str, overrides: list[str]) -> str:
+def resolved_config(path: str, overrides: list[str]) -> tuple[str, str]:
     """The job's config as YAML, read and validated here (a bad key fails before anything
-    is submitted), with its local paths made absolute."""
+    is submitted), with its local paths made absolute; and its MLflow tracking URI as the
+    client resolves it (its MLFLOW_TRACKING_URI or ./mlflow.db, not one in the job's
+    temporary directory on the cluster), which travels with the credentials, not in the
+    config."""
     import yaml
 
     from jobs.config import load_config, with_values
 
     cfg = load_config(path, overrides)
     tree = cfg.model_dump(mode="json")
-    # the MLflow store as the client resolves it (its MLFLOW_TRACKING_URI or ./mlflow.db),
-    # not one in the job's temporary directory on the cluster
-    paths = {"mlflow.tracking_uri": tracking_uri(cfg.mlflow)}
+    paths = {"mlflow.tracking_uri": None}
     for key in CONFIG_PATHS:
         section, field = key.split(".")
         if tree[section][field]:
             paths[key] = client_path(tree[section][field])
-    return yaml.safe_dump(with_values(cfg, paths).model_dump(mode="json"), sort_keys=False)
+    resolved = with_values(cfg, paths).model_dump(mode="json")
+    return yaml.safe_dump(resolved, sort_keys=False), tracking_uri(cfg.mlflow)
 
 
 def stage(command: list[str], directory: Path) -> list[str]:
@@ -107,12 +131,13 @@ def stage(command: list[str], directory: Path) -> list[str]:
             overrides.append(value if eq else next(words, ""))
         else:
             args.append(word)
-    resolved = resolved_config(config, overrides) if config is not None else None
+    resolved, uri = resolved_config(config, overrides) if config is not None else (None, None)
     for package in PACKAGES:
         shutil.copytree(
             PROJECT / package, directory / package, ignore=shutil.ignore_patterns("__pycache__")
         )
     (directory / INPUTS).mkdir()
+    write_credentials(directory, uri)
     if resolved is not None:
         (directory / INPUTS / "config.yaml").write_text(resolved)
         args += ["--config", f"{INPUTS}/config.yaml"]

@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import Any
 
-from jobs.secrets import mask_process_output
+from jobs.secrets import load_job_credentials, mask_process_output
 
 
 def node_env(cpus: int | None = None) -> dict[str, str]:
@@ -61,6 +61,7 @@ def setup_worker() -> None:
     import ray
 
     mask_process_output()
+    load_job_credentials()
     quiet_ray_notices()
     sys.unraisablehook = quiet_exit_in_finalizers
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # whatever it inherited

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from jobs.config import JobConfig, MlflowSection, shown
+from jobs.secrets import redact
 from jobs.tracking import runs, search_report
 from jobs.tracking.checkpoints import fetch_checkpoint
 from jobs.tracking.figures import log_figures
@@ -145,7 +146,7 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         client = MlflowClient(self.uri)
-        about = f"**Failed:** {reason}\n\n`{runs.command_line()}`"
+        about = f"**Failed:** {redact(reason)}\n\n`{runs.command_line()}`"
         client.set_tag(parent_id, runs.DESCRIPTION_TAG, about)
         client.set_terminated(parent_id, "FAILED")
 

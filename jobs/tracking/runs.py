@@ -169,7 +169,7 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str, split_rows: dict
         )
         run_id = None
     if run_id is None:  # a run directory from before records were kept
-        found = runs_tagged(client, experiment_id, {RUN_DIR_TAG: run_dir}, unfinished=True)
+        found = runs_tagged(client, experiment_id, {RUN_DIR_TAG: redact(run_dir)}, unfinished=True)
         run_id = found[0].info.run_id if found else None
     if run_id:
         client.set_terminated(run_id, "RUNNING")
@@ -178,7 +178,7 @@ def open_run(cfg: JobConfig, uri: str, run_dir: str, kind: str, split_rows: dict
         print(f"resuming MLflow run {run_id}", flush=True)
         return run_id
     tags = {
-        RUN_DIR_TAG: run_dir,
+        RUN_DIR_TAG: redact(run_dir),  # as shown: a storage URI may carry keys
         "vitray.kind": kind,
         "git_commit": git_commit(),
         **cluster_tags(),
@@ -305,7 +305,7 @@ def dataset_input(data: DataConfig, split_rows: dict[str, int]) -> Any:
 
     info = describe_dataset(data)
     root = info.source.root
-    location = data.dataset if "://" in data.dataset else root
+    location = redact(data.dataset) if "://" in data.dataset else root
     listing = json.dumps(info.source.manifest or info.source.files, sort_keys=True)
     name = data.dataset.removeprefix("builtin:") if data.dataset.startswith("builtin:") else None
 

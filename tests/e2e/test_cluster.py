@@ -178,8 +178,10 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(
     local_cluster, digits_dir, tmp_path, monkeypatch
 ):
     """Submitted from the user's own directory, with the user's own config file; the job
-    logs to MLflow with the password in its tracking URI, which neither the console nor
-    any node's Ray logs (its workers' output among them) show."""
+    logs to MLflow with the password in its tracking URI and in MLflow's variables, which
+    neither the console, nor any file of any node's Ray session (its logs, its workers'
+    output, the runtime-env agent's log, the job's unpacked directory) but the job's own
+    credentials file, nor the job's record in Ray's dashboard show."""
     from mlflow import MlflowClient
 
     password = local_cluster["mlflow_env"]["MLFLOW_TRACKING_PASSWORD"]
@@ -197,12 +199,22 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(
         "--set", "mlflow.experiment=cluster-test",
         cwd=tmp_path,
         **local_cluster["env"],
+        **local_cluster["mlflow_env"],  # MLFLOW_TRACKING_USERNAME and _PASSWORD
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert password not in run.stdout + run.stderr
-    node_logs = [Path(temp) / "session_latest" / "logs" for temp in local_cluster["temp_dirs"]]
-    assert all(logs.is_dir() for logs in node_logs)
-    assert [f for logs in node_logs for f in files_holding(password, logs)] == []
+    sessions = [Path(temp) / "session_latest" for temp in local_cluster["temp_dirs"]]
+    assert all((session / "logs" / "runtime_env_agent.log").is_file() for session in sessions)
+    holding = [f for session in sessions for f in files_holding(password, session)]
+    assert [f for f in holding if Path(f).name != "credentials.json"] == []
+    job_id = run.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+    token = Path(local_cluster["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    record = urllib.request.Request(
+        f"{local_cluster['dashboard']}/api/jobs/{job_id}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(record, timeout=60) as answer:
+        assert password not in answer.read().decode()  # `ray job list`, the dashboard
     assert "SUCCEEDED" in run.stdout and run.stdout.count("step 10/10") == 1  # printed once
     assert "Reporting training result" not in run.stdout  # Ray Train's per-report INFO lines
     assert "Execution plan of Dataset" not in run.stdout  # Ray Data's lines per epoch
@@ -211,7 +223,6 @@ def test_submit_pretrain_spread_over_two_nodes_logs_to_mlflow(
     assert last.startswith("step 10/10")  # printed by the driver: no Ray actor prefix
     assert "Converting a tensor with requires_grad" not in run.stdout  # torch, per worker
     assert len(train_worker_nodes(local_cluster)) == 2  # one Train worker on each node
-    job_id = run.stdout.split("submitted ", 1)[1].split(":", 1)[0]
 
     for key, value in local_cluster["mlflow_env"].items():
         monkeypatch.setenv(key, value)

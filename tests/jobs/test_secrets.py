@@ -23,6 +23,31 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_redact_masks_the_password_of_every_uri():
     text = f"{URL} and s3://key:{PASSWORD}@bucket/x, not https://host/a:b@c"
     assert PASSWORD not in redact(text) and redact(URL) == URL.replace(PASSWORD, "***")
+    # a password holding an unencoded @ (urllib reads it whole), and a token as user
+    assert redact("http://alice:p@ss@host:5000/x") == "http://alice:***@host:5000/x"
+    assert redact("GET https://t0ken@host/api failed") == "GET https://***@host/api failed"
+
+
+def test_an_error_quoting_a_credential_is_raised_again_masked():
+    from jobs.secrets import masked_errors
+
+    def fails():
+        try:
+            raise OSError("connection refused")
+        except OSError as e:
+            raise ValueError(f"API request to {URL} failed") from e
+
+    with pytest.raises(RuntimeError) as raised, masked_errors():
+        fails()
+    text = str(raised.value)
+    assert PASSWORD not in text and "alice:***@" in text
+    assert "ValueError" in text and "OSError: connection refused" in text  # the whole story
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+    plain = KeyError("no password here")
+    with pytest.raises(KeyError) as raised, masked_errors():
+        raise plain
+    assert raised.value is plain  # nothing to mask: the error as it was
 
 
 def test_every_writer_in_the_process_is_masked():
@@ -35,12 +60,17 @@ def test_every_writer_in_the_process_is_masked():
         print("vitray line {URL}")
         logging.getLogger("urllib3.connectionpool").warning("Retrying after %s", "{URL}")
         warnings.warn("MLflow at {URL} did not answer")
+        try:
+            raise OSError("{URL} refused")
+        except OSError:
+            logging.getLogger("ray.data").exception("Full stack trace:")  # its traceback too
         raise ConnectionError("API request to {URL} failed")
         """
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "ConnectionError: API request to" in out
-    assert PASSWORD not in out and out.count("alice:***@") == 4
+    assert "Full stack trace:" in out and "OSError: http://alice:***@" in out
+    assert PASSWORD not in out and out.count("alice:***@") == 5
 
 
 @pytest.mark.ray

@@ -19,6 +19,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.util.queue import Empty, Queue
 
 from jobs.config import JobConfig, with_values
+from jobs.secrets import masked_errors
 from jobs.training.fit import build_datasets, build_trainer
 from jobs.training.loop import Runner, run_training
 from jobs.training.plan import TrainPlan, make_plan
@@ -103,7 +104,15 @@ def run_trial(
     sample: dict[str, Any], base: dict, parent_id: str | None, tracker: Tracker, start
 ) -> None:
     """One Tune trial: the base config with this trial's sample, trained to the end or
-    until the scheduler stops it."""
+    until the scheduler stops it. Its error, as Tune writes it to disk, holds no password."""
+    with masked_errors():
+        train_trial(sample, base, parent_id, tracker, start)
+
+
+def train_trial(
+    sample: dict[str, Any], base: dict, parent_id: str | None, tracker: Tracker, start
+) -> None:
+    """`run_trial`'s work: in process, or as the driver of its own trainer."""
     import torch
     from ray import tune
 

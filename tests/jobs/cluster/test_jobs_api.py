@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import pytest
@@ -9,6 +11,7 @@ import yaml
 
 from jobs.cluster.jobs_api import runtime_env, stage
 from jobs.config import CONFIGS, ConfigError
+from jobs.secrets import load_job_credentials
 
 
 @pytest.fixture
@@ -81,15 +84,44 @@ def test_equals_forms_and_the_clients_mlflow_store_travel_too(user_dir, tmp_path
     shipped = yaml.safe_load((out / "inputs" / "config.yaml").read_text())
     assert shipped["train"]["max_steps"] == 7
     # not a mlflow.db in the job's temporary directory on the cluster
-    assert shipped["mlflow"]["tracking_uri"] == f"sqlite:///{user_dir / 'mlflow.db'}"
+    credentials = json.loads((out / "inputs" / "credentials.json").read_text())
+    assert credentials["MLFLOW_TRACKING_URI"] == f"sqlite:///{user_dir / 'mlflow.db'}"
 
 
-def test_the_clients_mlflow_credentials_travel_to_the_job(tmp_path, monkeypatch):
+def test_the_clients_mlflow_credentials_travel_in_a_file_not_in_rays_runtime_env(
+    user_dir, tmp_path, monkeypatch
+):
+    """Ray's runtime-env agent logs the runtime env whole and the dashboard shows it: the
+    URI's password and MLflow's secret variables go in a file only its owner reads, which
+    the job's driver and workers load at start."""
+    uri = "http://alice:pa@ss@mlflow.internal:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
-    env_vars = runtime_env(None, tmp_path)["env_vars"]
-    assert env_vars["MLFLOW_TRACKING_USERNAME"] == "alice"
-    assert env_vars["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
-    assert env_vars["MLFLOW_TRACKING_TOKEN"] == "t0ken"
+    out = tmp_path / "job"
+    out.mkdir()
+    stage(["pretrain", "--config", "my.yaml", "--set", f"mlflow.tracking_uri={uri}"], out)
+    env = runtime_env(None, out)
+    shipped = [*env["env_vars"].values(), (out / "inputs" / "config.yaml").read_text()]
+    assert not [s for s in ("pa@ss", "s3cret", "t0ken") for text in shipped if s in text]
+    credentials = out / env["env_vars"]["VITRAY_CREDENTIALS_FILE"]
+    assert credentials.stat().st_mode & 0o077 == 0
+    assert json.loads(credentials.read_text()) == {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "s3cret",
+        "MLFLOW_TRACKING_TOKEN": "t0ken",
+    }
+
+    # the job's process, started in its directory: the variables are set, none overwritten
+    monkeypatch.chdir(out)
+    monkeypatch.setenv("VITRAY_CREDENTIALS_FILE", env["env_vars"]["VITRAY_CREDENTIALS_FILE"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored (unset) when the test ends
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "set-on-the-node")
+    load_job_credentials()
+    assert os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "set-on-the-node"
+
+    # an image holds no job directory: its runtime env carries them
     assert runtime_env("vitray:0.1.0", None)["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
