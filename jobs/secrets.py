@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 # scheme://user:password@host: the password, up to the last @ before the path (a password
 # may hold an unencoded @, as urllib reads it); scheme://token@host: the token
-PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/\s]+@")
+PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/\s\"'<>]+@")
 TOKEN = re.compile(r"://[^/@\s:]+@")
 
 
@@ -99,8 +99,13 @@ CREDENTIALS_FILE_ENV = "VITRAY_CREDENTIALS_FILE"
 
 
 def load_job_credentials() -> None:
-    """Set the variables of the job's credentials file in this process (keeping any set)."""
+    """Set the variables of the job's credentials file in this process: what the client
+    sent wins over what the node's environment holds (as Ray's runtime env would)."""
     path = os.environ.get(CREDENTIALS_FILE_ENV)
-    if path and Path(path).is_file():
-        for key, value in json.loads(Path(path).read_text()).items():
-            os.environ.setdefault(key, value)
+    if not path:
+        return
+    file = Path(path).resolve()
+    if not file.is_file():  # MLflow would fall back to a store of its own, silently
+        raise FileNotFoundError(f"{CREDENTIALS_FILE_ENV}={path}: no such file in {Path.cwd()}")
+    os.environ.update(json.loads(file.read_text()))
+    os.environ[CREDENTIALS_FILE_ENV] = str(file)  # for processes started from another cwd

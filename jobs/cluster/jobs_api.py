@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.secrets import CREDENTIALS_FILE_ENV
+from jobs.secrets import CREDENTIALS_FILE_ENV, redact
 from jobs.tracking.runs import tracking_uri
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -72,9 +72,9 @@ def runtime_env(image: str | None, working_dir: Path | None) -> dict[str, Any]:
 
 
 def write_credentials(directory: Path, uri: str | None) -> None:
-    """The job's MLflow tracking URI (as the client resolves it: its config's, else its
-    MLFLOW_TRACKING_URI, else its ./mlflow.db) and the client's MLflow credentials, in a file
-    only its owner reads."""
+    """The job's MLflow tracking URI (as the client resolves it: its config's or command
+    line's, else its MLFLOW_TRACKING_URI, else its ./mlflow.db) and the client's MLflow
+    credentials, in a file only its owner reads: out of Ray's logs and job records."""
     values = {k: os.environ[k] for k in MLFLOW_ENV if k in os.environ}
     if uri:
         values["MLFLOW_TRACKING_URI"] = uri
@@ -123,15 +123,30 @@ def stage(command: list[str], directory: Path) -> list[str]:
     one naming a local directory is made absolute."""
     args, overrides, config = [], [], None
     words = iter(command)
+    uri = None  # an MLflow URI named on the command line travels with the credentials
     for word in words:
         option, eq, value = word.partition("=")
         if option == "--config":
             config = value if eq else next(words, None)
         elif option == "--set":
             overrides.append(value if eq else next(words, ""))
+        elif option == "--tracking-uri":
+            uri = value if eq else next(words, None)
         else:
             args.append(word)
-    resolved, uri = resolved_config(config, overrides) if config is not None else (None, None)
+    if config is not None:
+        resolved, uri = resolved_config(config, overrides)
+    else:
+        resolved = None
+        named = [o.partition("=")[2] for o in overrides if o.startswith("mlflow.tracking_uri=")]
+        overrides = [o for o in overrides if not o.startswith("mlflow.tracking_uri=")]
+        uri = named[-1] if named else uri
+    shown = [*args, *([] if resolved is not None else overrides)]  # the entrypoint's words
+    if any(redact(word) != word for word in shown):
+        raise ValueError(
+            "a credential in the command would show in the job's entrypoint (`ray job list`, "
+            "the dashboard): give it in the --config file, or in an environment variable"
+        )
     for package in PACKAGES:
         shutil.copytree(
             PROJECT / package, directory / package, ignore=shutil.ignore_patterns("__pycache__")

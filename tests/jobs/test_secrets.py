@@ -26,6 +26,8 @@ def test_redact_masks_the_password_of_every_uri():
     # a password holding an unencoded @ (urllib reads it whole), and a token as user
     assert redact("http://alice:p@ss@host:5000/x") == "http://alice:***@host:5000/x"
     assert redact("GET https://t0ken@host/api failed") == "GET https://***@host/api failed"
+    compact = '{"uri":"http://host:5000","user":"a@b.c"}'  # no userinfo: left alone
+    assert redact(compact) == compact
 
 
 def test_an_error_quoting_a_credential_is_raised_again_masked():

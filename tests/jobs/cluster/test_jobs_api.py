@@ -113,15 +113,39 @@ def test_the_clients_mlflow_credentials_travel_in_a_file_not_in_rays_runtime_env
         "MLFLOW_TRACKING_TOKEN": "t0ken",
     }
 
-    # the job's process, started in its directory: the variables are set, none overwritten
+    # the job's process, started in its directory: the client's values win over the node's
     monkeypatch.chdir(out)
     monkeypatch.setenv("VITRAY_CREDENTIALS_FILE", env["env_vars"]["VITRAY_CREDENTIALS_FILE"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored (unset) when the test ends
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "set-on-the-node")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://the-nodes-own:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "the-nodes-user")
     load_job_credentials()
     assert os.environ["MLFLOW_TRACKING_URI"] == uri
-    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "set-on-the-node"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["VITRAY_CREDENTIALS_FILE"] == str(credentials.resolve())
+    monkeypatch.setenv("VITRAY_CREDENTIALS_FILE", "inputs/gone.json")
+    with pytest.raises(FileNotFoundError, match="gone.json"):  # never a silent other store
+        load_job_credentials()
 
     # an image holds no job directory: its runtime env carries them
     assert runtime_env("vitray:0.1.0", None)["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+
+
+def test_a_tracking_uri_on_the_command_line_travels_with_the_credentials(user_dir, tmp_path):
+    out = tmp_path / "job"
+    out.mkdir()
+    uri = "http://alice:pw@mlflow.internal:5000"
+    command = stage(["evaluate", "models:/m@champion", "--data", "x", "--tracking-uri", uri], out)
+    assert uri not in " ".join(command) and "--tracking-uri" not in command
+    credentials = json.loads((out / "inputs" / "credentials.json").read_text())
+    assert credentials["MLFLOW_TRACKING_URI"] == uri
+    out2 = tmp_path / "job2"
+    out2.mkdir()
+    command = stage(["demo", "--set", f"mlflow.tracking_uri={uri}"], out2)
+    assert command == ["demo"]
+    assert (
+        json.loads((out2 / "inputs" / "credentials.json").read_text())["MLFLOW_TRACKING_URI"] == uri
+    )
+    out3 = tmp_path / "job3"
+    out3.mkdir()
+    with pytest.raises(ValueError, match="entrypoint"):  # no other place to carry it
+        stage(["demo", "--set", "data.dataset=s3://key:secret@bucket/images"], out3)
