@@ -71,8 +71,8 @@ def masked_record_factory(make: Any) -> Any:
             return record
         record.msg, record.args = redact(message), None
         if record.exc_info:  # the traceback a handler would format: formatted here, masked
-            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)))
-            record.exc_text, record.exc_info = record.exc_text.rstrip("\n"), None
+            told = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            record.exc_text, record.exc_info = redact(told), None
         return record
 
     factory.masks = True  # type: ignore[attr-defined]

@@ -11,14 +11,14 @@ final checkpoint, the model, the figures) are retried with backoff for a bounded
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from jobs.environ import scoped_environ
 from jobs.secrets import redact
 
 if TYPE_CHECKING:
@@ -51,18 +51,6 @@ def is_outage(error: Exception) -> bool:
         status = error.get_http_status_code()
         return status >= 500 or status == 429
     return isinstance(error, OSError)  # requests' connection errors and timeouts among them
-
-
-@contextlib.contextmanager
-def short_requests() -> Iterator[None]:
-    """RANK0_HTTP in the environment for the sink's own requests, and only for those."""
-    added = {k: v for k, v in RANK0_HTTP.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
 
 
 def retrying(what: str, call: Callable[[], T], for_s: float = END_OF_RUN_RETRY_S) -> T:
@@ -164,7 +152,8 @@ class MlflowMetrics:
 
         if self.client is None:
             self.client = MlflowClient(self.uri)
-        with short_requests():
+        # RANK0_HTTP for the sink's own requests only, where the user set none
+        with scoped_environ(**{k: v for k, v in RANK0_HTTP.items() if k not in os.environ}):
             while self.pending:
                 rows = self.next_batch()
                 self.client.log_batch(self.run_id, metrics=[m for row in rows for m in row])

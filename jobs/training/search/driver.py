@@ -16,6 +16,7 @@ from typing import Any
 
 from jobs.cluster.raynode import ensure_ray
 from jobs.config import JobConfig, with_values
+from jobs.environ import scoped_environ
 from jobs.inference.evaluation import evaluate_checkpoint
 from jobs.training.capacity import fit_to_cluster
 from jobs.training.fit import storage_dir
@@ -249,28 +250,12 @@ def fit_interruptibly(tuner: Any, own_loggers: bool) -> Any:
     before = signal.getsignal(signal.SIGINT) if in_main_thread() else None
     TUNING.set()
     try:
-        with environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1" if own_loggers else None):
+        with scoped_environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1" if own_loggers else None):
             return tuner.fit()
     finally:
         TUNING.clear()
         if before is not None:
             signal.signal(signal.SIGINT, before)
-
-
-@contextmanager
-def environment(**values: str | None) -> Iterator[None]:
-    """These environment variables set (None: left as they are) for the block only: Tune
-    reads them when fit starts, and another Tuner in this process must not inherit them."""
-    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
-    os.environ.update({k: v for k, v in values.items() if v is not None})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager
