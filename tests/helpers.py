@@ -20,6 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from jobs.cluster.local import MLFLOW_SERVER_ENV
 from jobs.config import CONFIGS, JobConfig, load_config
 from jobs.tracking.mlflow_tracker import MlflowTracker
 from jobs.training.fit import Outcome, fit
@@ -167,6 +168,7 @@ def start_mlflow(root: Path, port: int) -> subprocess.Popen:
             "--workers",
             "1",
         ],
+        env={**os.environ, **MLFLOW_SERVER_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -249,6 +251,22 @@ def register_animals(tmp: Path) -> tuple[str, Path]:
             model_uri = log_vit_model(checkpoint)
         register_vit_model(model_uri, "animals", "champion", uri, "test", {})
     return uri, checkpoint
+
+
+def mlflow_job_runners(pid: int) -> list[str]:
+    """The command lines of the GenAI job runner and task consumers under the MLflow server
+    `pid`: none when MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false reached it."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "mlflow.server.jobs" in command:
+            found.append(command)
+    return found
 
 
 def files_holding(secret: str, root: Path) -> list[str]:

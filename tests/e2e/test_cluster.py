@@ -22,7 +22,7 @@ import pytest
 
 from jobs.config import CONFIGS
 
-from helpers import ROOT, files_holding
+from helpers import ROOT, files_holding, mlflow_job_runners
 
 pytestmark = pytest.mark.slow
 
@@ -165,6 +165,8 @@ def test_up_refuses_clients_without_the_token_and_listens_on_localhost_only(loca
     assert http_status(jobs, {"Authorization": f"Bearer {token}"}) == 200
     experiments = f"{local_cluster['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
     assert http_status(experiments, {}) == 401  # MLflow's basic-auth app
+    (mlflow,) = [p["pid"] for p in local_cluster["processes"] if p["name"] == "mlflow"]
+    assert mlflow_job_runners(mlflow) == []  # no idle GenAI job runner beside it
 
     sockets = listening([p["pid"] for p in local_cluster["processes"]])
     ports = {port for _, _, port in sockets}

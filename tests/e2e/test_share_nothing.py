@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from jobs.cluster.local import MLFLOW_SERVER_ENV
 from jobs.config import CONFIGS
 
 from helpers import ROOT, free_port, stop_group, wait_healthy
@@ -87,7 +88,7 @@ def storage(s3_server, digits_dir, tmp_path_factory):
             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
             "--artifacts-destination", "s3://vitray-mlflow/artifacts", "--workers", "1",
         ],
-        env={**os.environ, **env}, cwd=root,
+        env={**os.environ, **env, **MLFLOW_SERVER_ENV}, cwd=root,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"

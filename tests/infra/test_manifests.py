@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from jobs.cli import COMMANDS
 from jobs.config import JobConfig, load_config
 
-from helpers import ROOT, free_port, stop_group, wait_healthy
+from helpers import ROOT, free_port, mlflow_job_runners, stop_group, wait_healthy
 
 INFRA = ROOT / "infra"
 MANIFESTS = sorted(INFRA.rglob("*.yaml"))
@@ -462,6 +462,7 @@ def test_mlflow_servers_authenticate_and_allow_the_hosts_clients_send():
         options = server_options(command)
         assert options["--app-name"] == "basic-auth"
         assert {"MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"} <= env
+        assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" in env  # false: no idle GenAI runners
         allowed = options["--allowed-hosts"].split(",")
         assert all(is_allowed_host_header(allowed, host) for host in clients), clients
     for key in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
@@ -559,6 +560,7 @@ def test_the_k8s_mlflow_command_refuses_strangers_and_serves_its_clients(tmp_pat
 
         service = "mlflow.mlflow.svc.cluster.local:5000"
         admin = ("admin", secrets["MLFLOW_AUTH_ADMIN_PASSWORD"])
+        assert mlflow_job_runners(proc.pid) == []  # only the server: no idle GenAI runners
         assert status(service) == 401
         assert status(service, "admin", "wrong") == 401
         assert status("attacker.example:5000", *admin) in (400, 403)
