@@ -144,13 +144,37 @@ def load_tasks(
         units = json.loads(task)
         if kwargs["train"]:  # a new order every epoch, free: a task's units are listed
             units = [units[i] for i in rng.permutation(len(units))]
-        for unit in units:
-            rows = read_unit(source, unit)
-            if kwargs["train"]:  # a new row order every epoch, free: the unit is in memory
-                order = rng.permutation(len(rows["label"]))
-                rows = {key: column[order] for key, column in rows.items()}
-            for chunk in batches(rows, chunk_rows):
-                yield preprocess_batch(chunk, **kwargs)
+        yield from unit_chunks(source, units, chunk_rows, rng, **kwargs)
+
+
+def unit_chunks(
+    source: Source, units: list[Unit], chunk_rows: int, rng: np.random.Generator, **kwargs: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of `units` in turn, preprocessed `chunk_rows` at a time (`preprocess_batch`'s
+    keyword arguments in `kwargs`)."""
+    for unit in units:
+        rows = read_unit(source, unit)
+        if kwargs["train"]:  # a new row order every epoch, free: the unit is in memory
+            order = rng.permutation(len(rows["label"]))
+            rows = {key: column[order] for key, column in rows.items()}
+        for chunk in batches(rows, chunk_rows):
+            yield preprocess_batch(chunk, **kwargs)
+
+
+def first_rows(
+    cfg: DataConfig, split: str, patch_size: int, num_classes: int | None, n: int
+) -> dict[str, np.ndarray]:
+    """The first `n` rows of `split` as the eval pipeline gives them, read in this process:
+    a handful of images (a figure's) without starting a dataset on the cluster."""
+    info = describe_dataset(cfg)
+    units = [unit for task in plan_split(cfg, info, split) for unit in task]
+    kwargs = dict(cfg=cfg, patch_size=patch_size, train=False, num_classes=num_classes)
+    chunks = []
+    for chunk in unit_chunks(info.source, units, n, np.random.default_rng(), **kwargs):
+        chunks.append(chunk)
+        if sum(len(c["label"]) for c in chunks) >= n:
+            break
+    return {key: np.concatenate([c[key] for c in chunks])[:n] for key in chunks[0]}
 
 
 def decode_slots(cfg: DataConfig) -> int:

@@ -21,14 +21,11 @@ from vit.patches import unpatchify
 
 
 def sample_batch(model: ViT, data: DataConfig, n: int) -> torch.Tensor:
-    """`n` validation images as uint8 patches, through the eval pipeline."""
-    from pipeline.dataset import build_dataset, quiet_progress
+    """`n` validation images as uint8 patches, preprocessed as evaluation does."""
+    from pipeline.dataset import first_rows
 
-    ds = quiet_progress(
-        build_dataset(data, "val", model.config.patch_size, model.config.num_classes)
-    )
-    batch = next(iter(ds.iter_torch_batches(batch_size=n)))
-    return batch["patches"][batch["ok"]]
+    rows = first_rows(data, "val", model.config.patch_size, model.config.num_classes, n)
+    return torch.from_numpy(rows["patches"][rows["ok"]])
 
 
 def figures(

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, describe_dataset
+from pipeline.dataset import build_dataset, describe_dataset, first_rows
 from pipeline.prepare import prepare
 from pipeline.readers import open_source, plan_units, read_unit, resolve_source
 from pipeline.sources import SourceError
@@ -61,6 +61,17 @@ def test_decode_tasks_stream_blocks_of_decode_batch_size_rows(ray_local, digits)
     cfg = DataConfig(dataset=str(digits), image_size=16, decode_batch_size=64)
     blocks = build_dataset(cfg, "val", 4).iter_batches(batch_size=None, batch_format="numpy")
     assert [len(b["label"]) for b in blocks] == [64, 64, 52]
+
+
+def test_first_rows_read_here_are_the_eval_pipelines_first_rows(ray_local, digits):
+    # what a run's figures are drawn from, read without Ray Data: the same rows, the same
+    # bytes, in file order (val is one task: Ray Data keeps its order)
+    cfg = DataConfig(dataset=str(digits), image_size=16, decode_batch_size=64)
+    streamed = collect(build_dataset(cfg, "val", 4))
+    here = first_rows(cfg, "val", 4, 10, n=100)  # more than one 64-row chunk
+    assert here["patches"].shape == (100, 16, 48)
+    for key in ("patches", "label", "ok"):
+        np.testing.assert_array_equal(here[key], streamed[key][:100])
 
 
 def test_evaluation_batches_of_a_cached_split_come_from_one_pass(ray_local, digits):
