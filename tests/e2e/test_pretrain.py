@@ -23,14 +23,19 @@ DEMO = CONFIGS / "demo-pretrain.yaml"
 pytestmark = pytest.mark.slow
 
 
-def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflow_server):
+def test_two_workers_learn_digits_log_to_mlflow_and_register_where_a_fine_tune_starts(
+    ray_local, digits_dir, mlflow_server
+):
+    """mlflow.register_as: the run's best checkpoint becomes a version of that model with
+    the alias moved to it, and the models:/<name>@<alias> a fine-tune names loads it."""
     from mlflow import MlflowClient
+
+    from jobs.tracking.checkpoints import load_any
 
     tmp = digits_dir / "run"
     tmp.mkdir()
-    outcome = tracked_fit(
-        pretrain_config(tmp, mlflow_server, **{"train.max_steps": 250, "run.name": "two"})
-    )
+    sets = {"train.max_steps": 250, "run.name": "two", "mlflow.register_as": "digits-pretrained"}
+    outcome = tracked_fit(pretrain_config(tmp, mlflow_server, **sets))
     metrics = outcome.result.metrics
     assert metrics["step"] == 250 and metrics["val_top1"] > 0.25  # chance is 0.1
     client = MlflowClient(mlflow_server)
@@ -65,6 +70,10 @@ def test_two_workers_learn_digits_and_log_to_mlflow(ray_local, digits_dir, mlflo
     needs = Path(mlflow.pyfunc.get_model_dependencies(logged[0].model_uri)).read_text()
     assert {"torch", "vitray"} <= {line.split("==")[0] for line in needs.split()}  # to serve it
     model = load_checkpoint(outcome.result.checkpoint.path, image_size=32)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    version = client.get_model_version_by_alias("digits-pretrained", "champion")
+    assert version.tags["source_run"] == outcome.mlflow_run_id
+    model = load_any("models:/digits-pretrained@champion", mlflow_server, image_size=32)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
@@ -143,28 +152,6 @@ def test_checkpoints_of_a_run_this_store_lacks_start_a_new_run(
     run = MlflowClient(mlflow_server).get_run(run_id)
     assert run_id != "0" * 32 and run.info.status == "RUNNING"
     assert run.data.params["train.batch_size"] == "64"  # a new run, with its config
-
-
-def test_pretraining_registers_its_best_model_where_a_fine_tune_starts(
-    ray_local, digits_dir, mlflow_server
-):
-    """mlflow.register_as: the run's best checkpoint becomes a version of that model with
-    the alias moved to it, and the models:/<name>@<alias> a fine-tune names loads it."""
-    from mlflow import MlflowClient
-
-    from jobs.tracking.checkpoints import load_any
-
-    tmp = digits_dir / "registered"
-    tmp.mkdir()
-    sets = {"train.max_steps": 10, "scaling.num_workers": 1, "run.name": "registered"}
-    cfg = pretrain_config(tmp, mlflow_server, **sets, **{"mlflow.register_as": "digits-pretrained"})
-    outcome = tracked_fit(cfg)
-    version = MlflowClient(mlflow_server).get_model_version_by_alias(
-        "digits-pretrained", "champion"
-    )
-    assert version.tags["source_run"] == outcome.mlflow_run_id
-    model = load_any("models:/digits-pretrained@champion", mlflow_server, image_size=32)
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
 def one_worker(tmp, uri, name: str, epochs: int, **sets):
