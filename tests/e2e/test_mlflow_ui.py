@@ -3,6 +3,7 @@ experiment's runs and dataset, a run's metrics, the registered model and its ali
 Slow: marked, still run in CI (.ci/run installs Debian's chromium when it is missing)."""
 
 import html
+import os
 import re
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from jobs.cluster.local import MLFLOW_SERVER_ENV
 from jobs.config import load_config
 
 from helpers import free_port, search_config, stop_group, tracked_search, wait_healthy
@@ -42,7 +44,8 @@ def ui(ray_local, digits_dir, tmp_path_factory):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **MLFLOW_SERVER_ENV}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
