@@ -35,6 +35,7 @@ from pipeline.readers import (
     Unit,
     batches,
     carve_units,
+    cut,
     open_source,
     plan_tasks,
     plan_units,
@@ -162,18 +163,25 @@ def unit_chunks(
 
 
 def first_rows(
-    cfg: DataConfig, split: str, patch_size: int, num_classes: int | None, n: int
+    cfg: DataConfig, split: str, patch_size: int, n: int, num_classes: int | None = None
 ) -> dict[str, np.ndarray]:
-    """The first `n` rows of `split` as the eval pipeline gives them, read in this process:
-    a handful of images (a figure's) without starting a dataset on the cluster."""
+    """Up to `n` rows of `split`, from its first units in plan order, preprocessed as the
+    eval pipeline does but read in this process: a figure's handful of images without a
+    dataset on the cluster. Labels are checked against `num_classes` only when given. A
+    unit of known size is cut to `n` rows first (a folder unit is 256 files); a tar, whose
+    rows are counted by reading it, is read whole."""
     info = describe_dataset(cfg)
-    units = [unit for task in plan_split(cfg, info, split) for unit in task]
+    tasks = plan_split(cfg, info, split)
+    units = [cut(unit, n) if unit["rows"] >= 0 else unit for task in tasks for unit in task]
     kwargs = dict(cfg=cfg, patch_size=patch_size, train=False, num_classes=num_classes)
-    chunks = []
+    chunks, rows = [], 0
     for chunk in unit_chunks(info.source, units, n, np.random.default_rng(), **kwargs):
         chunks.append(chunk)
-        if sum(len(c["label"]) for c in chunks) >= n:
+        rows += len(chunk["label"])
+        if rows >= n:
             break
+    if not chunks:
+        raise SourceError(f"{cfg.dataset} split {split!r} has no rows")
     return {key: np.concatenate([c[key] for c in chunks])[:n] for key in chunks[0]}
 
 

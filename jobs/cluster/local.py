@@ -355,8 +355,8 @@ def wait_gone(sessions: set[int], seconds: float) -> None:
 def stop_pids(pids: list[int], patient: set[int], seconds: float = 3) -> list[int]:
     """SIGTERM each process `up` started (as a group), then SIGKILL whatever is left in
     their sessions; returns survivors. Ray nodes have nothing to save (a head under `ray
-    start --block` takes ~35 s to stop its services one by one): they get `seconds`. The
-    `patient` ones (MLflow, closing its store: 1.3 s measured) get up to 10 s."""
+    start --block` takes ~35 s to stop its services one by one): they get `seconds`, or as
+    long as the `patient` ones take (MLflow, closing its store: 1.3 s measured), up to 10 s."""
     for pid in reversed(pids):  # workers and MLflow before the head
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)

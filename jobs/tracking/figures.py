@@ -21,10 +21,11 @@ from vit.patches import unpatchify
 
 
 def sample_batch(model: ViT, data: DataConfig, n: int) -> torch.Tensor:
-    """`n` validation images as uint8 patches, preprocessed as evaluation does."""
+    """`n` validation images as uint8 patches, preprocessed as evaluation does; labels
+    unchecked (a model without a classifier has no classes to check them against)."""
     from pipeline.dataset import first_rows
 
-    rows = first_rows(data, "val", model.config.patch_size, model.config.num_classes, n)
+    rows = first_rows(data, "val", model.config.patch_size, n)
     return torch.from_numpy(rows["patches"][rows["ok"]])
 
 

@@ -26,8 +26,10 @@ pytestmark = pytest.mark.slow
 def test_two_workers_learn_digits_log_to_mlflow_and_register_where_a_fine_tune_starts(
     ray_local, digits_dir, mlflow_server
 ):
-    """mlflow.register_as: the run's best checkpoint becomes a version of that model with
-    the alias moved to it, and the models:/<name>@<alias> a fine-tune names loads it."""
+    """Two gloo workers learn digits; the MLflow run holds its params, dataset, metrics,
+    checkpoint and a servable model; and mlflow.register_as makes the best checkpoint a
+    version with the alias moved to it, which the models:/<name>@<alias> a fine-tune names
+    loads."""
     from mlflow import MlflowClient
 
     from jobs.tracking.checkpoints import load_any

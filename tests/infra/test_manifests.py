@@ -462,9 +462,11 @@ def test_mlflow_servers_authenticate_and_allow_the_hosts_clients_send():
         options = server_options(command)
         assert options["--app-name"] == "basic-auth"
         assert {"MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"} <= env
-        assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" in env  # false: no idle GenAI runners
         allowed = options["--allowed-hosts"].split(",")
         assert all(is_allowed_host_header(allowed, host) for host in clients), clients
+    no_job_runner = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"  # no idle GenAI job runners
+    assert compose["environment"][no_job_runner] == k8s_env[no_job_runner]["value"] == "false"
+    assert f"{no_job_runner}=false " in on_head
     for key in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD"):
         assert "secretKeyRef" in k8s_env[key]["valueFrom"]
     for _, _, spec in cluster_specs():  # the Ray pods log in

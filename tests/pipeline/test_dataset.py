@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, describe_dataset, first_rows
+from pipeline.dataset import build_dataset, describe_dataset, first_rows, plan_split
 from pipeline.prepare import prepare
 from pipeline.readers import open_source, plan_units, read_unit, resolve_source
 from pipeline.sources import SourceError
@@ -63,12 +63,17 @@ def test_decode_tasks_stream_blocks_of_decode_batch_size_rows(ray_local, digits)
     assert [len(b["label"]) for b in blocks] == [64, 64, 52]
 
 
-def test_first_rows_read_here_are_the_eval_pipelines_first_rows(ray_local, digits):
+def test_first_rows_read_here_are_the_eval_pipelines_first_rows(ray_local, tmp_path):
     # what a run's figures are drawn from, read without Ray Data: the same rows, the same
-    # bytes, in file order (val is one task: Ray Data keeps its order)
-    cfg = DataConfig(dataset=str(digits), image_size=16, decode_batch_size=64)
-    streamed = collect(build_dataset(cfg, "val", 4))
-    here = first_rows(cfg, "val", 4, 10, n=100)  # more than one 64-row chunk
+    # bytes, in plan order, across units (4 KB shards: val is many small row groups)
+    prepare("builtin:digits", tmp_path / "d", shard_size="4kb", progress=False)
+    cfg = DataConfig(dataset=str(tmp_path / "d"), image_size=16)
+    ds = build_dataset(cfg, "val", 4)
+    ds.context.execution_options.preserve_order = True
+    streamed = collect(ds)
+    (first, *_), *_ = plan_split(cfg, describe_dataset(cfg), "val")
+    assert first["rows"] < 100  # the 100 rows span units
+    here = first_rows(cfg, "val", 4, n=100)
     assert here["patches"].shape == (100, 16, 48)
     for key in ("patches", "label", "ok"):
         np.testing.assert_array_equal(here[key], streamed[key][:100])
@@ -257,7 +262,7 @@ def test_bad_configuration_fails_before_ray_work(tmp_path, digits):
 
 def test_a_task_reads_and_yields_one_row_group_at_a_time(tmp_path, monkeypatch):
     """A task of several row groups yields each before it reads the next."""
-    from pipeline.dataset import load_tasks, plan_split
+    from pipeline.dataset import load_tasks
     from pipeline.readers import task_source
 
     prepare("builtin:digits", tmp_path / "d", shard_size="4kb", progress=False)
