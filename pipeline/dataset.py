@@ -162,18 +162,16 @@ def unit_chunks(
             yield preprocess_batch(chunk, **kwargs)
 
 
-def first_rows(
-    cfg: DataConfig, split: str, patch_size: int, n: int, num_classes: int | None = None
-) -> dict[str, np.ndarray]:
+def first_rows(cfg: DataConfig, split: str, patch_size: int, n: int) -> dict[str, np.ndarray]:
     """Up to `n` rows of `split`, from its first units in plan order, preprocessed as the
-    eval pipeline does but read in this process: a figure's handful of images without a
-    dataset on the cluster. Labels are checked against `num_classes` only when given. A
-    unit of known size is cut to `n` rows first (a folder unit is 256 files); a tar, whose
-    rows are counted by reading it, is read whole."""
+    eval pipeline does but read in this process, labels unchecked: a figure's handful of
+    images without a dataset on the cluster. A unit of known size is cut to `n` rows
+    first (a folder unit is 256 files); a tar, whose rows are counted by reading it, is
+    read whole."""
     info = describe_dataset(cfg)
     tasks = plan_split(cfg, info, split)
     units = [cut(unit, n) if unit["rows"] >= 0 else unit for task in tasks for unit in task]
-    kwargs = dict(cfg=cfg, patch_size=patch_size, train=False, num_classes=num_classes)
+    kwargs = dict(cfg=cfg, patch_size=patch_size, train=False)
     chunks, rows = [], 0
     for chunk in unit_chunks(info.source, units, n, np.random.default_rng(), **kwargs):
         chunks.append(chunk)

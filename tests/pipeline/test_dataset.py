@@ -11,12 +11,13 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, describe_dataset, first_rows, plan_split
+from pipeline.dataset import build_dataset, describe_dataset, first_rows
 from pipeline.prepare import prepare
 from pipeline.readers import open_source, plan_units, read_unit, resolve_source
 from pipeline.sources import SourceError
 
 from helpers import encode, photo
+from layouts import hub_train_and_test, split_tree
 
 
 def collect(ds) -> dict[str, np.ndarray]:
@@ -63,20 +64,34 @@ def test_decode_tasks_stream_blocks_of_decode_batch_size_rows(ray_local, digits)
     assert [len(b["label"]) for b in blocks] == [64, 64, 52]
 
 
-def test_first_rows_read_here_are_the_eval_pipelines_first_rows(ray_local, tmp_path):
+def digits_shards(root):  # 4 KB shards: val is many small row groups, 100 rows span them
+    prepare("builtin:digits", root, shard_size="4kb", progress=False)
+    return {}, 100
+
+
+def imagenet_folders(root):  # one folder unit of 24 files, cut to the 10 asked
+    split_tree(root, "val", per_class=12)
+    return {}, 10
+
+
+def hub_parquet(root):  # val from the test split, row groups of 5 rows
+    hub_train_and_test(root, rows=80)
+    return {"val_split": "test"}, 12
+
+
+@pytest.mark.parametrize("layout", [digits_shards, imagenet_folders, hub_parquet])
+def test_first_rows_read_here_are_the_eval_pipelines_first_rows(ray_local, tmp_path, layout):
     # what a run's figures are drawn from, read without Ray Data: the same rows, the same
-    # bytes, in plan order, across units (4 KB shards: val is many small row groups)
-    prepare("builtin:digits", tmp_path / "d", shard_size="4kb", progress=False)
-    cfg = DataConfig(dataset=str(tmp_path / "d"), image_size=16)
+    # bytes, in plan order
+    sets, n = layout(tmp_path / "d")
+    cfg = DataConfig(dataset=str(tmp_path / "d"), image_size=16, **sets)
     ds = build_dataset(cfg, "val", 4)
     ds.context.execution_options.preserve_order = True
     streamed = collect(ds)
-    (first, *_), *_ = plan_split(cfg, describe_dataset(cfg), "val")
-    assert first["rows"] < 100  # the 100 rows span units
-    here = first_rows(cfg, "val", 4, n=100)
-    assert here["patches"].shape == (100, 16, 48)
+    here = first_rows(cfg, "val", 4, n)
+    assert here["patches"].shape == (n, 16, 48) and len(streamed["label"]) > n
     for key in ("patches", "label", "ok"):
-        np.testing.assert_array_equal(here[key], streamed[key][:100])
+        np.testing.assert_array_equal(here[key], streamed[key][:n])
 
 
 def test_evaluation_batches_of_a_cached_split_come_from_one_pass(ray_local, digits):
@@ -262,7 +277,7 @@ def test_bad_configuration_fails_before_ray_work(tmp_path, digits):
 
 def test_a_task_reads_and_yields_one_row_group_at_a_time(tmp_path, monkeypatch):
     """A task of several row groups yields each before it reads the next."""
-    from pipeline.dataset import load_tasks
+    from pipeline.dataset import load_tasks, plan_split
     from pipeline.readers import task_source
 
     prepare("builtin:digits", tmp_path / "d", shard_size="4kb", progress=False)
