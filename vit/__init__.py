@@ -2,6 +2,8 @@
 
 from vit.checkpoint import (
     load_checkpoint,
+    model_from_weights,
+    model_weights,
     read_checkpoint_meta,
     read_preprocessing,
     save_checkpoint,
@@ -18,6 +20,8 @@ __all__ = [
     "ViTConfig",
     "forward_flops",
     "load_checkpoint",
+    "model_from_weights",
+    "model_weights",
     "patchify",
     "preset_names",
     "read_checkpoint_meta",

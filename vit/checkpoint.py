@@ -48,6 +48,22 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     model.load_state_dict(state, strict=True)
 
 
+Weights = tuple[dict[str, Any], dict[str, torch.Tensor]]  # (ViTConfig dict, state dict)
+
+
+def model_weights(model: ViT) -> Weights:
+    """A model as plain data, for another process (Ray's object store): no class pickled."""
+    return model.config.to_dict(), model.state_dict()
+
+
+def model_from_weights(weights: Weights) -> ViT:
+    """The model `model_weights` took apart."""
+    config, state = weights
+    model = ViT(ViTConfig.from_dict(config))
+    model.load_state_dict(state)
+    return model
+
+
 def save_checkpoint(
     model: ViT,
     directory: str | Path,

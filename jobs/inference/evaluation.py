@@ -10,7 +10,8 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.dataset import build_dataset, quiet_progress
-from vit import ViT, ViTConfig, load_checkpoint
+from vit import ViT, load_checkpoint, model_from_weights, model_weights
+from vit.checkpoint import Weights
 
 
 def predict_split(
@@ -36,21 +37,15 @@ def predict_split(
         return score(model, data, split, batch_size, pre_logits)
     if Path(data.dataset).exists():  # the task's working directory is not this one
         data = data.model_copy(update={"dataset": str(Path(data.dataset).resolve())})
-    weights = ray.put((model.config.to_dict(), model.state_dict()))
+    weights = ray.put(model_weights(model))
     task = ray.remote(num_gpus=1, num_cpus=0)(score_in_task)
     return ray.get(task.remote(weights, data, split, batch_size, pre_logits))
 
 
 def score_in_task(
-    weights: tuple[dict[str, Any], dict[str, torch.Tensor]],
-    data: DataConfig,
-    split: str,
-    batch_size: int,
-    pre_logits: bool,
+    weights: Weights, data: DataConfig, split: str, batch_size: int, pre_logits: bool
 ) -> dict[str, torch.Tensor]:
-    config, state = weights
-    model = ViT(ViTConfig.from_dict(config))
-    model.load_state_dict(state)
+    model = model_from_weights(weights)
     return score(model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                  data, split, batch_size, pre_logits)  # fmt: skip
 

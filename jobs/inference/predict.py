@@ -16,7 +16,7 @@ import torch
 
 from jobs.inference.classify import Classifier
 from jobs.tracking.checkpoints import local_checkpoint
-from vit import ViT, ViTConfig, load_checkpoint, read_checkpoint_meta
+from vit import load_checkpoint, model_from_weights, model_weights, read_checkpoint_meta
 
 
 class Predictor:
@@ -27,9 +27,7 @@ class Predictor:
 
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)
-        config, state, class_names = weights
-        model = ViT(ViTConfig.from_dict(config))
-        model.load_state_dict(state)
+        model, class_names = model_from_weights(weights[0]), weights[1]
         self.classifier = Classifier(model, class_names, data=None)  # fed patches, not images
         self.k = min(top_k, model.config.num_classes)
 
@@ -73,7 +71,7 @@ def predict(
         model = load_checkpoint(directory)
         class_names = read_checkpoint_meta(directory).get("class_names")
     ensure_ray()
-    weights = ray.put((model.config.to_dict(), model.state_dict(), class_names))
+    weights = ray.put((model_weights(model), class_names))
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     # The source's own labels are passed through, never checked against the model's classes.
     ds = build_dataset(data, split, model.config.patch_size, keep_ids=True, check_labels=False)

@@ -9,12 +9,16 @@ from vit import (
     ViT,
     ViTConfig,
     load_checkpoint,
+    model_from_weights,
+    model_weights,
     read_checkpoint_meta,
     read_preprocessing,
     resize_pos_embed,
     save_checkpoint,
 )
 from vit.checkpoint import CheckpointMismatchError
+
+from helpers import VIT_FAMILIES
 
 
 def micro(**kw) -> ViT:
@@ -34,6 +38,20 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = load_checkpoint(tmp_path / "ckpt").eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(VIT_FAMILIES))
+def test_a_model_shipped_as_weights_is_the_same_model(family):
+    """What predict's actors and a GPU scoring task rebuild from the object store: every
+    family's options and weights, pickled as Ray ships them, answer as the model did."""
+    import pickle
+
+    model = micro(**VIT_FAMILIES[family]).eval()
+    torch.nn.init.normal_(model.head.weight)
+    shipped = model_from_weights(pickle.loads(pickle.dumps(model_weights(model)))).eval()
+    assert shipped.config == model.config
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(shipped(x), model(x), atol=0, rtol=0)
 
 
 def test_load_at_32px_resizes_posemb_and_runs(tmp_path, caplog):
