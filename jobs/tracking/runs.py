@@ -89,13 +89,14 @@ def cluster_tags() -> dict[str, str]:
     """Where the run ran: Ray job id, node count, GPUs (read on the driver)."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    gpus = sorted({k for n in nodes for k in n["Resources"] if k.startswith("accelerator_type:")})
+    from jobs.training.capacity import alive_nodes, node_cards
+
+    nodes = alive_nodes()
     return {
         "ray.job_id": ray.get_runtime_context().get_job_id(),
         "ray.nodes": str(len(nodes)),
-        "ray.gpus": str(int(sum(n["Resources"].get("GPU", 0) for n in nodes))),
-        "gpu_type": ",".join(g.split(":", 1)[1] for g in gpus) or "none",
+        "ray.gpus": str(int(sum(n.get("GPU", 0) for n in nodes))),
+        "gpu_type": ",".join(node_cards(nodes)) or "none",
     }
 
 

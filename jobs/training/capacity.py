@@ -29,6 +29,14 @@ def alive_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
 
+CARD = "accelerator_type:"  # Ray's resource naming a node's card: accelerator_type:H100
+
+
+def node_cards(nodes: list[dict[str, float]]) -> list[str]:
+    """The kinds of card on `nodes` (resources, as `alive_nodes` gives them), sorted."""
+    return sorted({k.removeprefix(CARD) for n in nodes for k in n if k.startswith(CARD)})
+
+
 def hosts_workers(cfg: JobConfig, node: dict[str, float]) -> bool:
     """A node a worker may land on: one with CPUs, and a GPU for a GPU job (a KubeRay head
     often has neither)."""

@@ -20,7 +20,7 @@ from typing import Any
 import ray
 
 from jobs.config import JobConfig
-from jobs.training.capacity import alive_nodes, worker_resources
+from jobs.training.capacity import alive_nodes, node_cards, worker_resources
 from jobs.training.mfu import DECODE_IMG_S_PER_CORE, gpu_images_per_s, peak_tflops
 from vit import ViTConfig, forward_flops
 
@@ -62,9 +62,7 @@ def trial_decode_cpus(cfg: JobConfig, vit: ViTConfig | None = None) -> float:
                 f"{worker['CPU']:g}, but no node has more than {room:g} to spare"
             )
         return max(chosen, one_task)
-    prefix = "accelerator_type:"  # Ray's resource naming a node's card
-    cards = {k.removeprefix(prefix) for n in hosts for k in n if k.startswith(prefix)}
-    card = next((c for c in sorted(cards) if peak_tflops(c)), None)
+    card = next((c for c in node_cards(hosts) if peak_tflops(c)), None)
     if card is None:
         return one_task
     demand = gpu_images_per_s(3 * forward_flops(vit), card) / DECODE_IMG_S_PER_CORE

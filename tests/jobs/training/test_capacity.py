@@ -156,3 +156,20 @@ def test_fit_refuses_a_local_store_on_two_nodes_before_any_run(
     assert not (tmp_path / "mlflow.db").exists()
     monkeypatch.undo()
     assert fit_to_cluster(cfg) == cfg  # the same job on this one-node Ray
+
+
+def test_a_runs_cluster_tags_count_alive_nodes_and_name_their_cards(cluster, monkeypatch):
+    """The run's ray.nodes, ray.gpus and gpu_type tags: a dead node counts for nothing."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from jobs.tracking.runs import cluster_tags
+
+    h100 = {"CPU": 64.0, "GPU": 8.0, "accelerator_type:H100": 1.0}
+    cluster({"CPU": 4.0}, h100, {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0})
+    context = SimpleNamespace(get_job_id=lambda: "02000000")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    assert cluster_tags() == {
+        "ray.job_id": "02000000", "ray.nodes": "3", "ray.gpus": "9", "gpu_type": "A10G,H100"
+    }  # fmt: skip
