@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from jobs.training.report import sync
+
 
 def timed_all_reduce(tensor: torch.Tensor, iterations: int, group: Any = None) -> float:
     """Seconds per all-reduce of `tensor`, after one untimed warm-up."""
@@ -24,11 +26,6 @@ def timed_all_reduce(tensor: torch.Tensor, iterations: int, group: Any = None) -
         dist.all_reduce(tensor, group=group)
     sync(tensor.device)
     return (time.perf_counter() - start) / iterations
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bus_gbps(size_bytes: int, seconds: float, ranks: int) -> float:

@@ -25,6 +25,12 @@ def all_sum(values: list[float | torch.Tensor], device: torch.device) -> list[fl
     return t.tolist()
 
 
+def sync(device: torch.device) -> None:
+    """Wait for what the device was given: CUDA runs it asynchronously; a CPU has run it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
@@ -89,8 +95,7 @@ class Reporter:
         """The window's metrics, summed over every rank (a collective: all ranks call it).
         The window is timed once the device has run what it was given, and `mfu` leaves out
         the first window after a start, whose time holds compiling and the pipeline's start."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         elapsed = time.perf_counter() - self.window_start
         loss_total, images_total, skipped_total = all_sum(
             [self.loss_sum, self.images, self.skipped], self.device
