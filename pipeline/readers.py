@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+import re
 import zlib
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
+import yaml
 
 from pipeline.kinds import KINDS
 from pipeline.kinds.base import Rows, Unit
@@ -43,6 +45,7 @@ def resolve_source(spec: str) -> Source:
         listing = Listing(spec, fs, root, [posixpath.join(root, MANIFEST)])
     else:
         listing = list_files(spec, fs, root)
+        refuse_readme_configs(listing)
     claims = {name: kind.claims(listing) for name, kind in KINDS.items()}
     found = {name: files for name, files in claims.items() if files}
     if len(found) > 1:
@@ -59,6 +62,30 @@ def resolve_source(spec: str) -> Source:
         )
     ((name, files),) = found.items()
     return KINDS[name].resolve(listing, files)
+
+
+def refuse_readme_configs(listing: Listing) -> None:
+    """A Hub dataset's README.md may map files to splits (`configs:` with `data_files` in its
+    YAML header), overriding the names that `datasets` goes by otherwise. vitray reads
+    splits from names only, so such a dataset is refused rather than read with other splits."""
+    readme = posixpath.join(listing.root, "README.md")
+    if readme not in listing.files:
+        return
+    with listing.filesystem.open_input_stream(readme) as stream:
+        text = stream.read(1 << 20).decode("utf-8", errors="replace")
+    header = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
+    try:
+        meta = yaml.safe_load(header[1]) if header else None
+    except yaml.YAMLError:
+        return  # `datasets` fails on it too; the files are read by their names
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if configs:
+        names = [c.get("config_name", "default") for c in configs if isinstance(c, dict)]
+        raise SourceError(
+            f"{listing.spec}: its README.md maps files to splits (configs {names}), which "
+            "vitray does not read; `datasets.load_dataset` does: save the config you want "
+            "with `load_dataset(...).save_to_disk(DIR)` and point data.dataset at DIR"
+        )
 
 
 def open_source(

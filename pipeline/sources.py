@@ -21,7 +21,8 @@ SPLIT_ALIASES = {
     **dict.fromkeys(("validation", "valid", "dev", "val"), "val"),
     **dict.fromkeys(("test", "testing", "eval", "evaluation"), "test"),
 }
-# `push_to_hub`'s shard names, data/<split>-00000-of-00002.parquet: any split name
+# `push_to_hub`'s shard names, data/<split>-00000-of-00002.parquet: any split name, and
+# only right under data/ (datasets.data_files.SPLIT_PATTERN_SHARDED)
 HF_SHARD = re.compile(r"^(\w+(?:\.\w+)*)-\d{5}-of-\d{5}")
 NON_WORD = re.compile(r"[-._ 0-9]+")  # what separates a split keyword in a name (datasets)
 
@@ -34,13 +35,15 @@ class SourceError(ValueError):
 class Listing:
     """What detection looks at: the spec, its filesystem and root, the files under the
     root (full paths, sorted; hidden files and folders left out, as `datasets` does), and
-    the folders right under the root (hidden ones too: torchvision sees them)."""
+    the folders one and two levels under the root, relative to it (hidden ones too:
+    torchvision sees them)."""
 
     spec: str
     filesystem: pafs.FileSystem
     root: str
     files: list[str]
-    folders: list[str] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # `train`
+    subfolders: list[str] = field(default_factory=list)  # `train/cat`
 
     def rel(self, path: str) -> str:
         return posixpath.relpath(path, self.root)
@@ -86,20 +89,28 @@ class Source:
         return self.splits[split]
 
 
+def split_keyword(name: str) -> str | None:
+    """The split a file or folder name gives as `datasets` reads it: a split keyword between
+    non-word characters (`train`, `imagenet-val-0001.tar`, `train_set`, `val2017`)."""
+    for token in NON_WORD.split(name):  # case-sensitive: `datasets` takes Train/ for no split
+        if token in SPLIT_ALIASES:
+            return SPLIT_ALIASES[token]
+    return None
+
+
 def split_of_path(path: str, root: str) -> str | None:
     """The split of a file as Hugging Face `datasets` infers it: the split of a
-    `<split>-00000-of-00004` shard name (any name: `extra` stays `extra`), else a split
-    keyword between non-word characters in a directory or file name (`.../train/...`,
-    `imagenet-val-0001.tar`); None if untagged."""
+    `data/<split>-00000-of-00004` shard (any name: `extra` stays `extra`), else a split
+    keyword in a folder name, else in the file name (`datasets` tries folder names first:
+    `test/train-00000-of-00001.parquet` is test); None if untagged."""
     parts = posixpath.relpath(path, root).split("/")
-    shard = HF_SHARD.match(parts[-1])
+    shard = HF_SHARD.match(parts[-1]) if parts[:-1] == ["data"] else None
     if shard:
         return SPLIT_ALIASES.get(shard[1], shard[1])
-    for part in parts:  # case-sensitive: `datasets` takes Train/ for no split
-        for token in NON_WORD.split(part):
-            if token in SPLIT_ALIASES:
-                return SPLIT_ALIASES[token]
-    return None
+    for part in parts[:-1]:
+        if split := split_keyword(part):
+            return split
+    return split_keyword(parts[-1])
 
 
 def splits_by_name(spec: str, root: str, files: list[str]) -> dict[str, list[str]]:
@@ -137,7 +148,7 @@ def hidden(rel: str) -> bool:
 
 def list_files(spec: str, fs: pafs.FileSystem, root: str) -> Listing:
     """Every file under `root`, sorted, hidden files and folders left out, and the folders
-    right under it."""
+    one and two levels under it."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
@@ -148,11 +159,16 @@ def list_files(spec: str, fs: pafs.FileSystem, root: str) -> Listing:
         if f.type == pafs.FileType.File and not hidden(posixpath.relpath(f.path, root))
     )
     folders = sorted(
-        f.base_name
-        for f in infos
-        if f.type == pafs.FileType.Directory and posixpath.dirname(f.path) == root.rstrip("/")
+        posixpath.relpath(f.path, root) for f in infos if f.type == pafs.FileType.Directory
     )
-    return Listing(spec, fs, root, files, folders)
+    return Listing(
+        spec,
+        fs,
+        root,
+        files,
+        [d for d in folders if d.count("/") == 0],
+        [d for d in folders if d.count("/") == 1],
+    )
 
 
 def data_home() -> Path:

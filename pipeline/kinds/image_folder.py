@@ -6,9 +6,11 @@ holding the class folders. Hidden files and folders are skipped, as `datasets` d
 
 from __future__ import annotations
 
+import posixpath
+
 from pipeline.kinds.files import FilesKind, check_split_classes
 from pipeline.kinds.hf_imagefolder import has_metadata
-from pipeline.sources import SPLIT_ALIASES, Listing, Source, SourceError
+from pipeline.sources import SPLIT_ALIASES, Listing, Source, SourceError, hidden, split_keyword
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -46,11 +48,7 @@ class ImageFolder(FilesKind):
             )
         empty = [d for d in listing.folders if not d.startswith(".") and d not in tops]
         if empty:
-            raise SourceError(
-                f"{listing.spec}: folders {empty[:6]} hold no image vitray reads (hidden files "
-                "are skipped); torchvision's ImageFolder would take each for a class and stop "
-                "on it: remove them"
-            )
+            raise no_images_in(listing, empty)
         split_tops = [t for t in tops if t in SPLIT_ALIASES]
         if split_tops and len(split_tops) < len(tops):
             others = [t for t in tops if t not in split_tops]
@@ -61,6 +59,7 @@ class ImageFolder(FilesKind):
                 "one root of class folders"
             )
         if not split_tops:  # one root of class folders
+            refuse_split_lookalikes(listing, tops, [parts[f] for f in in_folders])
             classes = tops
             labels = {f: classes.index(parts[f][0]) for f in in_folders}
             return Source(
@@ -100,6 +99,14 @@ class ImageFolder(FilesKind):
             split = split_of[parts[f][0]]
             splits.setdefault(split, []).append(f)
             names.setdefault(split, set()).add(parts[f][1])
+        with_images = {"/".join(parts[f][:2]) for f in files}
+        empty = [
+            d
+            for d in listing.subfolders
+            if d.split("/")[0] in split_of and not hidden(d) and d not in with_images
+        ]
+        if empty:
+            raise no_images_in(listing, empty)
         check_split_classes(listing.spec, self.layout, names)
         classes = sorted(names.get("train") or set().union(*names.values()))
         index = {name: i for i, name in enumerate(classes)}
@@ -114,3 +121,32 @@ class ImageFolder(FilesKind):
             spec=listing.spec,
             file_labels=labels,
         )
+
+
+def refuse_split_lookalikes(listing: Listing, tops: list[str], paths: list[list[str]]) -> None:
+    """A root whose folders `datasets` reads as splits and torchvision as classes is refused:
+    folders named for splits in a longer name (`train_set`, `val2017`), or folders that
+    each hold split folders (`imagenette2-160/train/...`)."""
+    named = {top: split_keyword(top) for top in tops}
+    if all(named.values()):
+        raise SourceError(
+            f"{listing.spec} could be read two ways: its folders name splits to `datasets` "
+            f"({named}) and classes to torchvision; rename them train, val (or "
+            "validation) and test, or give the classes other names"
+        )
+    if all(len(parts) > 2 and split_keyword(parts[1]) for parts in paths):
+        raise SourceError(
+            f"{listing.spec}: its folders {tops[:6]} each hold split folders "
+            f"({'/'.join(paths[0][:2])}/...): torchvision would take {tops[:2]} for classes "
+            f"and `datasets` would merge their splits; point data.dataset at one of them, "
+            f"e.g. {posixpath.join(listing.spec, tops[0])}"
+        )
+
+
+def no_images_in(listing: Listing, empty: list[str]) -> SourceError:
+    """Class folders without an image: torchvision's ImageFolder stops on them."""
+    return SourceError(
+        f"{listing.spec}: folders {empty[:6]} hold no image vitray reads (hidden files are "
+        "skipped); torchvision's ImageFolder would take each for a class and stop on it: "
+        "remove them"
+    )

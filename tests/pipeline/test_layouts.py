@@ -301,6 +301,54 @@ def test_parquet_labels_of_every_integer_width_and_strings(tmp_path, dtype):
     assert all(s["reason"] == "no label" for s in manifest["skipped"])
 
 
+SHARD = "-00000-of-00001.parquet"
+HUB_LAYOUTS = {  # the files of each layout, two splits or one
+    "push_to_hub": [f"data/train{SHARD}", f"data/validation{SHARD}"],
+    "split folders of shards": [f"train/data{SHARD}", f"test/data{SHARD}"],
+    "folder over file name": [f"data/test/train{SHARD}", f"data/train/train{SHARD}"],
+    "shards of no split": ["shard-00000-of-00002.parquet", "shard-00001-of-00002.parquet"],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(HUB_LAYOUTS))
+def test_hub_parquet_splits_are_the_ones_datasets_reads(tmp_path, layout):
+    """`datasets` takes data/<split>-00000-of-00001 shards' split from their names, and
+    otherwise a split keyword in a folder name before one in a file name."""
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b", "c"])})
+    root = tmp_path / "hub"
+    for i, name in enumerate(HUB_LAYOUTS[layout]):
+        rows = {"image": [{"bytes": png(i), "path": f"{i}-{k}.png"} for k in range(3 + i)]}
+        part = Dataset.from_dict(
+            {**rows, "label": [k % 3 for k in range(3 + i)]}, features=features
+        )
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        part.to_parquet(str(root / name))
+    reference = {
+        row["image"]["path"]: (HF_SPLIT[split], "abc"[row["label"]])
+        for split, ds in load_dataset(str(root)).items()
+        for row in ds.cast_column("image", Image(decode=False))
+    }
+    assert len(reference) == 7  # every row in a split
+    check_both(root, tmp_path, reference, ["a", "b", "c"])
+
+
+def test_a_readme_that_maps_files_to_splits_is_refused(tmp_path, capsys):
+    """`datasets` reads the splits a Hub README.md's `configs` give, over the files' names."""
+    root = tmp_path / "hub"
+    hub_train_and_test(root)
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+        "    path: data/test-*\n  - split: test\n    path: data/train-*\n---\n# a card\n"
+    )
+    assert len(load_dataset(str(root))["train"]) != len(
+        load_dataset("parquet", data_dir=str(root / "data"))["train"]
+    )
+    err = refused(capsys, "prepare", str(root), str(tmp_path / "out"))
+    assert "README.md maps files to splits (configs ['default'])" in err and "save_to_disk" in err
+    (root / "README.md").write_text("---\nlicense: mit\n---\n# no configs: read by names\n")
+    assert streamed(root)[1] == ["a", "b", "c"]
+
+
 # MNIST-format IDX --------------------------------------------------------------------------------
 
 
@@ -438,6 +486,27 @@ def test_refusals_exit_2_naming_what_was_found(tmp_path, capsys):
     assert "['Train', 'Val'] name splits in another case" in refused(
         capsys, "prepare", str(cased), out
     )
+
+    for tops in (["train_set", "test_set"], ["train2017", "val2017"]):  # splits to `datasets`
+        named = tmp_path / tops[0]
+        for top in tops:
+            for name in ("cat", "dog"):
+                write(named / top / name / "0.png", png(5))
+        err = refused(capsys, "prepare", str(named), out)
+        assert "could be read two ways: its folders name splits to `datasets`" in err
+        assert f"'{tops[0]}': 'train'" in err
+
+    versions = tmp_path / "versions"  # two copies of a dataset, each with its splits
+    for name in ("v160/train/cat", "v160/val/cat", "v320/train/cat", "v320/val/cat"):
+        write(versions / name / "0.png", png(5))
+    err = refused(capsys, "prepare", str(versions), out)
+    assert "its folders ['v160', 'v320'] each hold split folders (v160/train/...)" in err
+
+    empty = tmp_path / "empty"  # a class folder without images inside a split folder
+    for name in ("train/cat", "train/dog", "val/cat"):
+        write(empty / name / "0.png", png(5))
+    (empty / "train" / "emu").mkdir()
+    assert "folders ['train/emu'] hold no image" in refused(capsys, "prepare", str(empty), out)
 
     macos = tmp_path / "macos"  # a zip from macOS: torchvision takes __MACOSX for a class
     for name in ("cat", "dog"):
