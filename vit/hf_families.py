@@ -144,6 +144,9 @@ def siglip_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+HF_RESIZE = {"posemb_interpolation": "hf"}
+
+
 @dataclass(frozen=True)
 class Family:
     architectures: tuple[str, ...]  # the transformers classes whose files this reads
@@ -162,8 +165,9 @@ FAMILIES = {
     "dinov2": Family(
         ("Dinov2Model",),
         DINOV2_NAMES,
-        # HF's DINOv2 resizes its position embeddings bicubic without antialiasing
-        {"posemb_interpolation": "hf"},
+        # HF resizes position embeddings bicubic without antialiasing, as here: all but
+        # DINOv2 with registers on request (interpolate_pos_encoding), DINOv2 always
+        HF_RESIZE,
         dinov2_fields,
         dropped=("embeddings.mask_token",),
         defaults={"hidden_act": "gelu", "layer_norm_eps": 1e-6},
@@ -180,21 +184,23 @@ FAMILIES = {
     "clip_vision_model": Family(
         ("CLIPVisionModel",),
         CLIP_NAMES,
-        {"norm_pre": True, "patch_bias": False, "fc_norm": True, "pool": "cls"},
+        {"norm_pre": True, "patch_bias": False, "fc_norm": True, "pool": "cls", **HF_RESIZE},
         layout=clip_layout,
         defaults={"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5},
     ),
     "siglip_vision_model": Family(
         ("SiglipVisionModel",),
         SIGLIP_NAMES,
-        {"class_token": False, "pool": "map"},
+        {"class_token": False, "pool": "map", **HF_RESIZE},
         siglip_fields,
         siglip_layout,
         defaults={"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
     ),
     # Every `deit` model keeps the distillation token (Hugging Face stores non-distilled DeiT
     # as `vit`); only the one with the teacher's head reads it as DeiT and timm do.
-    "deit": Family(("DeiTForImageClassificationWithTeacher",), DEIT_NAMES, {"dist_token": True}),
+    "deit": Family(
+        ("DeiTForImageClassificationWithTeacher",), DEIT_NAMES, {"dist_token": True, **HF_RESIZE}
+    ),
 }
 
 

@@ -354,7 +354,10 @@ def from_hf(state: StateDict, **overrides: Any) -> ViT:
     ours = hf_to_vit(state)
     conv_key = "vit.embeddings.patch_embeddings.projection.weight"
     conv = state.get(conv_key, state.get(conv_key.removeprefix("vit.")))
-    found = dict(in_chans=conv.shape[1], patch_size=conv.shape[2], norm_eps=1e-12)
+    # HF resizes its position embeddings bicubic without antialiasing (interpolate_pos_encoding)
+    found = dict(
+        in_chans=conv.shape[1], patch_size=conv.shape[2], norm_eps=1e-12, posemb_interpolation="hf"
+    )
     return build_from_state(ours, **{**found, **overrides})
 
 

@@ -134,15 +134,20 @@ def test_a_family_model_vitray_does_not_read_is_refused_naming_the_one_to_save(
         import_weights("hf", tmp_path / "hub", tmp_path / "ours")
 
 
-@pytest.mark.parametrize("family", ["dinov2", "dinov2 with registers"])
-def test_dinov2_at_another_size_resizes_its_position_embeddings_as_hf_does(tmp_path, family):
-    """DINOv2's embeddings are 518 px, its processor crops 224: the model always runs at
-    another size. HF resizes DINOv2's bicubic without antialiasing, its registers model's
-    with: the converted model does as its source does."""
+@pytest.mark.parametrize("side", [24, 48])  # a 3x3 grid and a 6x6 one, from 4x4
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_at_another_size_every_family_resizes_its_position_embeddings_as_hf_does(
+    tmp_path, family, side
+):
+    """DINOv2's embeddings are 518 px and its processor crops 224: it always runs at another
+    size. The others do when asked (interpolate_pos_encoding). HF resizes bicubic without
+    antialiasing, but DINOv2 with registers with: the converted model does as its source."""
     theirs, ours = saved(tmp_path, family)
-    pixels = torch.randn(2, 3, 24, 24)  # a 3x3 grid, from 4x4
+    output = FAMILIES[family][3]
+    pixels = torch.randn(2, 3, side, side)
+    asked = {} if "dinov2" in family else {"interpolate_pos_encoding": True}
     with torch.no_grad():
-        expected = theirs(pixel_values=pixels).pooler_output
+        expected = getattr(theirs(pixel_values=pixels, **asked), output)
         torch.testing.assert_close(ours(pixels), expected, atol=1e-5, rtol=1e-4)
 
 

@@ -88,6 +88,10 @@ def test_hf_logits_match_and_round_trip(tmp_path):
         expected = theirs(pixel_values=x).logits
         ours = from_hf(theirs.state_dict())  # transformers 5's in-memory names
         torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
+        for side in (48, 96):  # at another size, position embeddings resized as HF does
+            x = torch.randn(2, 3, side, side)
+            expected = theirs(pixel_values=x, interpolate_pos_encoding=True).logits
+            torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
     # the file layout (Hub, save_pretrained) reads the same and round-trips exactly
     theirs.save_pretrained(tmp_path / "hf")
     on_disk = load_file(tmp_path / "hf" / "model.safetensors")
