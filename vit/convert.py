@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from vit import ViT, interop, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from vit.checkpoint import read_preprocessing
 from vit.config import Preprocessing, ViTConfig, to_2tuple
-from vit.hf_families import activation, family_of, from_hf_family
+from vit.hf_families import FAMILIES, activation, family_of, from_hf_family
 from vit.timm_config import timm_architecture
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 DECLARED_IN = {"timm": "config.json", "hf": "preprocessor_config.json"}
+# transformers model types whose weights are the plain ViT's, under ViT's own names
+PLAIN_HF_VITS = {"vit", "vit_mae", "ijepa"}
 CONVENTIONS = {  # formats whose files never declare normalisation, but whose models share one
     "jax": "mean and std 0.5 (pixels to [-1, 1]), as vit_jax and big_vision train",
     "torchvision": "ImageNet's mean and std, as every torchvision weight; resize and crop "
@@ -108,10 +110,10 @@ def hf_architecture(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
         "act": activation(hf["hidden_act"]) if "hidden_act" in hf else None,
     }
     size, processed = found["image_size"], declared.get("image_size")
-    if size is not None and processed is not None and (size, size) != to_2tuple(processed):
+    if size is not None and processed is not None and to_2tuple(size) != to_2tuple(processed):
         raise ValueError(
-            f"{cfg_path}: image_size {size}, but the preprocessor config makes "
-            f"{'x'.join(map(str, to_2tuple(processed)))} images"
+            f"{cfg_path}: image_size {'x'.join(map(str, to_2tuple(size)))}, but the "
+            f"preprocessor config makes {'x'.join(map(str, to_2tuple(processed)))} images"
         )
     return {k: v for k, v in found.items() if v is not None}
 
@@ -121,11 +123,24 @@ def import_hf(src: Path, fields: dict[str, Any]) -> ViT:
     says which). A family's size is its position embeddings' (DINOv2's 518 px, whatever
     its processor crops to): HF resizes them on the fly, vitray when it loads the model."""
     cfg_path = folder_of(src) / "config.json"
-    hf_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if not cfg_path.is_file():  # heads, eps and activation are not in the weights
+        raise FileNotFoundError(
+            f"{src}: Hugging Face weights keep their architecture (heads, norm eps, "
+            f"activation) in config.json, which {folder_of(src)} lacks (it holds: "
+            f"{holdings(folder_of(src))}); copy the model repository's config.json next to them"
+        )
+    hf_cfg = json.loads(cfg_path.read_text())
     try:
         family = family_of(hf_cfg)
     except ValueError as e:
         raise ValueError(f"{cfg_path}: {e}") from e
+    model_type = hf_cfg.get("model_type", "vit")
+    if family is None and model_type not in PLAIN_HF_VITS:
+        raise ValueError(
+            f"{cfg_path}: model_type {model_type!r} ({', '.join(hf_cfg.get('architectures', []))})"
+            f" is not a ViT vitray reads; it reads {', '.join(sorted(PLAIN_HF_VITS))} and the "
+            f"towers {', '.join(sorted(FAMILIES))}"
+        )
     if family is None:
         return interop.from_hf(read_state_dict(src), **{**hf_architecture(src, fields), **fields})
     fields = {k: v for k, v in fields.items() if k != "image_size"}
@@ -157,11 +172,22 @@ def read_declared(fmt: str, src: Path) -> interop.Declared | None:
         return None
     cfg = json.loads(path.read_text())
     try:
-        if fmt == "timm":  # older timm Hub files keep pretrained_cfg's keys at the top
-            return interop.timm_preprocessing(cfg.get("pretrained_cfg", cfg))
-        return interop.hf_preprocessing(cfg)
+        if fmt == "hf":
+            return interop.hf_preprocessing(cfg)
+        # older timm Hub files keep pretrained_cfg's keys at the top
+        fields, preprocessing = interop.timm_preprocessing(cfg.get("pretrained_cfg", cfg))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
+    args = cfg.get("model_args", {})
+    if args.get("img_size"):  # the weights' grid; a dynamic_img_size model keeps the default
+        grid, declared = to_2tuple(args["img_size"]), fields.get("image_size")  # input_size
+        if declared and declared != grid and not args.get("dynamic_img_size"):
+            raise ValueError(
+                f"{path}: pretrained_cfg's input_size {declared} is not model_args' img_size "
+                f"{grid}, the size its pos_embed was made for"
+            )
+        fields["image_size"] = grid
+    return fields, preprocessing
 
 
 def torchvision_weights(src: Path) -> tuple[Path, Any | None]:

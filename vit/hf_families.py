@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vit.checkpoint import load_state_dict_checked
-from vit.config import ViTConfig
+from vit.config import ViTConfig, to_2tuple
 from vit.interop import conv_to_linear, fuse_qkv, infer_config, rename
 from vit.model import ViT
 
@@ -222,11 +222,12 @@ def family_of(cfg: dict[str, Any]) -> Family | None:
 
 def from_hf_family(state: StateDict, cfg: dict[str, Any], family: Family, **overrides: Any) -> ViT:
     """Saved weights of `family` and their config.json -> our ViT, checked to load whole."""
+    cfg = {**family.defaults, **cfg}
+    more = family.more_fields(cfg)  # first: a refusal there says more than a missing key
     state = {k: v for k, v in state.items() if k not in family.dropped}
     state = {k.removeprefix("vision_model."): v for k, v in state.items()}
     ours = fuse_qkv(family.layout(rename(state, family.names, reverse=True)))
     ours["patch_embed.weight"] = conv_to_linear(ours["patch_embed.weight"])
-    cfg = {**family.defaults, **cfg}
     fields = {
         "in_chans": cfg.get("num_channels", 3),
         "num_heads": cfg["num_attention_heads"],
@@ -235,16 +236,20 @@ def from_hf_family(state: StateDict, cfg: dict[str, Any], family: Family, **over
         "qkv_bias": "blocks.0.attn.qkv.bias" in ours,
         "num_classes": ours["head.weight"].shape[0] if "head.weight" in ours else 0,
         **family.fields,
-        **family.more_fields(cfg),
+        **more,
     }
+    if "image_size" in cfg and "patch_size" in cfg:  # the grid its position embeddings have
+        p = cfg["patch_size"]
+        fields["image_size"] = tuple(side // p * p for side in to_2tuple(cfg["image_size"]))
     config: ViTConfig = infer_config(ours, **{**fields, **overrides})
     size = cfg.get("image_size")
-    if size is not None and size != config.image_size[0]:  # e.g. SigLIP so400m/14 at 384
+    if size is not None and to_2tuple(size) != config.image_size:  # SigLIP so400m/14 at 384
+        size, ours_hw = "x".join(map(str, to_2tuple(size))), "x".join(map(str, config.image_size))
         log.warning(
             "image_size %s is not a multiple of patch %s: Hugging Face resizes to %s and its "
-            "convolution leaves the last %s px out; vitray resizes to %s, so answers may "
-            "differ slightly from the source's",
-            size, config.patch_size, size, size - config.image_size[0], config.image_size[0],
+            "convolution leaves the rest out; vitray resizes to %s, so answers may differ "
+            "slightly from the source's",
+            size, config.patch_size, size, ours_hw,
         )  # fmt: skip
     model = ViT(config)
     load_state_dict_checked(model, ours)

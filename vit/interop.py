@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vit.checkpoint import load_state_dict_checked
-from vit.config import HEADS_BY_WIDTH, Preprocessing, ViTConfig
+from vit.config import HEADS_BY_WIDTH, Preprocessing, ViTConfig, to_2tuple
 from vit.model import ViT
 
 StateDict = dict[str, torch.Tensor]
@@ -156,7 +156,11 @@ def infer_config(state: StateDict, **overrides: Any) -> ViTConfig:
     if "pos_embed" in state:
         # position embeddings for every prefix token, or (no_embed_class) for none of them
         n = state["pos_embed"].shape[1]
-        guess = prefix > 0 and math.isqrt(n - prefix) ** 2 != n - prefix
+        if "image_size" in overrides:  # the grid is known: embeddings for its cells alone?
+            h, w = to_2tuple(overrides["image_size"])
+            guess = prefix > 0 and n == (h // patch) * (w // patch)
+        else:
+            guess = prefix > 0 and math.isqrt(n - prefix) ** 2 != n - prefix
         no_embed_class = overrides.get("no_embed_class", guess)
         found["no_embed_class"] = no_embed_class
         embedded = 0 if no_embed_class else prefix

@@ -32,6 +32,8 @@ def timm_architecture(cfg: dict[str, Any]) -> dict[str, Any]:
             "timm, which knows them, is not installed: pip install timm"
         ) from e
     args = {**cfg.get("model_args", {}), "pretrained": False}
+    if cfg.get("global_pool") is not None:  # older timm recorded the pooling only here
+        args.setdefault("global_pool", cfg["global_pool"])
     try:
         with torch.device("meta"):
             model = timm.create_model(arch, **args)

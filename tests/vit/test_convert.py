@@ -374,3 +374,66 @@ def test_a_hf_vit_converts_with_its_own_activation_or_is_refused(tmp_path, hidde
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(pixel_values=x).logits, atol=1e-5, rtol=1e-4)
+
+
+def converted(hub: Path, out: Path) -> ViT:
+    return import_weights("timm", hub, out).eval()
+
+
+def test_a_timm_model_of_dynamic_size_converts_at_the_grid_its_weights_have(tmp_path):
+    """timm keeps a dynamic_img_size model's default input_size (224) in pretrained_cfg;
+    its grid is model_args' img_size: here 2x8, as many tokens as a 4x4 grid."""
+    theirs = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1,
+                                         img_size=(32, 128), dynamic_img_size=True))  # fmt: skip
+    save_for_hf(theirs, tmp_path / "timm", safe_serialization=True)
+    ours = converted(tmp_path / "timm", tmp_path / "ours")
+    assert ours.config.image_size == (32, 128)
+    x = torch.randn(2, 3, 32, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fc_norm", [None, False])  # avg pooling's default (a norm), or none
+def test_an_older_timm_config_keeps_its_pooling_or_is_refused(tmp_path, fc_norm):
+    """Older timm wrote the pooling to config.json's top-level global_pool alone, without
+    model_args: read from there, the weights convert exactly or do not load."""
+    options = dict(depth=1, img_size=32, global_pool="avg", fc_norm=fc_norm)
+    theirs = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, **options))
+    save_for_hf(theirs, tmp_path / "timm", safe_serialization=True)
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    del cfg["model_args"]
+    (tmp_path / "timm" / "config.json").write_text(json.dumps(cfg))
+    if fc_norm is False:  # pooled without its norm: not the default, so not in the file
+        with pytest.raises(ValueError, match="missing keys: .*fc_norm"):
+            converted(tmp_path / "timm", tmp_path / "ours")
+        return
+    ours = converted(tmp_path / "timm", tmp_path / "ours")
+    assert ours.config.pool == "gap"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+
+def test_hf_weights_convert_with_their_config_json_or_are_refused(tmp_path):
+    """A non-square ViT converts exactly; without config.json (heads, eps, activation) or of
+    a model type that is no ViT vitray reads, the weights are refused by name."""
+    from transformers import BeitConfig, BeitForImageClassification
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 patch_size=8, num_labels=3)  # fmt: skip
+    theirs = randomize(ViTForImageClassification(HFConfig(**small, image_size=[32, 48])))
+    theirs.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 48}).save_pretrained(tmp_path / "vit")
+    ours = import_weights("hf", tmp_path / "vit", tmp_path / "ours").eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(pixel_values=x).logits, atol=1e-5, rtol=1e-4)
+
+    (tmp_path / "vit" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="architecture .* in config.json, which .* lacks"):
+        import_weights("hf", tmp_path / "vit", tmp_path / "ours")
+
+    BeitForImageClassification(BeitConfig(**small, image_size=32)).save_pretrained(tmp_path / "b")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "b")
+    with pytest.raises(ValueError, match="model_type 'beit' .* is not a ViT vitray reads"):
+        import_weights("hf", tmp_path / "b", tmp_path / "ours")

@@ -172,4 +172,12 @@ def test_a_siglip_size_that_is_not_a_multiple_of_its_patch_is_said(tmp_path, cap
     with caplog.at_level("WARNING"):
         ours = import_weights("hf", tmp_path / "hub", tmp_path / "ours")
     assert ours.config.image_size == (32, 32)
-    assert "image_size 36 is not a multiple of patch 8" in caplog.text
+    assert "image_size 36x36 is not a multiple of patch 8" in caplog.text
+
+
+def test_a_siglip_tower_without_its_pooling_head_is_refused_by_name(tmp_path):
+    config = T.SiglipVisionConfig(**SMALL, intermediate_size=64, vision_use_head=False)
+    T.SiglipVisionModel(config).save_pretrained(tmp_path / "hub")
+    T.SiglipImageProcessor(size=CROP).save_pretrained(tmp_path / "hub")
+    with pytest.raises(ValueError, match="SigLIP tower without its attention-pool head"):
+        import_weights("hf", tmp_path / "hub", tmp_path / "ours")
