@@ -14,6 +14,7 @@ import warnings
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
@@ -89,6 +90,12 @@ class HfImageFolder(FilesKind):
                 "metadata file in each split folder"
             )
         splits = splits_by_name(listing.spec, listing.root, metadata)
+        bare = sorted({split_of_path(f, listing.root) for f in images} - {None, *splits})
+        if bare:
+            raise SourceError(
+                f"{listing.spec}: split folders {bare} hold images but no metadata file, as "
+                f"{sorted(splits)} do (`datasets` stops on it): put a metadata file in each"
+            )
         return Source(
             self.name, listing.root, listing.filesystem, None, images, splits, spec=listing.spec
         )
@@ -113,10 +120,7 @@ class HfImageFolder(FilesKind):
                             " has two metadata rows; `datasets` would read it twice: keep one"
                         )
                     if path not in present:
-                        raise SourceError(
-                            f"{m} names {posixpath.relpath(path, source.root)}, which is not an "
-                            "image in the folder"
-                        )
+                        raise not_an_image(source, m, path)
                     rows[path] = (split, label)
                     kinds.add(is_str)
         if len(kinds) > 1:
@@ -175,3 +179,14 @@ class HfImageFolder(FilesKind):
         ):
             name = str(name).replace("\\", "/")  # as `datasets` reads Windows paths
             yield posixpath.normpath(posixpath.join(base, name)), label, is_string(labels.type)
+
+
+def not_an_image(source: Source, metadata: str, path: str) -> SourceError:
+    """A metadata row naming a file that is missing, or of a format vitray does not read."""
+    name = posixpath.relpath(path, source.root)
+    if source.filesystem.get_file_info(path).type == pafs.FileType.File:
+        return SourceError(
+            f"{metadata} names {name}, whose format vitray does not read (it reads "
+            f"{', '.join(IMAGE_SUFFIXES)}): convert it or remove its row"
+        )
+    return SourceError(f"{metadata} names {name}, which is not an image in the folder")

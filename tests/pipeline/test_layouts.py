@@ -469,6 +469,23 @@ def test_refusals_exit_2_naming_what_was_found(tmp_path, capsys):
     (missing / "metadata.csv").write_text("file_name,label\na.png,cat\ngone.png,dog\n")
     assert "names gone.png, which is not an image" in refused(capsys, "prepare", str(missing), out)
 
+    tga = tmp_path / "tga"  # a format `datasets` reads and vitray does not
+    write(tga / "a.png", png(4))
+    write(tga / "b.tga", b"TGA")
+    (tga / "metadata.csv").write_text("file_name,label\na.png,cat\nb.tga,dog\n")
+    assert "names b.tga, whose format vitray does not read" in refused(
+        capsys, "prepare", str(tga), out
+    )
+
+    bare = tmp_path / "bare"  # metadata in train/ only: `datasets` finds no test data
+    write(bare / "train" / "a.png", png(4))
+    (bare / "train" / "metadata.csv").write_text("file_name,label\na.png,cat\n")
+    write(bare / "test" / "cat" / "b.png", png(4))
+    with pytest.raises(ValueError, match='"test" corresponds to no data'):
+        load_dataset("imagefolder", data_dir=str(bare))
+    err = refused(capsys, "prepare", str(bare), out)
+    assert "split folders ['test'] hold images but no metadata file, as ['train'] do" in err
+
     twice = tmp_path / "twice"  # `datasets` would read one image as two rows
     write(twice / "a.png", png(4))
     (twice / "metadata.csv").write_text("file_name,label\na.png,cat\na.png,dog\n")
