@@ -44,6 +44,7 @@ class Listing:
     files: list[str]
     folders: list[str] = field(default_factory=list)  # `train`
     subfolders: list[str] = field(default_factory=list)  # `train/cat`
+    hidden_files: list[str] = field(default_factory=list)  # `cat/.ipynb_checkpoints/a.png`
 
     def rel(self, path: str) -> str:
         return posixpath.relpath(path, self.root)
@@ -153,11 +154,9 @@ def list_files(spec: str, fs: pafs.FileSystem, root: str) -> Listing:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
         raise SourceError(f"cannot list {spec}: {e}") from e
-    files = sorted(
-        f.path
-        for f in infos
-        if f.type == pafs.FileType.File and not hidden(posixpath.relpath(f.path, root))
-    )
+    every = sorted(f.path for f in infos if f.type == pafs.FileType.File)
+    files = [f for f in every if not hidden(posixpath.relpath(f, root))]
+    skipped = sorted(set(every) - set(files))
     folders = sorted(
         posixpath.relpath(f.path, root) for f in infos if f.type == pafs.FileType.Directory
     )
@@ -168,6 +167,7 @@ def list_files(spec: str, fs: pafs.FileSystem, root: str) -> Listing:
         files,
         [d for d in folders if d.count("/") == 0],
         [d for d in folders if d.count("/") == 1],
+        [posixpath.relpath(f, root) for f in skipped],
     )
 
 

@@ -7,6 +7,7 @@ holding the class folders. Hidden files and folders are skipped, as `datasets` d
 from __future__ import annotations
 
 import posixpath
+import warnings
 
 from pipeline.kinds.files import FilesKind, check_split_classes
 from pipeline.kinds.hf_imagefolder import has_metadata
@@ -39,6 +40,17 @@ class ImageFolder(FilesKind):
                 spec=listing.spec,
             )
         tops = sorted({parts[f][0] for f in in_folders})
+        hidden_images = [
+            f
+            for f in listing.hidden_files
+            if "/" in f and not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)
+        ]  # in class folders (a hidden folder at the root is no class here)
+        if hidden_images:
+            warnings.warn(
+                f"{listing.spec}: {len(hidden_images)} hidden images are skipped, as `datasets` "
+                f"skips them (torchvision's ImageFolder reads them): {hidden_images[:3]}",
+                stacklevel=2,
+            )
         lookalikes = [t for t in tops if t.lower() in SPLIT_ALIASES and t not in SPLIT_ALIASES]
         if lookalikes:
             raise SourceError(

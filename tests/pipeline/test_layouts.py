@@ -109,6 +109,7 @@ def test_hidden_files_are_skipped_as_datasets_skips_them(tmp_path):
     root = tmp_path / "pets"
     class_tree(root, ["cat", "dog"], per_class=3)
     write(root / "cat" / ".hidden.png", png(5))
+    write(root / "dog" / ".ipynb_checkpoints" / "0-checkpoint.png", png(6))
     ds = load_dataset("imagefolder", data_dir=str(root), split="train")
     ds = ds.cast_column("image", Image(decode=False))
     names = ds.features["label"].names
@@ -116,7 +117,8 @@ def test_hidden_files_are_skipped_as_datasets_skips_them(tmp_path):
         Path(row["image"]["path"]).relative_to(root).as_posix(): ("train", names[row["label"]])
         for row in ds
     }
-    got, classes = streamed(root)
+    with pytest.warns(UserWarning, match=r"2 hidden images are skipped, as `datasets` skips"):
+        got, classes = streamed(root)
     assert classes == names and mismatches(reference, got) == []
 
 
