@@ -109,6 +109,10 @@ def hf_architecture(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
         "qkv_bias": hf.get("qkv_bias"),
         "act": activation(hf["hidden_act"]) if "hidden_act" in hf else None,
     }
+    if hf.get("pooler_act", "tanh") != "tanh":  # ViTModel's pooler, vitray's pre-logits
+        raise ValueError(
+            f"{cfg_path}: pooler_act {hf['pooler_act']!r}: vitray's pre-logits is tanh"
+        )
     size, processed = found["image_size"], declared.get("image_size")
     if size is not None and processed is not None and to_2tuple(size) != to_2tuple(processed):
         raise ValueError(
@@ -280,6 +284,11 @@ def hf_config(model: ViT, class_names: list[str] | None) -> dict:
     paper_vit_only(c, "hf")
     if c.image_size[0] != c.image_size[1] or c.pool != "cls" or c.posemb != "learn":
         raise ValueError("Hugging Face ViT needs a square image, pool='cls' and learned posemb")
+    if c.representation_size:  # ViTForImageClassification classifies the normed token itself
+        raise ValueError(
+            f"Hugging Face's ViT classifier has no pre-logits layer (representation_size="
+            f"{c.representation_size}); export it to jax, or fine-tune without it"
+        )
     labels = class_names or [f"LABEL_{i}" for i in range(c.num_classes)]
     return {
         "architectures": ["ViTForImageClassification"],
@@ -324,12 +333,13 @@ def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
         write_json(out / "config.json", {**architecture, "pretrained_cfg": pretrained_cfg})
     elif fmt == "hf":
         class_names = read_checkpoint_meta(checkpoint).get("class_names")
+        config = hf_config(model, class_names)  # refused before any weight is written
         save_file(
             {k: v.contiguous() for k, v in interop.to_hf(model).items()},
             out / "model.safetensors",
             metadata={"format": "pt"},
         )
-        write_json(out / "config.json", hf_config(model, class_names))
+        write_json(out / "config.json", config)
         write_json(
             out / "preprocessor_config.json",
             interop.hf_processor_config(model.config, preprocessing),

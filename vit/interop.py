@@ -42,6 +42,7 @@ HF_NAMES = [
     ("blocks.{i}.mlp.fc1.{w}", "vit.encoder.layer.{i}.intermediate.dense.{w}"),
     ("blocks.{i}.mlp.fc2.{w}", "vit.encoder.layer.{i}.output.dense.{w}"),
     ("norm.{w}", "vit.layernorm.{w}"),
+    ("pre_logits.0.{w}", "vit.pooler.dense.{w}"),  # ViTModel's pooler: the paper's pre-logits
     ("head.{w}", "classifier.{w}"),
 ]
 HF_QKV_NAMES = [  # read only: fused by fuse_qkv, split again by vit_to_hf

@@ -437,3 +437,26 @@ def test_hf_weights_convert_with_their_config_json_or_are_refused(tmp_path):
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "b")
     with pytest.raises(ValueError, match="model_type 'beit' .* is not a ViT vitray reads"):
         import_weights("hf", tmp_path / "b", tmp_path / "ours")
+
+
+def test_a_hf_vit_model_with_its_pooler_converts_to_the_papers_pre_logits(tmp_path):
+    """ViTModel's pooler (dense and tanh over the normed class token, as the in21k models
+    have it) is the paper's pre-logits layer; exported back to HF's classifier, which has
+    none, it would be dropped: refused, nothing written."""
+    from transformers import ViTModel
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 patch_size=8, image_size=32)  # fmt: skip
+    theirs = randomize(ViTModel(HFConfig(**small), add_pooling_layer=True))
+    theirs.save_pretrained(tmp_path / "hf")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "hf")
+    ours = import_weights("hf", tmp_path / "hf", tmp_path / "ours").eval()
+    assert ours.config.representation_size == 32 and ours.config.num_classes == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(x), theirs(pixel_values=x).pooler_output, atol=1e-5, rtol=1e-4
+        )
+    with pytest.raises(ValueError, match="no pre-logits layer .*representation_size=32"):
+        export_weights("hf", tmp_path / "ours", tmp_path / "back")
+    assert not (tmp_path / "back" / "model.safetensors").exists()
