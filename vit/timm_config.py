@@ -87,6 +87,11 @@ def vit_fields(arch: str, model: nn.Module) -> dict[str, Any]:
         missing += [what for what, found in checks.items() if found]
     if model.global_pool == "map":
         missing += map_head_differences(model.attn_pool)
+        if model.attn_pool.mlp is not None and mlp_kind(model.attn_pool.mlp) != mlp_kind(block.mlp):
+            missing.append(  # vitray's MAP head uses the blocks' MLP
+                f"an attention pool whose MLP ({type(model.attn_pool.mlp).__name__}) is not "
+                f"the blocks' ({type(block.mlp).__name__})"
+            )
         if model.attn_pool.num_heads != block.attn.num_heads:
             missing.append("an attention pool with other heads than the blocks'")
     fc_norm = not isinstance(model.fc_norm, nn.Identity)

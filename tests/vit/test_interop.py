@@ -283,3 +283,13 @@ def test_a_hybrid_cnn_stem_is_refused_by_name_not_a_crash(arch):
         ValueError, match="cannot be converted exactly.*HybridEmbed patch embedding"
     ):
         timm_architecture({"architecture": arch})
+
+
+@pytest.mark.parametrize("arch", ["vit_giant_patch14_dinov2", "aimv2_large_patch14_224"])
+def test_an_attention_pool_whose_mlp_is_not_the_blocks_is_refused_by_name(arch):
+    """timm's attention pool keeps a plain MLP where the blocks have a SwiGLU; vitray's MAP
+    head (big_vision's) uses the blocks' own: named, not a shape mismatch."""
+    from vit.timm_config import timm_architecture
+
+    with pytest.raises(ValueError, match=r"an attention pool whose MLP \(Mlp\) is not the blocks'"):
+        timm_architecture({"architecture": arch, "model_args": {"global_pool": "map"}})
