@@ -278,6 +278,30 @@ def paper_vit_only(config: ViTConfig, target: str) -> None:
         )
 
 
+def npz_can_hold(config: ViTConfig) -> None:
+    """Refuse what the paper's .npz cannot say: it holds weights alone, and its readers
+    (vitray's, timm's, big_vision's) take the rest from the paper's conventions."""
+    differ = {
+        "a MAP head": config.pool == "map",
+        "average pooling beside a class token (read back as class-token pooling)": (
+            config.pool == "gap" and config.class_token
+        ),
+        f"norm_eps={config.norm_eps:g} (read as 1e-6)": config.norm_eps != 1e-6,
+        f"mean {config.mean} and std {config.std} (read as 0.5)": (
+            set(config.mean) | set(config.std) != {0.5}
+        ),
+        f"a non-square image {config.image_size} (read as a square grid)": (
+            config.image_size[0] != config.image_size[1]
+        ),
+    }
+    found = [what for what, there in differ.items() if there]
+    if found:
+        raise ValueError(
+            f"jax's .npz holds the paper's ViT only; this model has {'; '.join(found)}: "
+            "export it to timm (--to timm), whose files say these"
+        )
+
+
 def hf_config(model: ViT, class_names: list[str] | None) -> dict:
     """A transformers ViTConfig dict, so `ViTForImageClassification.from_pretrained` loads it."""
     c = model.config
@@ -315,38 +339,38 @@ def write_json(path: Path, data: dict) -> None:
 def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
     """Write our checkpoint in format `fmt`: a `.npz` file, or a directory for timm and HF
     with the peer's preprocessing file (timm's `pretrained_cfg`, HF's processor config)."""
+    if fmt not in TARGETS:
+        raise ValueError(f"unknown target format {fmt!r}; choose from {TARGETS}")
     model = load_checkpoint(checkpoint)
     preprocessing = read_preprocessing(checkpoint)
     if fmt == "jax":
         paper_vit_only(model.config, "jax")
+        npz_can_hold(model.config)
         out.parent.mkdir(parents=True, exist_ok=True)
         return interop.to_jax_npz(model, out if out.suffix == ".npz" else out.with_suffix(".npz"))
-    out.mkdir(parents=True, exist_ok=True)
+    # what a target cannot hold is refused before anything is written
     if fmt == "timm":
-        interop.timm_model_config(model.config)  # refused before any weight is written
-        save_file(
-            {k: v.contiguous() for k, v in interop.to_timm(model).items()},
-            out / "model.safetensors",
-        )
         pretrained_cfg = interop.timm_pretrained_cfg(model.config, preprocessing)
-        architecture = interop.timm_model_config(model.config)
-        write_json(out / "config.json", {**architecture, "pretrained_cfg": pretrained_cfg})
-    elif fmt == "hf":
-        class_names = read_checkpoint_meta(checkpoint).get("class_names")
-        config = hf_config(model, class_names)  # refused before any weight is written
-        save_file(
-            {k: v.contiguous() for k, v in interop.to_hf(model).items()},
-            out / "model.safetensors",
-            metadata={"format": "pt"},
-        )
-        write_json(out / "config.json", config)
-        write_json(
-            out / "preprocessor_config.json",
-            interop.hf_processor_config(model.config, preprocessing),
-        )
-        warn_uncropped(out, preprocessing)
+        files = {
+            "config.json": {
+                **interop.timm_model_config(model.config),
+                "pretrained_cfg": pretrained_cfg,
+            }
+        }
+        weights, metadata = interop.to_timm(model), None
     else:
-        raise ValueError(f"unknown target format {fmt!r}; choose from {TARGETS}")
+        class_names = read_checkpoint_meta(checkpoint).get("class_names")
+        files = {
+            "config.json": hf_config(model, class_names),
+            "preprocessor_config.json": interop.hf_processor_config(model.config, preprocessing),
+        }
+        weights, metadata = interop.to_hf(model), {"format": "pt"}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors", metadata)
+    for name, data in files.items():
+        write_json(out / name, data)
+    if fmt == "hf":
+        warn_uncropped(out, preprocessing)
     return out
 
 

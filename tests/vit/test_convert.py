@@ -8,6 +8,7 @@ as uint8 patches, must give the peer model's logits.
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -460,3 +461,34 @@ def test_a_hf_vit_model_with_its_pooler_converts_to_the_papers_pre_logits(tmp_pa
     with pytest.raises(ValueError, match="no pre-logits layer .*representation_size=32"):
         export_weights("hf", tmp_path / "ours", tmp_path / "back")
     assert not (tmp_path / "back" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(pool="map", class_token=False), "a MAP head"),
+        (dict(pool="gap"), "average pooling beside a class token"),
+        (dict(norm_eps=1e-5), "norm_eps=1e-05 (read as 1e-6)"),
+        (dict(mean=IMAGENET_MEAN, std=IMAGENET_STD), "(read as 0.5)"),
+        (dict(image_size=(16, 32)), "a non-square image (16, 32)"),
+    ],
+)
+def test_what_the_papers_npz_cannot_say_is_refused_and_nothing_written(tmp_path, change, named):
+    """The .npz holds weights alone: read back (by vitray, timm or big_vision), such a model
+    was another function (a MAP head dropped: 16.7 off; eps 1e-3: 0.005)."""
+    small = dict(image_size=16, patch_size=8, dim=32, depth=1, num_heads=4, num_classes=3)
+    save_checkpoint(ViT(ViTConfig(**{**small, **change})), tmp_path / "ours")
+    with pytest.raises(ValueError, match=re.escape(named)):
+        export_weights("jax", tmp_path / "ours", tmp_path / "out" / "weights.npz")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_or_unknown_export_leaves_no_directory(tmp_path):
+    config = ViTConfig(image_size=16, patch_size=8, dim=32, depth=1, num_heads=4, num_classes=3,
+                       pool="gap", class_token=False)  # fmt: skip
+    save_checkpoint(ViT(config), tmp_path / "ours")
+    with pytest.raises(ValueError, match="pool='cls'"):
+        export_weights("hf", tmp_path / "ours", tmp_path / "hf" / "out")
+    with pytest.raises(ValueError, match="unknown target format 'onnx'"):
+        export_weights("onnx", tmp_path / "ours", tmp_path / "onnx")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "onnx").exists()
