@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.decode import MAX_PIXELS
-from vit.config import Preprocessing
+from vit.config import DEFAULT_EVAL, Preprocessing
 
 Filter = Literal["bilinear", "bicubic", "nearest"]  # the resize filters torch has for uint8
 
@@ -123,9 +123,9 @@ class DataConfig(BaseModel):
     def eval_transform(self) -> tuple[str, float, str]:
         """(interpolation, eval crop fraction, eval crop mode) in force."""
         return (
-            self.interpolation or "bilinear",
-            self.eval_crop_fraction or 0.875,
-            self.eval_crop_mode or "center",
+            self.interpolation or DEFAULT_EVAL.interpolation,
+            self.eval_crop_fraction or DEFAULT_EVAL.crop_fraction,
+            self.eval_crop_mode or DEFAULT_EVAL.crop_mode,
         )
 
     @property

@@ -207,6 +207,11 @@ class Preprocessing:
         return cls(**known_fields(cls, d, "preprocessing"))
 
 
+# How vitray evaluates a checkpoint that declares no preprocessing (DataConfig's defaults):
+# what its exports declare for one.
+DEFAULT_EVAL = Preprocessing("bilinear", 0.875, "center")
+
+
 def known_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
     """`d` if every key is a field of the dataclass `cls`: a config.json written by another
     version, or by hand, fails by name instead of deep inside the constructor."""

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vit import ViT, interop, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from vit.checkpoint import read_preprocessing
-from vit.config import Preprocessing, ViTConfig, to_2tuple
+from vit.config import DEFAULT_EVAL, Preprocessing, ViTConfig, to_2tuple
 from vit.hf_families import FAMILIES, activation, family_of, from_hf_family
 from vit.timm_config import timm_architecture
 
@@ -370,17 +370,19 @@ def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
     for name, data in files.items():
         write_json(out / name, data)
     if fmt == "hf":
-        warn_uncropped(out, preprocessing)
+        warn_inexact_crop(out, model.config, preprocessing)
     return out
 
 
-def warn_uncropped(out: Path, preprocessing: Preprocessing | None) -> None:
-    """ViTImageProcessor resizes both sides to the model's size and never crops."""
-    if preprocessing and (preprocessing.crop_fraction != 1 or preprocessing.crop_mode != "squash"):
+def warn_inexact_crop(out: Path, config: ViTConfig, preprocessing: Preprocessing | None) -> None:
+    """HF's processors resize to whole pixels: a crop fraction that does not divide the
+    image size is written as the nearest one."""
+    p = preprocessing or DEFAULT_EVAL
+    exact = min(config.image_size) / p.crop_fraction
+    if p.crop_fraction != 1 and abs(exact - round(exact)) > 1e-6:
         log.warning(
-            "%s: Hugging Face's ViTImageProcessor has no crop; the source's %s crop of %s is "
-            "not written",
-            out / "preprocessor_config.json",
-            preprocessing.crop_mode,
-            preprocessing.crop_fraction,
-        )
+            "%s: Hugging Face's processor resizes to whole pixels: %s px cropped from %s "
+            "(crop fraction %.4f, the source's %s)",
+            out / "preprocessor_config.json", min(config.image_size), round(exact),
+            min(config.image_size) / round(exact), p.crop_fraction,
+        )  # fmt: skip

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vit.checkpoint import load_state_dict_checked
-from vit.config import HEADS_BY_WIDTH, Preprocessing, ViTConfig, to_2tuple
+from vit.config import DEFAULT_EVAL, HEADS_BY_WIDTH, Preprocessing, ViTConfig, to_2tuple
 from vit.model import ViT
 
 StateDict = dict[str, torch.Tensor]
@@ -245,10 +245,8 @@ def timm_pretrained_cfg(config: ViTConfig, preprocessing: Preprocessing | None) 
         "std": list(config.std),
         "num_classes": config.num_classes,
     }
-    if preprocessing:
-        cfg["interpolation"] = preprocessing.interpolation
-        cfg["crop_pct"] = preprocessing.crop_fraction
-        cfg["crop_mode"] = preprocessing.crop_mode
+    p = preprocessing or DEFAULT_EVAL  # timm's own defaults are bicubic
+    cfg.update(interpolation=p.interpolation, crop_pct=p.crop_fraction, crop_mode=p.crop_mode)
     return cfg
 
 
@@ -425,15 +423,30 @@ def hf_preprocessing(cfg: dict[str, Any]) -> Declared:
 
 
 def hf_processor_config(config: ViTConfig, preprocessing: Preprocessing | None) -> dict[str, Any]:
-    """A `ViTImageProcessor` config: resize both sides to the model's size (no crop: the
-    processor has none), with our resize filter (else vitray's own, bilinear), mean and std."""
+    """A processor config that prepares images as vitray evaluates them (`preprocessing`,
+    else vitray's default, DEFAULT_EVAL): a center crop as BitImageProcessor makes it
+    (shorter side resized, then cropped), a squash as DeiTImageProcessor (both sides
+    resized, then cropped) or, without a crop, ViTImageProcessor."""
     filters = {name: number for number, name in PIL_FILTERS.items()}
+    p = preprocessing or DEFAULT_EVAL
     h, w = config.image_size
+    resize: dict[str, Any] = {"size": {"height": h, "width": w}}
+    kind = "ViTImageProcessor"
+    if p.crop_mode == "center":
+        kind = "BitImageProcessor"
+        resize = {"size": {"shortest_edge": round(min(h, w) / p.crop_fraction)}}
+    elif p.crop_fraction != 1:
+        kind = "DeiTImageProcessor"
+        resize = {
+            "size": {"height": round(h / p.crop_fraction), "width": round(w / p.crop_fraction)}
+        }
+    if kind != "ViTImageProcessor":
+        resize.update(do_center_crop=True, crop_size={"height": h, "width": w})
     return {
-        "image_processor_type": "ViTImageProcessor",
+        "image_processor_type": kind,
         "do_resize": True,
-        "size": {"height": h, "width": w},
-        "resample": filters[preprocessing.interpolation if preprocessing else "bilinear"],
+        **resize,
+        "resample": filters[p.interpolation],
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,

@@ -6,6 +6,7 @@ as uint8 patches, must give the peer model's logits.
 """
 
 import argparse
+import io
 import json
 import logging
 import re
@@ -21,7 +22,12 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from timm.models._hub import save_for_hf
 from torchvision.models import ViT_B_16_Weights
-from transformers import DeiTImageProcessor, ViTForImageClassification, ViTImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    DeiTImageProcessor,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
 from transformers import ViTConfig as HFConfig
 
 from vit import (
@@ -229,12 +235,44 @@ def test_exports_carry_the_normalisation_to_the_peers_and_back(tmp_path):
     config = ViTConfig.from_preset(
         "ti/16", image_size=32, depth=1, num_classes=3, mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
-    save_checkpoint(ViT(config), tmp_path / "mine")
+    save_checkpoint(ViT(config), tmp_path / "mine")  # no preprocessing: vitray's default
     export_weights("hf", tmp_path / "mine", tmp_path / "hf-out")
-    processor = ViTImageProcessor.from_pretrained(tmp_path / "hf-out")
-    assert tuple(processor.image_mean) == IMAGENET_MEAN and processor.size["height"] == 32
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf-out")
+    assert tuple(processor.image_mean) == IMAGENET_MEAN and processor.crop_size["height"] == 32
     back = import_weights("hf", tmp_path / "hf-out", tmp_path / "hf-back")
     torch.testing.assert_close(back.config.mean, IMAGENET_MEAN)
+    # bilinear, center 0.875 as vitray evaluates, to HF's whole pixels: 32 of 37
+    assert read_preprocessing(tmp_path / "hf-back") == Preprocessing("bilinear", 32 / 37, "center")
+
+
+@pytest.mark.parametrize(
+    "preprocessing",
+    [Preprocessing("bicubic", 0.875, "center"), Preprocessing("bilinear", 0.875, "squash")],
+)
+def test_the_hf_export_prepares_images_as_vitray_evaluates_them(tmp_path, preprocessing):
+    """The exported processor crops as vitray's evaluation does: 28 px kept of 32, the
+    shorter side (center) or both sides (squash) resized first. Images already at the
+    resize size, so that no resampler's rounding enters: the same pixels, exactly."""
+    from pipeline.config import DataConfig
+    from pipeline.transforms import crop_image
+
+    config = ViTConfig(image_size=28, patch_size=7, dim=32, depth=1, num_heads=4, num_classes=3)
+    save_checkpoint(ViT(config), tmp_path / "ours", preprocessing=preprocessing)
+    export_weights("hf", tmp_path / "ours", tmp_path / "hf")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    data = DataConfig(dataset="unused", image_size=28, interpolation=preprocessing.interpolation,
+                      eval_crop_fraction=0.875, eval_crop_mode=preprocessing.crop_mode)  # fmt: skip
+    side = (32, 40) if preprocessing.crop_mode == "center" else (32, 32)
+    image = Image.fromarray(photo(side))
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    ours = crop_image(encoded.getvalue(), data, train=False, rng=np.random.default_rng(0))
+    mean, std = torch.tensor(config.mean)[:, None, None], torch.tensor(config.std)[:, None, None]
+    expected = (torch.from_numpy(ours).permute(2, 0, 1) / 255 - mean) / std
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
+    import_weights("hf", tmp_path / "hf", tmp_path / "back")
+    assert read_preprocessing(tmp_path / "back") == preprocessing
 
 
 def test_fine_tune_start_keeps_the_imported_normalisation(tmp_path):
