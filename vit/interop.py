@@ -275,6 +275,10 @@ def timm_model_config(config: ViTConfig) -> dict[str, Any]:
         "a patch embedding bias that is not the opposite of norm_pre (timm ties them)": (
             c.patch_bias == c.norm_pre
         ),
+        "a distillation token without position embeddings for the prefix (timm's distilled "
+        "DeiT has them)": c.dist_token and c.no_embed_class,
+        "a MAP head whose MLP is a SwiGLU or has sub-LN (timm's attention pool has a plain "
+        "one)": c.pool == "map" and (c.mlp != "mlp" or c.sub_norm),
     }
     if any(refused.values()):
         raise ValueError(
