@@ -154,9 +154,9 @@ def list_files(spec: str, fs: pafs.FileSystem, root: str) -> Listing:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
         raise SourceError(f"cannot list {spec}: {e}") from e
-    every = sorted(f.path for f in infos if f.type == pafs.FileType.File)
-    files = [f for f in every if not hidden(posixpath.relpath(f, root))]
-    skipped = sorted(set(every) - set(files))
+    every = {f.path: posixpath.relpath(f.path, root) for f in infos if f.type == pafs.FileType.File}
+    files = sorted(f for f, rel in every.items() if not hidden(rel))
+    skipped = sorted(rel for rel in every.values() if hidden(rel))
     folders = sorted(
         posixpath.relpath(f.path, root) for f in infos if f.type == pafs.FileType.Directory
     )
@@ -167,7 +167,7 @@ def list_files(spec: str, fs: pafs.FileSystem, root: str) -> Listing:
         files,
         [d for d in folders if d.count("/") == 0],
         [d for d in folders if d.count("/") == 1],
-        [posixpath.relpath(f, root) for f in skipped],
+        skipped,
     )
 
 

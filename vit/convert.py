@@ -95,13 +95,9 @@ def folder_of(src: Path) -> Path:
     return src if src.is_dir() else src.parent
 
 
-def hf_architecture(path: Path, declared: dict[str, Any]) -> dict[str, Any]:
-    """Architecture facts from a Hugging Face model directory's config.json, when present;
-    its image size must be the one the processor declares (`declared`), if any."""
-    cfg_path = folder_of(path) / "config.json"
-    if not cfg_path.is_file():
-        return {}
-    hf = json.loads(cfg_path.read_text())
+def hf_architecture(hf: dict[str, Any], cfg_path: Path, declared: dict[str, Any]) -> dict[str, Any]:
+    """Architecture facts from a Hugging Face model's config.json (`hf`, read from
+    `cfg_path`); its image size must be the one the processor declares (`declared`), if any."""
     found = {
         "num_heads": hf.get("num_attention_heads"),
         "norm_eps": hf.get("layer_norm_eps"),
@@ -146,7 +142,8 @@ def import_hf(src: Path, fields: dict[str, Any]) -> ViT:
             f"towers {', '.join(sorted(FAMILIES))}"
         )
     if family is None:
-        return interop.from_hf(read_state_dict(src), **{**hf_architecture(src, fields), **fields})
+        architecture = hf_architecture(hf_cfg, cfg_path, fields)
+        return interop.from_hf(read_state_dict(src), **{**architecture, **fields})
     fields = {k: v for k, v in fields.items() if k != "image_size"}
     return from_hf_family(read_state_dict(src), hf_cfg, family, **fields)
 
@@ -370,19 +367,18 @@ def export_weights(fmt: str, checkpoint: Path, out: Path) -> Path:
     for name, data in files.items():
         write_json(out / name, data)
     if fmt == "hf":
-        warn_inexact_crop(out, model.config, preprocessing)
+        warn_inexact_crop(files["preprocessor_config.json"], preprocessing)
     return out
 
 
-def warn_inexact_crop(out: Path, config: ViTConfig, preprocessing: Preprocessing | None) -> None:
+def warn_inexact_crop(processor: dict, preprocessing: Preprocessing | None) -> None:
     """HF's processors resize to whole pixels: a crop fraction that does not divide the
-    image size is written as the nearest one."""
-    p = preprocessing or DEFAULT_EVAL
-    exact = min(config.image_size) / p.crop_fraction
-    if p.crop_fraction != 1 and abs(exact - round(exact)) > 1e-6:
+    image size is written as the nearest one, which the written config is read back as."""
+    wanted = (preprocessing or DEFAULT_EVAL).crop_fraction
+    written = interop.hf_preprocessing(processor)[1].crop_fraction
+    if abs(written - wanted) > 1e-6:
         log.warning(
-            "%s: Hugging Face's processor resizes to whole pixels: %s px cropped from %s "
-            "(crop fraction %.4f, the source's %s)",
-            out / "preprocessor_config.json", min(config.image_size), round(exact),
-            min(config.image_size) / round(exact), p.crop_fraction,
+            "Hugging Face's processor resizes to whole pixels: its crop keeps %.4f of the "
+            "resized image, the source's %s",
+            written, wanted,
         )  # fmt: skip

@@ -221,7 +221,7 @@ def test_declared_preprocessing_that_does_not_fit_names_file_and_key(tmp_path):
         import_weights("timm", hub, tmp_path / "ours")
 
 
-def test_exports_carry_the_normalisation_to_the_peers_and_back(tmp_path):
+def test_exports_carry_the_normalisation_to_the_peers_and_back(tmp_path, caplog):
     _, hub = timm_hub_dir(tmp_path, "deit_tiny_patch16_224", safe_serialization=True)
     import_weights("timm", hub, tmp_path / "ours")
     export_weights("timm", tmp_path / "ours", tmp_path / "timm-out")
@@ -236,7 +236,9 @@ def test_exports_carry_the_normalisation_to_the_peers_and_back(tmp_path):
         "ti/16", image_size=32, depth=1, num_classes=3, mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
     save_checkpoint(ViT(config), tmp_path / "mine")  # no preprocessing: vitray's default
-    export_weights("hf", tmp_path / "mine", tmp_path / "hf-out")
+    with caplog.at_level("WARNING"):
+        export_weights("hf", tmp_path / "mine", tmp_path / "hf-out")
+    assert "its crop keeps 0.8649 of the resized image, the source's 0.875" in caplog.text
     processor = AutoImageProcessor.from_pretrained(tmp_path / "hf-out")
     assert tuple(processor.image_mean) == IMAGENET_MEAN and processor.crop_size["height"] == 32
     back = import_weights("hf", tmp_path / "hf-out", tmp_path / "hf-back")
